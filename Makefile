@@ -1,0 +1,53 @@
+# Every target creates or reuses the virtual environment in .venv first, so `make run` and
+# `make test` work on a fresh clone with nothing but python3 installed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PROTOS := $(wildcard protos/shop/v1/*.proto)
+
+.PHONY: install generate check-generated run migrate test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Regenerate generated/ from protos/ (messages, services and typed stubs).
+generate: $(STAMP)
+	rm -rf generated/shop
+	$(PY) -m grpc_tools.protoc -Iprotos \
+		--python_out=generated --grpc_python_out=generated \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=generated \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=generated \
+		$(PROTOS)
+	touch generated/shop/__init__.py generated/shop/v1/__init__.py
+
+# Fails when generated/ differs from what `make generate` produces.
+check-generated: generate
+	git diff --exit-code --stat -- generated/
+	test -z "$$(git status --porcelain -- generated/)"
+
+run: $(STAMP)
+	$(PY) -m service migrate
+	$(PY) -m service serve
+
+migrate: $(STAMP)
+	$(PY) -m service migrate
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check service tests alembic bench
+	$(PY) -m ruff format --check service tests alembic bench
+	$(PY) -m mypy
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

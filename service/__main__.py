@@ -1,0 +1,36 @@
+"""Command line: `python -m service serve` and `python -m service migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from service.config import Settings
+from service.db.database import database_url
+from service.db.migrate import upgrade
+from service.logs import configure_logging
+from service.server import serve
+
+log = logging.getLogger("service")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="shop-service", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="serve gRPC on SHOP_GRPC_HOST:SHOP_GRPC_PORT")
+    commands.add_parser("migrate", help="upgrade the database schema to the latest revision")
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    configure_logging(settings)
+    with database_url(settings) as url:
+        if args.command == "migrate":
+            upgrade(url)
+            log.info("database schema is at head")
+        else:
+            asyncio.run(serve(settings, url))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""ORM models. Relationships are lazy="raise": every query says what it loads."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    event,
+    func,
+    true,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.hybrid import hybrid_property
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.elements import ColumnElement
+
+# Postgres-friendly constraint names, so migrations can name what they drop.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+Money = Numeric(18, 2)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: DateTime(timezone=True), Decimal: Money}
+    # Server defaults (ids, created_at) come back in the INSERT's RETURNING: no refresh query.
+    __mapper_args__ = {"eager_defaults": True}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TimestampMixin:
+    """created_at set by the database; updated_at refreshed by a before_update listener."""
+
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+@event.listens_for(TimestampMixin, "before_update", propagate=True)
+def _touch_updated_at(_mapper: Any, _connection: Any, target: TimestampMixin) -> None:
+    # A Python value, not func.now(): the attribute stays loaded, so no refresh round trip.
+    target.updated_at = utcnow()
+
+
+class SoftDeleteMixin:
+    """Rows are hidden by setting deleted_at, never removed."""
+
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    @hybrid_property
+    def is_deleted(self) -> bool:
+        return self.deleted_at is not None
+
+    @is_deleted.inplace.expression
+    @classmethod
+    def _is_deleted_expression(cls) -> ColumnElement[bool]:
+        return cls.deleted_at.is_not(None)
+
+
+class User(TimestampMixin, SoftDeleteMixin, Base):
+    __tablename__ = "users"
+    __audited__ = True
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    first_name: Mapped[str] = mapped_column(String(100))
+    last_name: Mapped[str] = mapped_column(String(100))
+    is_active: Mapped[bool] = mapped_column(server_default=true(), default=True)
+
+    orders: Mapped[list[Order]] = relationship(
+        back_populates="user", lazy="raise", order_by="Order.id"
+    )
+
+    @hybrid_property
+    def full_name(self) -> str:
+        return f"{self.first_name} {self.last_name}"
+
+    @full_name.inplace.expression
+    @classmethod
+    def _full_name_expression(cls) -> ColumnElement[str]:
+        return cls.first_name + " " + cls.last_name
+
+
+class OrderStatus(StrEnum):
+    PENDING = "pending"
+    PAID = "paid"
+    SHIPPED = "shipped"
+    DELIVERED = "delivered"
+    CANCELLED = "cancelled"
+
+    def can_move_to(self, target: OrderStatus) -> bool:
+        return target in _ORDER_MOVES[self]
+
+
+_ORDER_MOVES: dict[OrderStatus, frozenset[OrderStatus]] = {
+    OrderStatus.PENDING: frozenset({OrderStatus.PAID, OrderStatus.CANCELLED}),
+    OrderStatus.PAID: frozenset({OrderStatus.SHIPPED, OrderStatus.CANCELLED}),
+    OrderStatus.SHIPPED: frozenset({OrderStatus.DELIVERED}),
+    OrderStatus.DELIVERED: frozenset(),
+    OrderStatus.CANCELLED: frozenset(),
+}
+
+
+class Order(TimestampMixin, Base):
+    __tablename__ = "orders"
+    __audited__ = True
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('pending', 'paid', 'shipped', 'delivered', 'cancelled')", name="status"
+        ),
+        CheckConstraint("total >= 0", name="total_not_negative"),
+        Index("ix_orders_user_id_id", "user_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"))
+    status: Mapped[str] = mapped_column(String(16), default=OrderStatus.PENDING.value)
+    total: Mapped[Decimal]
+
+    user: Mapped[User] = relationship(back_populates="orders", lazy="raise")
+    items: Mapped[list[OrderItem]] = relationship(
+        back_populates="order", lazy="raise", cascade="all, delete-orphan", order_by="OrderItem.id"
+    )
+
+
+class OrderItem(Base):
+    __tablename__ = "order_items"
+    __table_args__ = (
+        CheckConstraint("quantity > 0", name="quantity_positive"),
+        CheckConstraint("unit_price >= 0", name="unit_price_not_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    order_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("orders.id", ondelete="CASCADE"), index=True
+    )
+    sku: Mapped[str] = mapped_column(String(64))
+    quantity: Mapped[int]
+    unit_price: Mapped[Decimal]
+
+    order: Mapped[Order] = relationship(back_populates="items", lazy="raise")
+
+
+class Account(TimestampMixin, Base):
+    __tablename__ = "accounts"
+    __audited__ = True
+    __table_args__ = (
+        CheckConstraint("balance >= 0", name="balance_not_negative"),
+        CheckConstraint("currency ~ '^[A-Z]{3}$'", name="currency_iso4217"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), index=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    balance: Mapped[Decimal] = mapped_column(default=Decimal("0.00"), server_default="0")
+
+
+class Transfer(Base):
+    """Immutable record of money moved between two accounts."""
+
+    __tablename__ = "transfers"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("from_account_id <> to_account_id", name="distinct_accounts"),
+        Index("ix_transfers_from_account_id_id", "from_account_id", "id"),
+        Index("ix_transfers_to_account_id_id", "to_account_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    from_account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    to_account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    amount: Mapped[Decimal]
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class IdempotencyKey(Base):
+    """A client's request_id, the hash of what it asked and the response it got."""
+
+    __tablename__ = "idempotency_keys"
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    response: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+
+
+class AuditLog(Base):
+    """One row per ORM insert, update or soft delete of an audited model (see audit.py)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    table_name: Mapped[str] = mapped_column(String(64))
+    row_id: Mapped[int] = mapped_column(BigInteger)
+    action: Mapped[str] = mapped_column(String(16))
+    changes: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -1,0 +1,61 @@
+"""Domain errors. Repositories and handlers raise these; the error interceptor
+(service/interceptors/errors.py) turns them into google.rpc.Status with ErrorInfo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base: a reason in UPPER_SNAKE for ErrorInfo and a message safe to show a client."""
+
+    reason: str = "ERROR"
+
+    def __init__(self, message: str, *, reason: str | None = None, **metadata: object) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = {key: str(value) for key, value in metadata.items()}
+
+
+class InvalidArgument(DomainError):
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        fields = ", ".join(v.field for v in violations)
+        super().__init__(f"invalid request: {fields}")
+        self.violations = violations
+
+    @classmethod
+    def single(cls, field: str, description: str) -> InvalidArgument:
+        return cls([FieldViolation(field, description)])
+
+
+class NotFound(DomainError):
+    def __init__(self, resource: str, resource_id: object) -> None:
+        super().__init__(
+            f"{resource} {resource_id} not found",
+            reason=f"{resource.upper()}_NOT_FOUND",
+            id=resource_id,
+        )
+
+
+class AlreadyExists(DomainError):
+    """EMAIL_TAKEN, REQUEST_ID_REUSED."""
+
+
+class FailedPrecondition(DomainError):
+    """INSUFFICIENT_FUNDS, CURRENCY_MISMATCH, INVALID_STATUS_TRANSITION, USER_DELETED."""
+
+
+class Unavailable(DomainError):
+    """The database cannot be reached or the pool is exhausted; the client may retry."""
+
+    reason = "DATABASE_UNAVAILABLE"

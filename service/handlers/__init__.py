@@ -1,0 +1,1 @@
+"""gRPC servicers: validate, convert proto <-> domain, own the unit of work, call repositories."""

@@ -1,0 +1,171 @@
+"""AccountService: thin servicer over AccountRepository; every write is idempotent."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from shop.v1 import account_service_pb2 as api
+from shop.v1 import account_service_pb2_grpc as api_grpc
+from shop.v1 import resources_pb2 as pb
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.db.transaction import read_only_snapshot, transaction
+from service.handlers.accounts_convert import (
+    account_to_proto,
+    transfer_rows_to_batch,
+    transfer_to_proto,
+)
+from service.handlers.context import Context
+from service.handlers.idempotency import run_once
+from service.handlers.paging import PageTokens
+from service.handlers.validation import MAX_ID, Violations
+from service.repositories.accounts import AccountRepository
+from service.repositories.users import UserRepository
+
+
+class AccountServicer(api_grpc.AccountServiceServicer):
+    """Money accounts, deposits, withdrawals and transfers."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], tokens: PageTokens) -> None:
+        self.sessions = sessions
+        self.tokens = tokens
+
+    async def OpenAccount(self, request: api.OpenAccountRequest, context: Context) -> pb.Account:
+        """A zero-balance account for a live user."""
+        v = Violations()
+        v.id("user_id", request.user_id)
+        currency = v.currency("currency", request.currency)
+        v.request_id("request_id", request.request_id)
+        v.raise_if_any()
+        async with transaction(self.sessions) as session:
+
+            async def open_account() -> pb.Account:
+                await UserRepository(session).get_live(request.user_id)
+                account = await AccountRepository(session).add(request.user_id, currency)
+                return account_to_proto(account)
+
+            return await run_once(
+                session,
+                method="OpenAccount",
+                request=request,
+                request_id=request.request_id,
+                response_type=pb.Account,
+                work=open_account,
+            )
+
+    async def GetAccount(self, request: api.GetAccountRequest, context: Context) -> pb.Account:
+        """An account and its current balance."""
+        v = Violations()
+        v.id("id", request.id)
+        v.raise_if_any()
+        async with self.sessions() as session:
+            return account_to_proto(await AccountRepository(session).get(request.id))
+
+    async def Deposit(self, request: api.DepositRequest, context: Context) -> pb.Account:
+        """Add money; returns the account as it stood right after this deposit."""
+        v = Violations()
+        v.id("account_id", request.account_id)
+        amount = v.amount("amount", request.amount)
+        v.request_id("request_id", request.request_id)
+        v.raise_if_any()
+        async with transaction(self.sessions) as session:
+
+            async def deposit() -> pb.Account:
+                accounts = AccountRepository(session)
+                return account_to_proto(await accounts.deposit(request.account_id, amount))
+
+            return await run_once(
+                session,
+                method="Deposit",
+                request=request,
+                request_id=request.request_id,
+                response_type=pb.Account,
+                work=deposit,
+            )
+
+    async def Withdraw(self, request: api.WithdrawRequest, context: Context) -> pb.Account:
+        """Take money out; INSUFFICIENT_FUNDS rather than a negative balance."""
+        v = Violations()
+        v.id("account_id", request.account_id)
+        amount = v.amount("amount", request.amount)
+        v.request_id("request_id", request.request_id)
+        v.raise_if_any()
+        async with transaction(self.sessions) as session:
+
+            async def withdraw() -> pb.Account:
+                accounts = AccountRepository(session)
+                return account_to_proto(await accounts.withdraw(request.account_id, amount))
+
+            return await run_once(
+                session,
+                method="Withdraw",
+                request=request,
+                request_id=request.request_id,
+                response_type=pb.Account,
+                work=withdraw,
+            )
+
+    async def Transfer(self, request: api.TransferRequest, context: Context) -> pb.Transfer:
+        """Move money between two accounts of one currency, atomically."""
+        v = Violations()
+        v.id("from_account_id", request.from_account_id)
+        v.id("to_account_id", request.to_account_id)
+        if request.from_account_id == request.to_account_id and request.from_account_id > 0:
+            v.add("to_account_id", "must differ from from_account_id")
+        amount = v.amount("amount", request.amount)
+        v.request_id("request_id", request.request_id)
+        v.raise_if_any()
+        async with transaction(self.sessions) as session:
+
+            async def transfer() -> pb.Transfer:
+                done = await AccountRepository(session).transfer(
+                    request.from_account_id, request.to_account_id, amount, request.request_id
+                )
+                return transfer_to_proto(done)
+
+            return await run_once(
+                session,
+                method="Transfer",
+                request=request,
+                request_id=request.request_id,
+                response_type=pb.Transfer,
+                work=transfer,
+            )
+
+    async def ListTransfers(
+        self, request: api.ListTransfersRequest, context: Context
+    ) -> api.ListTransfersResponse:
+        """A page of the account's transfers, newest first."""
+        v = Violations()
+        v.id("account_id", request.account_id)
+        limit = v.page_size("page_size", request.page_size)
+        v.raise_if_any()
+        filters = {"account_id": request.account_id}
+        before_id = (
+            self.tokens.decode(request.page_token, filters) if request.page_token else MAX_ID
+        )
+        async with self.sessions() as session:
+            accounts = AccountRepository(session)
+            await accounts.get(request.account_id)
+            transfers = await accounts.transfers_page(
+                request.account_id, before_id=before_id, limit=limit + 1
+            )
+        page = transfers[:limit]
+        next_token = self.tokens.encode(page[-1].id, filters) if len(transfers) > limit else ""
+        return api.ListTransfersResponse(
+            transfers=[transfer_to_proto(t) for t in page], next_page_token=next_token
+        )
+
+    async def StreamTransfers(
+        self, request: api.StreamTransfersRequest, context: Context
+    ) -> AsyncIterator[api.TransferBatch]:
+        """The account's whole statement, oldest first, batch_size per message."""
+        v = Violations()
+        v.id("account_id", request.account_id)
+        batch_size = v.batch_size("batch_size", request.batch_size)
+        v.raise_if_any()
+        async with read_only_snapshot(self.sessions) as session:
+            accounts = AccountRepository(session)
+            await accounts.get(request.account_id)
+            async for rows in accounts.stream_transfers(request.account_id, batch_size=batch_size):
+                yield api.TransferBatch(transfers=transfer_rows_to_batch(rows))

@@ -1,0 +1,39 @@
+"""Account / Transfer models and rows <-> shop.v1 messages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from shop.v1 import resources_pb2 as pb
+
+from service.db.models import Account
+from service.handlers.convert import timestamp
+from service.money import format_money
+
+
+def account_to_proto(account: Account) -> pb.Account:
+    return pb.Account(
+        id=account.id,
+        user_id=account.user_id,
+        currency=account.currency,
+        balance=format_money(account.balance),
+        created_at=timestamp(account.created_at),
+        updated_at=timestamp(account.updated_at),
+    )
+
+
+def transfer_to_proto(transfer: Any) -> pb.Transfer:
+    """A Transfer entity or a Core row with the same column names."""
+    return pb.Transfer(
+        id=transfer.id,
+        from_account_id=transfer.from_account_id,
+        to_account_id=transfer.to_account_id,
+        amount=format_money(transfer.amount),
+        request_id=transfer.request_id,
+        created_at=timestamp(transfer.created_at),
+    )
+
+
+def transfer_rows_to_batch(rows: Sequence[Any]) -> list[pb.Transfer]:
+    return [transfer_to_proto(r) for r in rows]

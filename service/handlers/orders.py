@@ -1,0 +1,142 @@
+"""OrderService: thin servicer over OrderRepository."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from shop.v1 import order_service_pb2 as api
+from shop.v1 import order_service_pb2_grpc as api_grpc
+from shop.v1 import resources_pb2 as pb
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.db.models import OrderStatus
+from service.db.transaction import read_only_snapshot, transaction
+from service.handlers.context import Context
+from service.handlers.idempotency import run_once
+from service.handlers.orders_convert import STATUS_FROM_PROTO, order_rows_to_batch, order_to_proto
+from service.handlers.paging import PageTokens
+from service.handlers.validation import MAX_ID, Violations
+from service.repositories.orders import ItemFields, OrderRepository
+from service.repositories.users import UserRepository
+
+MAX_ITEMS = 100
+MAX_QUANTITY = 1_000_000
+
+
+def _status(v: Violations, field: str, value: int, *, required: bool) -> OrderStatus | None:
+    if value == pb.ORDER_STATUS_UNSPECIFIED:
+        if required:
+            v.add(field, "must be a status other than ORDER_STATUS_UNSPECIFIED")
+        return None
+    status = STATUS_FROM_PROTO.get(value)  # type: ignore[call-overload]
+    if status is None:
+        v.add(field, f"unknown status {value}")
+    return status
+
+
+def _items(v: Violations, items: list[pb.OrderItem]) -> list[ItemFields]:
+    if not items:
+        v.add("items", "must hold at least one item")
+    if len(items) > MAX_ITEMS:
+        v.add("items", f"at most {MAX_ITEMS} items per order")
+    fields = []
+    for i, item in enumerate(items[:MAX_ITEMS]):
+        sku = v.name(f"items[{i}].sku", item.sku, max_length=64)
+        if not 0 < item.quantity <= MAX_QUANTITY:
+            v.add(f"items[{i}].quantity", f"must be between 1 and {MAX_QUANTITY}")
+        price = v.amount(f"items[{i}].unit_price", item.unit_price)
+        fields.append(ItemFields(sku=sku, quantity=item.quantity, unit_price=price))
+    return fields
+
+
+class OrderServicer(api_grpc.OrderServiceServicer):
+    """Orders and their status life cycle."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], tokens: PageTokens) -> None:
+        self.sessions = sessions
+        self.tokens = tokens
+
+    async def CreateOrder(self, request: api.CreateOrderRequest, context: Context) -> pb.Order:
+        """A PENDING order for a live user; idempotent by request_id."""
+        v = Violations()
+        v.id("user_id", request.user_id)
+        items = _items(v, list(request.items))
+        v.request_id("request_id", request.request_id)
+        v.raise_if_any()
+
+        async with transaction(self.sessions) as session:
+
+            async def create() -> pb.Order:
+                await UserRepository(session).get_live(request.user_id)
+                return order_to_proto(await OrderRepository(session).add(request.user_id, items))
+
+            return await run_once(
+                session,
+                method="CreateOrder",
+                request=request,
+                request_id=request.request_id,
+                response_type=pb.Order,
+                work=create,
+            )
+
+    async def GetOrder(self, request: api.GetOrderRequest, context: Context) -> pb.Order:
+        """The order with its user and items."""
+        v = Violations()
+        v.id("id", request.id)
+        v.raise_if_any()
+        async with self.sessions() as session:
+            order = await OrderRepository(session).get(request.id)
+            return order_to_proto(order, user=order.user)
+
+    async def ListOrders(
+        self, request: api.ListOrdersRequest, context: Context
+    ) -> api.ListOrdersResponse:
+        """A page of orders in id descending order."""
+        v = Violations()
+        if request.user_id < 0:
+            v.add("user_id", "must be 0 (every user) or a positive id")
+        status = _status(v, "status", request.status, required=False)
+        limit = v.page_size("page_size", request.page_size)
+        v.raise_if_any()
+        filters = {"user_id": request.user_id, "status": int(request.status)}
+        before_id = (
+            self.tokens.decode(request.page_token, filters) if request.page_token else MAX_ID
+        )
+        async with self.sessions() as session:
+            orders = await OrderRepository(session).page(
+                before_id=before_id, limit=limit + 1, user_id=request.user_id, status=status
+            )
+        page = orders[:limit]
+        next_token = self.tokens.encode(page[-1].id, filters) if len(orders) > limit else ""
+        return api.ListOrdersResponse(
+            orders=[order_to_proto(o) for o in page], next_page_token=next_token
+        )
+
+    async def StreamOrders(
+        self, request: api.StreamOrdersRequest, context: Context
+    ) -> AsyncIterator[api.OrderBatch]:
+        """Every matching order with its items, batch_size per message, one snapshot."""
+        v = Violations()
+        if request.user_id < 0:
+            v.add("user_id", "must be 0 (every user) or a positive id")
+        status = _status(v, "status", request.status, required=False)
+        batch_size = v.batch_size("batch_size", request.batch_size)
+        v.raise_if_any()
+        async with read_only_snapshot(self.sessions) as session:
+            batches = OrderRepository(session).stream(
+                user_id=request.user_id, status=status, batch_size=batch_size
+            )
+            async for rows in batches:
+                yield api.OrderBatch(orders=order_rows_to_batch(rows))
+
+    async def UpdateOrderStatus(
+        self, request: api.UpdateOrderStatusRequest, context: Context
+    ) -> pb.Order:
+        """Move an order along its life cycle; INVALID_STATUS_TRANSITION otherwise."""
+        v = Violations()
+        v.id("id", request.id)
+        target = _status(v, "status", request.status, required=True)
+        v.raise_if_any()
+        assert target is not None
+        async with transaction(self.sessions) as session:
+            return order_to_proto(await OrderRepository(session).move(request.id, target))

@@ -1,0 +1,56 @@
+"""Opaque, signed page tokens bound to the request's filters (keyset pagination)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+
+from service.errors import InvalidArgument
+
+_SIG_BYTES = 16
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class PageTokens:
+    """Encodes the last key of a page; a token only decodes for the filters it was made with."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def _sign(self, payload: bytes) -> bytes:
+        return hmac.new(self._secret, payload, hashlib.sha256).digest()[:_SIG_BYTES]
+
+    @staticmethod
+    def _fingerprint(filters: Mapping[str, object]) -> str:
+        canonical = json.dumps(filters, sort_keys=True, default=str).encode()
+        return hashlib.sha256(canonical).hexdigest()[:16]
+
+    def encode(self, last_key: int, filters: Mapping[str, object]) -> str:
+        payload = json.dumps({"k": last_key, "f": self._fingerprint(filters)}).encode()
+        return f"{_b64(payload)}.{_b64(self._sign(payload))}"
+
+    def decode(self, token: str, filters: Mapping[str, object], field: str = "page_token") -> int:
+        """The last key of the previous page; raises InvalidArgument for a forged, corrupt or
+        foreign token."""
+        try:
+            payload_text, sig_text = token.split(".")
+            payload = _unb64(payload_text)
+            valid = hmac.compare_digest(self._sign(payload), _unb64(sig_text))
+            data = json.loads(payload) if valid else None
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("k"), int):
+            raise InvalidArgument.single(field, "is not a page token issued by this service")
+        if data.get("f") != self._fingerprint(filters):
+            raise InvalidArgument.single(field, "was issued for a request with other filters")
+        return int(data["k"])

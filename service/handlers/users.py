@@ -1,0 +1,202 @@
+"""UserService: thin servicer over UserRepository."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from shop.v1 import resources_pb2 as pb
+from shop.v1 import user_service_pb2 as api
+from shop.v1 import user_service_pb2_grpc as api_grpc
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.db.models import utcnow
+from service.db.transaction import read_only_snapshot, transaction
+from service.handlers.context import Context
+from service.handlers.paging import PageTokens
+from service.handlers.users_convert import user_rows_to_batch, user_to_proto
+from service.handlers.validation import Violations
+from service.repositories.users import UserFields, UserRepository
+
+UPDATABLE_PATHS = frozenset({"first_name", "last_name", "email", "is_active"})
+MAX_UPSERT_BATCH = 1000
+
+
+def _user_fields(v: Violations, field: str, user: api.UpsertUser) -> UserFields:
+    return UserFields(
+        email=v.email(f"{field}.email", user.email),
+        first_name=v.name(f"{field}.first_name", user.first_name),
+        last_name=v.name(f"{field}.last_name", user.last_name),
+        is_active=user.is_active if user.HasField("is_active") else True,
+    )
+
+
+def _rows(v: Violations, field: str, users: list[api.UpsertUser]) -> list[UserFields]:
+    rows = [_user_fields(v, f"{field}[{i}]", u) for i, u in enumerate(users)]
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        if row.email in seen:
+            v.add(f"{field}[{i}].email", f"{row.email} appears more than once in the batch")
+        seen.add(row.email)
+    return rows
+
+
+class UserServicer(api_grpc.UserServiceServicer):
+    """Customers: CRUD with soft delete, pages, exports and bulk loads."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], tokens: PageTokens) -> None:
+        self.sessions = sessions
+        self.tokens = tokens
+
+    async def CreateUser(self, request: api.CreateUserRequest, context: Context) -> pb.User:
+        """Create a user; EMAIL_TAKEN if the email exists (deleted users included)."""
+        v = Violations()
+        email = v.email("email", request.email)
+        first = v.name("first_name", request.first_name)
+        last = v.name("last_name", request.last_name)
+        v.raise_if_any()
+        async with transaction(self.sessions) as session:
+            user = await UserRepository(session).add(email, first, last)
+            return user_to_proto(user)
+
+    async def GetUser(self, request: api.GetUserRequest, context: Context) -> pb.User:
+        """A user by id, soft-deleted ones included (deleted_at set)."""
+        v = Violations()
+        v.id("id", request.id)
+        v.raise_if_any()
+        async with self.sessions() as session:
+            return user_to_proto(await UserRepository(session).get(request.id))
+
+    async def UpdateUser(self, request: api.UpdateUserRequest, context: Context) -> pb.User:
+        """Apply the fields named by update_mask."""
+        v = Violations()
+        v.id("user.id", request.user.id)
+        paths = list(request.update_mask.paths)
+        if not paths:
+            v.add("update_mask", f"must name at least one of {', '.join(sorted(UPDATABLE_PATHS))}")
+        changes: dict[str, object] = {}
+        for path in paths:
+            if path not in UPDATABLE_PATHS:
+                v.add("update_mask", f"unknown path {path!r}")
+            elif path == "email":
+                changes[path] = v.email("user.email", request.user.email)
+            elif path == "is_active":
+                changes[path] = request.user.is_active
+            else:
+                changes[path] = v.name(f"user.{path}", getattr(request.user, path))
+        v.raise_if_any()
+        async with transaction(self.sessions) as session:
+            users = UserRepository(session)
+            user = await users.get(request.user.id, for_update=True)
+            for name, value in changes.items():
+                setattr(user, name, value)
+            await users.flush(user.email)
+            return user_to_proto(user)
+
+    async def DeleteUser(self, request: api.DeleteUserRequest, context: Context) -> pb.User:
+        """Soft delete; deleting a deleted user returns it unchanged."""
+        return await self._set_deleted(request.id, deleted=True)
+
+    async def UndeleteUser(self, request: api.UndeleteUserRequest, context: Context) -> pb.User:
+        """Clear deleted_at; undeleting a live user returns it unchanged."""
+        return await self._set_deleted(request.id, deleted=False)
+
+    async def _set_deleted(self, user_id: int, *, deleted: bool) -> pb.User:
+        v = Violations()
+        v.id("id", user_id)
+        v.raise_if_any()
+        async with transaction(self.sessions) as session:
+            users = UserRepository(session)
+            user = await users.get(user_id, for_update=True)
+            if user.is_deleted != deleted:
+                user.deleted_at = utcnow() if deleted else None
+                await session.flush()
+            return user_to_proto(user)
+
+    async def ListUsers(
+        self, request: api.ListUsersRequest, context: Context
+    ) -> api.ListUsersResponse:
+        """A page of users in id ascending order."""
+        v = Violations()
+        limit = v.page_size("page_size", request.page_size)
+        v.raise_if_any()
+        filters = {
+            "show_deleted": request.show_deleted,
+            "full_name": request.full_name,
+            "include_orders": request.include_orders,
+        }
+        after_id = self.tokens.decode(request.page_token, filters) if request.page_token else 0
+        async with self.sessions() as session:
+            users = await UserRepository(session).page(
+                after_id=after_id,
+                limit=limit + 1,
+                show_deleted=request.show_deleted,
+                full_name=request.full_name,
+                include_orders=request.include_orders,
+            )
+        page = users[:limit]
+        next_token = self.tokens.encode(page[-1].id, filters) if len(users) > limit else ""
+        return api.ListUsersResponse(
+            users=[user_to_proto(u, with_orders=request.include_orders) for u in page],
+            next_page_token=next_token,
+        )
+
+    async def StreamUsers(
+        self, request: api.StreamUsersRequest, context: Context
+    ) -> AsyncIterator[api.UserBatch]:
+        """Every matching user, batch_size per message, from one consistent snapshot."""
+        v = Violations()
+        batch_size = v.batch_size("batch_size", request.batch_size)
+        v.raise_if_any()
+        async with read_only_snapshot(self.sessions) as session:
+            batches = UserRepository(session).stream(
+                show_deleted=request.show_deleted,
+                active_only=request.active_only,
+                batch_size=batch_size,
+            )
+            async for rows in batches:
+                yield api.UserBatch(users=user_rows_to_batch(rows))
+
+    async def UpsertUsers(
+        self, request: api.UpsertUsersRequest, context: Context
+    ) -> api.UpsertUsersResponse:
+        """Insert or update by email in one statement; soft-deleted users are refused."""
+        v = Violations()
+        if not request.users:
+            v.add("users", "must not be empty")
+        if len(request.users) > MAX_UPSERT_BATCH:
+            v.add("users", f"at most {MAX_UPSERT_BATCH} users per call; use ImportUsers for more")
+            v.raise_if_any()
+        rows = _rows(v, "users", list(request.users))
+        v.raise_if_any()
+        async with transaction(self.sessions) as session:
+            counts = await UserRepository(session).upsert(rows)
+        return api.UpsertUsersResponse(inserted=counts.inserted, updated=counts.updated)
+
+    async def ImportUsers(
+        self,
+        request_iterator: AsyncIterator[api.ImportUsersRequest],
+        context: Context,
+    ) -> api.ImportUsersResponse:
+        """COPY every streamed batch into a staging table, then merge: all or nothing."""
+        async with transaction(self.sessions) as session:
+            users = UserRepository(session)
+            staged = False
+            batch_no = 0
+            async for batch in request_iterator:
+                v = Violations()
+                rows = _rows(v, f"batch[{batch_no}].users", list(batch.users))
+                v.raise_if_any()
+                if rows:
+                    await users.copy_into_staging(rows, first=not staged)
+                    staged = True
+                batch_no += 1
+            if not staged:
+                return api.ImportUsersResponse(imported=0)
+            duplicates = await users.staged_duplicates()
+            if duplicates:
+                v = Violations()
+                for email in duplicates:
+                    v.add("users.email", f"{email} appears more than once in the import")
+                v.raise_if_any()
+            imported = await users.merge_staging()
+        return api.ImportUsersResponse(imported=imported)

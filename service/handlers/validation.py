@@ -1,0 +1,79 @@
+"""Request validation that collects every field violation before answering INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+from service.errors import FieldViolation, InvalidArgument
+from service.money import parse_amount
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+DEFAULT_BATCH_SIZE = 500
+MAX_BATCH_SIZE = 5000
+MAX_ID = 2**63 - 1
+
+_EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_CURRENCY = re.compile(r"[A-Z]{3}")
+
+
+class Violations:
+    """Collects field violations; `raise_if_any` ends validation with one INVALID_ARGUMENT."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
+
+    def email(self, field: str, value: str) -> str:
+        if len(value) > 320 or not _EMAIL.fullmatch(value):
+            self.add(field, "must be an email address such as ada@example.com")
+        return value.lower()
+
+    def name(self, field: str, value: str, max_length: int = 100) -> str:
+        value = value.strip()
+        if not value:
+            self.add(field, "must not be empty")
+        elif len(value) > max_length or _CONTROL.search(value):
+            self.add(field, f"must be at most {max_length} printable characters")
+        return value
+
+    def id(self, field: str, value: int) -> int:
+        if value <= 0:
+            self.add(field, "must be a positive id")
+        return value
+
+    def amount(self, field: str, value: str) -> Decimal:
+        parsed = parse_amount(value)
+        if parsed is None:
+            self.add(field, "must be a positive decimal with at most 2 fractional digits")
+            return Decimal(0)
+        return parsed
+
+    def request_id(self, field: str, value: str) -> str:
+        if not _REQUEST_ID.fullmatch(value):
+            self.add(field, "is required: 1-128 characters of A-Z a-z 0-9 . _ : -")
+        return value
+
+    def currency(self, field: str, value: str) -> str:
+        if not _CURRENCY.fullmatch(value):
+            self.add(field, "must be an ISO 4217 code such as EUR")
+        return value
+
+    def page_size(self, field: str, value: int) -> int:
+        if value < 0:
+            self.add(field, "must not be negative")
+        return DEFAULT_PAGE_SIZE if value <= 0 else min(value, MAX_PAGE_SIZE)
+
+    def batch_size(self, field: str, value: int) -> int:
+        if value < 0:
+            self.add(field, "must not be negative")
+        return DEFAULT_BATCH_SIZE if value <= 0 else min(value, MAX_BATCH_SIZE)

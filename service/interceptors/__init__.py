@@ -1,0 +1,1 @@
+"""grpc.aio server interceptors, each covering unary and streaming methods."""

@@ -1,0 +1,46 @@
+"""Wrap every behaviour of an RpcMethodHandler (unary or streaming) with one async hook."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+# Called with the exception a behaviour raised and its context; must raise.
+OnError = Callable[[BaseException, grpc.aio.ServicerContext], Awaitable[None]]
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, on_error: OnError) -> grpc.RpcMethodHandler:
+    def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await fn(request, context)
+            except Exception as exc:
+                await on_error(exc, context)
+                raise
+
+        return call
+
+    def streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for message in fn(request, context):
+                    yield message
+            except Exception as exc:
+                await on_error(exc, context)
+                raise
+
+        return call
+
+    replaced: dict[str, Any] = {}
+    for name, wrap in (
+        ("unary_unary", unary),
+        ("stream_unary", unary),
+        ("unary_stream", streaming),
+        ("stream_stream", streaming),
+    ):
+        fn = getattr(handler, name)
+        if fn is not None:
+            replaced[name] = wrap(fn)
+    return handler._replace(**replaced)  # type: ignore[attr-defined, no-any-return]

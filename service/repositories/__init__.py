@@ -1,0 +1,1 @@
+"""One repository per aggregate: SQL only. Takes an AsyncSession, flushes, never commits."""

@@ -1,0 +1,125 @@
+"""Orders with their items: create, load with explicit eager loads, keyset pages, streams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import Row, Select, String, cast, func, literal, select
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import joinedload, selectinload
+
+from service.db.models import Order, OrderItem, OrderStatus
+from service.errors import FailedPrecondition, NotFound
+
+
+@dataclass(frozen=True, slots=True)
+class ItemFields:
+    sku: str
+    quantity: int
+    unit_price: Decimal
+
+
+def _items_json() -> object:
+    """The order's items as one JSON array per order row: no query per order in a stream."""
+    item = func.json_build_array(
+        OrderItem.sku, OrderItem.quantity, cast(OrderItem.unit_price, String)
+    )
+    return func.coalesce(
+        select(func.json_agg(aggregate_order_by(item, OrderItem.id)))
+        .where(OrderItem.order_id == Order.id)
+        .scalar_subquery(),
+        literal("[]"),
+    ).label("items")
+
+
+class OrderRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(self, user_id: int, items: Sequence[ItemFields]) -> Order:
+        total = sum((i.unit_price * i.quantity for i in items), Decimal("0.00"))
+        order = Order(
+            user_id=user_id,
+            status=OrderStatus.PENDING.value,
+            total=total,
+            items=[
+                OrderItem(sku=i.sku, quantity=i.quantity, unit_price=i.unit_price) for i in items
+            ],
+        )
+        self.session.add(order)
+        await self.session.flush()
+        return order
+
+    async def get(self, order_id: int, *, for_update: bool = False) -> Order:
+        """The order with its user (joinedload, many-to-one) and items (selectinload)."""
+        stmt = (
+            select(Order)
+            .where(Order.id == order_id)
+            .options(joinedload(Order.user), selectinload(Order.items))
+        )
+        if for_update:
+            stmt = stmt.with_for_update(of=Order)
+        order = (await self.session.execute(stmt)).scalar_one_or_none()
+        if order is None:
+            raise NotFound("order", order_id)
+        return order
+
+    async def move(self, order_id: int, target: OrderStatus) -> Order:
+        order = await self.get(order_id, for_update=True)
+        current = OrderStatus(order.status)
+        if current != target and not current.can_move_to(target):
+            raise FailedPrecondition(
+                f"order {order_id} cannot move from {current} to {target}",
+                reason="INVALID_STATUS_TRANSITION",
+                **{"from": current.name, "to": target.name},
+            )
+        order.status = target.value
+        await self.session.flush()
+        return order
+
+    @staticmethod
+    def _filtered(
+        stmt: Select[tuple[object, ...]], user_id: int, status: OrderStatus | None
+    ) -> Select[tuple[object, ...]]:
+        if user_id:
+            stmt = stmt.where(Order.user_id == user_id)
+        if status is not None:
+            stmt = stmt.where(Order.status == status.value)
+        return stmt
+
+    async def page(
+        self, *, before_id: int, limit: int, user_id: int, status: OrderStatus | None
+    ) -> Sequence[Order]:
+        """Orders with id < before_id, descending (keyset pagination), items loaded."""
+        stmt = (
+            select(Order)
+            .where(Order.id < before_id)
+            .order_by(Order.id.desc())
+            .limit(limit)
+            .options(selectinload(Order.items))
+        )
+        return (await self.session.scalars(self._filtered(stmt, user_id, status))).all()
+
+    async def stream(
+        self, *, user_id: int, status: OrderStatus | None, batch_size: int
+    ) -> AsyncIterator[Sequence[Row[tuple[object, ...]]]]:
+        """Matching orders as Core rows with their items as JSON, batch_size per partition."""
+        stmt = select(
+            Order.id,
+            Order.user_id,
+            Order.status,
+            Order.total,
+            Order.created_at,
+            Order.updated_at,
+            _items_json(),
+        ).order_by(Order.id)
+        stmt = self._filtered(stmt, user_id, status)
+        result = await self.session.stream(stmt.execution_options(yield_per=batch_size))
+        try:
+            async for partition in result.partitions():
+                yield partition
+        finally:
+            await result.close()

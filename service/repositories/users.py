@@ -1,0 +1,237 @@
+"""Users: CRUD with soft delete, keyset pages, column streams, bulk upsert and COPY import."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Row, Select, func, literal_column, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from service.db.models import User
+from service.errors import AlreadyExists, FailedPrecondition, NotFound
+from service.repositories.integrity import violated_constraint
+
+EMAIL_UNIQUE = "uq_users_email"
+
+# The columns a stream sends: Core rows, not entities, on the hot path.
+USER_COLUMNS = (
+    User.id,
+    User.email,
+    User.first_name,
+    User.last_name,
+    User.is_active,
+    User.created_at,
+    User.updated_at,
+    User.deleted_at,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UserFields:
+    """One row of a bulk write."""
+
+    email: str
+    first_name: str
+    last_name: str
+    is_active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertCounts:
+    inserted: int
+    updated: int
+
+
+def _email_taken(exc: IntegrityError, email: str) -> AlreadyExists | None:
+    if violated_constraint(exc) == EMAIL_UNIQUE:
+        return AlreadyExists(f"email {email} is taken", reason="EMAIL_TAKEN", email=email)
+    return None
+
+
+class UserRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(self, email: str, first_name: str, last_name: str) -> User:
+        user = User(email=email, first_name=first_name, last_name=last_name)
+        self.session.add(user)
+        await self.flush(email)
+        return user
+
+    async def flush(self, email: str) -> None:
+        """Flush pending changes, turning a duplicate email into EMAIL_TAKEN."""
+        try:
+            await self.session.flush()
+        except IntegrityError as exc:
+            raise (_email_taken(exc, email) or exc) from exc
+
+    async def get(self, user_id: int, *, for_update: bool = False) -> User:
+        stmt = select(User).where(User.id == user_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        user = (await self.session.execute(stmt)).scalar_one_or_none()
+        if user is None:
+            raise NotFound("user", user_id)
+        return user
+
+    async def get_live(self, user_id: int) -> User:
+        """A user that exists and is not soft-deleted (USER_DELETED otherwise)."""
+        user = await self.get(user_id)
+        if user.is_deleted:
+            raise FailedPrecondition(
+                f"user {user_id} is deleted", reason="USER_DELETED", id=user_id
+            )
+        return user
+
+    async def page(
+        self,
+        *,
+        after_id: int,
+        limit: int,
+        show_deleted: bool,
+        full_name: str,
+        include_orders: bool,
+    ) -> Sequence[User]:
+        """Users with id > after_id, ascending (keyset pagination)."""
+        stmt = select(User).where(User.id > after_id).order_by(User.id).limit(limit)
+        if not show_deleted:
+            stmt = stmt.where(User.deleted_at.is_(None))
+        if full_name:
+            pattern = "%" + full_name.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_")
+            stmt = stmt.where(User.full_name.ilike(pattern + "%", escape="\\"))
+        if include_orders:
+            stmt = stmt.options(selectinload(User.orders))
+        return (await self.session.scalars(stmt)).all()
+
+    @staticmethod
+    def export_query(*, show_deleted: bool, active_only: bool) -> Select[tuple[object, ...]]:
+        stmt = select(*USER_COLUMNS).order_by(User.id)
+        if not show_deleted:
+            stmt = stmt.where(User.deleted_at.is_(None))
+        if active_only:
+            stmt = stmt.where(User.is_active)
+        return stmt
+
+    async def stream(
+        self, *, show_deleted: bool, active_only: bool, batch_size: int
+    ) -> AsyncIterator[Sequence[Row[tuple[object, ...]]]]:
+        """Matching users as Core rows, batch_size per partition, from a server-side cursor."""
+        stmt = self.export_query(show_deleted=show_deleted, active_only=active_only)
+        result = await self.session.stream(stmt.execution_options(yield_per=batch_size))
+        try:
+            async for partition in result.partitions():
+                yield partition
+        finally:
+            await result.close()
+
+    async def refuse_deleted(self, emails: Sequence[str]) -> None:
+        """Bulk writes do not revive soft-deleted users: Undelete is explicit."""
+        deleted = (
+            await self.session.scalars(
+                select(User.email)
+                .where(User.email.in_(emails), User.deleted_at.is_not(None))
+                .order_by(User.email)
+            )
+        ).all()
+        if deleted:
+            raise FailedPrecondition(
+                f"users are deleted: {', '.join(deleted[:10])}",
+                reason="USER_DELETED",
+                emails=",".join(deleted[:10]),
+            )
+
+    async def upsert(self, rows: Sequence[UserFields]) -> UpsertCounts:
+        """One INSERT ... ON CONFLICT (email) DO UPDATE for the batch, rows sorted by email so
+        that overlapping concurrent batches lock in the same order and cannot deadlock."""
+        if not rows:
+            return UpsertCounts(0, 0)
+        await self.refuse_deleted([r.email for r in rows])
+        values = [
+            {
+                "email": r.email,
+                "first_name": r.first_name,
+                "last_name": r.last_name,
+                "is_active": r.is_active,
+            }
+            for r in sorted(rows, key=lambda r: r.email)
+        ]
+        stmt = insert(User).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[User.email],
+            set_={
+                "first_name": stmt.excluded.first_name,
+                "last_name": stmt.excluded.last_name,
+                "is_active": stmt.excluded.is_active,
+                "updated_at": func.now(),
+            },
+            # A user deleted after refuse_deleted looked is left alone (and counted below).
+            where=User.deleted_at.is_(None),
+        )
+        # xmax = 0 only for a freshly inserted row version.
+        inserted_flags = (
+            await self.session.scalars(stmt.returning(literal_column("xmax = 0")))
+        ).all()
+        inserted = sum(1 for flag in inserted_flags if flag)
+        if len(inserted_flags) != len(values):
+            raise FailedPrecondition("a user in the batch was deleted", reason="USER_DELETED")
+        return UpsertCounts(inserted, len(inserted_flags) - inserted)
+
+    async def copy_into_staging(self, rows: Sequence[UserFields], *, first: bool) -> None:
+        """COPY rows into a per-transaction staging table (created with the first batch)."""
+        connection = await self.session.connection()
+        if first:
+            await connection.execute(
+                text(
+                    "CREATE TEMP TABLE users_import "
+                    "(email text, first_name text, last_name text, is_active boolean) "
+                    "ON COMMIT DROP"
+                )
+            )
+        raw = await connection.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
+        await driver.copy_records_to_table(
+            "users_import",
+            records=[(r.email, r.first_name, r.last_name, r.is_active) for r in rows],
+            columns=["email", "first_name", "last_name", "is_active"],
+        )
+
+    async def staged_duplicates(self) -> list[str]:
+        result = await self.session.scalars(
+            text(
+                "SELECT email FROM users_import GROUP BY email HAVING count(*) > 1 "
+                "ORDER BY email LIMIT 10"
+            )
+        )
+        return list(result.all())
+
+    async def merge_staging(self) -> int:
+        """Upsert the staged rows with the same semantics as upsert(); returns rows merged."""
+        deleted = (
+            await self.session.scalars(
+                text(
+                    "SELECT u.email FROM users_import i JOIN users u USING (email) "
+                    "WHERE u.deleted_at IS NOT NULL ORDER BY u.email LIMIT 10"
+                )
+            )
+        ).all()
+        if deleted:
+            raise FailedPrecondition(
+                f"users are deleted: {', '.join(deleted)}",
+                reason="USER_DELETED",
+                emails=",".join(deleted),
+            )
+        result = await self.session.execute(
+            text(
+                "INSERT INTO users (email, first_name, last_name, is_active) "
+                "SELECT email, first_name, last_name, is_active FROM users_import ORDER BY email "
+                "ON CONFLICT (email) DO UPDATE SET first_name = excluded.first_name, "
+                "last_name = excluded.last_name, is_active = excluded.is_active, "
+                "updated_at = now() WHERE users.deleted_at IS NULL"
+            )
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]

@@ -1,0 +1,80 @@
+"""Test data written straight to the database through the models (a real PostgreSQL)."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.db.models import Account, Order, OrderItem, OrderStatus, Transfer, User
+
+_sequence = itertools.count(1)
+
+
+class Factory:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+
+    async def user(
+        self,
+        *,
+        email: str | None = None,
+        first_name: str = "Ada",
+        last_name: str | None = None,
+        is_active: bool = True,
+        deleted: bool = False,
+    ) -> User:
+        n = next(_sequence)
+        user = User(
+            email=email or f"user{n}@example.com",
+            first_name=first_name,
+            last_name=last_name or f"Lovelace{n}",
+            is_active=is_active,
+            deleted_at=datetime.now(UTC) if deleted else None,
+        )
+        async with self.sessions() as session, session.begin():
+            session.add(user)
+        return user
+
+    async def order(
+        self,
+        user: User,
+        *,
+        status: OrderStatus = OrderStatus.PENDING,
+        items: list[tuple[str, int, str]] | None = None,
+    ) -> Order:
+        lines = [
+            OrderItem(sku=sku, quantity=qty, unit_price=Decimal(price))
+            for sku, qty, price in (items or [("SKU-1", 2, "9.99")])
+        ]
+        order = Order(
+            user_id=user.id,
+            status=status.value,
+            total=sum((i.unit_price * i.quantity for i in lines), Decimal("0.00")),
+            items=lines,
+        )
+        async with self.sessions() as session, session.begin():
+            session.add(order)
+        return order
+
+    async def account(
+        self, user: User | None = None, *, currency: str = "EUR", balance: str = "0.00"
+    ) -> Account:
+        owner = user or await self.user()
+        account = Account(user_id=owner.id, currency=currency, balance=Decimal(balance))
+        async with self.sessions() as session, session.begin():
+            session.add(account)
+        return account
+
+    async def transfer(self, source: Account, target: Account, amount: str) -> Transfer:
+        transfer = Transfer(
+            from_account_id=source.id,
+            to_account_id=target.id,
+            amount=Decimal(amount),
+            request_id=f"factory-{next(_sequence)}",
+        )
+        async with self.sessions() as session, session.begin():
+            session.add(transfer)
+        return transfer
