@@ -8,10 +8,10 @@ import contextlib
 from collections.abc import Iterator
 from logging.config import fileConfig
 
+from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from alembic import context
 from service.config import Settings
 from service.db.database import database_url
 from service.db.engine import create_unpooled_engine

@@ -7,7 +7,8 @@ from decimal import Decimal
 
 CENT = Decimal("0.01")
 # Unsigned, no exponent, at most 16 integer digits (NUMERIC(18, 2)) and 2 fractional digits.
-_AMOUNT = re.compile(r"\d{1,16}(\.\d{1,2})?")
+# ASCII digits only: \d would also take other scripts' digits, such as "١٢".
+_AMOUNT = re.compile(r"[0-9]{1,16}(\.[0-9]{1,2})?")
 
 
 def parse_amount(text: str) -> Decimal | None:

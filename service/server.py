@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from shop.v1 import (
     account_service_pb2,
@@ -45,7 +46,7 @@ class RunningServer:
 
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: HealthServicer
     engine: AsyncEngine
 
     async def stop(self, grace: float | None) -> None:
@@ -75,7 +76,7 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     account_service_pb2_grpc.add_AccountServiceServicer_to_server(
         AccountServicer(sessions, tokens), server
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SHOP_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

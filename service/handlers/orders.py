@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from decimal import Decimal
 
 from shop.v1 import order_service_pb2 as api
 from shop.v1 import order_service_pb2_grpc as api_grpc
@@ -21,6 +22,8 @@ from service.repositories.users import UserRepository
 
 MAX_ITEMS = 100
 MAX_QUANTITY = 1_000_000
+# orders.total is NUMERIC(18, 2): a larger sum would fail in the database as INTERNAL.
+MAX_TOTAL = Decimal("9999999999999999.99")
 
 
 def _status(v: Violations, field: str, value: int, *, required: bool) -> OrderStatus | None:
@@ -28,7 +31,7 @@ def _status(v: Violations, field: str, value: int, *, required: bool) -> OrderSt
         if required:
             v.add(field, "must be a status other than ORDER_STATUS_UNSPECIFIED")
         return None
-    status = STATUS_FROM_PROTO.get(value)  # type: ignore[call-overload]
+    status: OrderStatus | None = STATUS_FROM_PROTO.get(value)  # type: ignore[call-overload]
     if status is None:
         v.add(field, f"unknown status {value}")
     return status
@@ -46,6 +49,8 @@ def _items(v: Violations, items: list[pb.OrderItem]) -> list[ItemFields]:
             v.add(f"items[{i}].quantity", f"must be between 1 and {MAX_QUANTITY}")
         price = v.amount(f"items[{i}].unit_price", item.unit_price)
         fields.append(ItemFields(sku=sku, quantity=item.quantity, unit_price=price))
+    if sum(i.unit_price * i.quantity for i in fields) > MAX_TOTAL:
+        v.add("items", f"the order total must not exceed {MAX_TOTAL}")
     return fields
 
 

@@ -118,6 +118,8 @@ class UserServicer(api_grpc.UserServiceServicer):
         """A page of users in id ascending order."""
         v = Violations()
         limit = v.page_size("page_size", request.page_size)
+        if request.full_name:
+            v.name("full_name", request.full_name, max_length=201)
         v.raise_if_any()
         filters = {
             "show_deleted": request.show_deleted,

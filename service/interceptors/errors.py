@@ -15,7 +15,8 @@ from grpc_status import rpc_status
 from sqlalchemy import exc as sa_exc
 
 from service import errors
-from service.interceptors.wrapping import wrap_handler
+from service.handlers.context import Context
+from service.interceptors.wrapping import Handler, Interceptor, wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,14 @@ def as_domain_error(exc: BaseException) -> errors.DomainError | None:
     return None
 
 
-async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+async def abort_for(exc: BaseException, context: Context) -> None:
     if isinstance(exc, grpc.aio.AbortError):
         return  # the handler already chose a status
     error = as_domain_error(exc)
     if error is not None:
-        await context.abort_with_status(to_status(error))
+        await context.abort_with_status(  # type: ignore[attr-defined]
+            to_status(error)
+        )
     incident = uuid.uuid4().hex[:12]
     log.exception("unhandled error (incident %s)", incident)
     status = status_pb2.Status(
@@ -85,17 +88,19 @@ async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> No
         message=f"internal error (incident {incident})",
         details=[_packed(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))],
     )
-    await context.abort_with_status(rpc_status.to_status(status))
+    await context.abort_with_status(  # type: ignore[attr-defined]
+        rpc_status.to_status(status)
+    )
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(Interceptor):
     """Maps whatever a servicer raises to a deliberate status."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler

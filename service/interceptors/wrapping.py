@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from service.handlers.context import Context
+
+if TYPE_CHECKING:  # generic only in the type stubs
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+    Interceptor = grpc.aio.ServerInterceptor
 # Called with the exception a behaviour raised and its context; must raise.
-OnError = Callable[[BaseException, grpc.aio.ServicerContext], Awaitable[None]]
+OnError = Callable[[BaseException, Context], Awaitable[None]]
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, on_error: OnError) -> grpc.RpcMethodHandler:
+def wrap_handler(handler: Handler, on_error: OnError) -> Handler:
     def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(request: Any, context: Context) -> Any:
             try:
                 return await fn(request, context)
             except Exception as exc:
@@ -23,7 +31,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, on_error: OnError) -> grpc.RpcM
         return call
 
     def streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
             try:
                 async for message in fn(request, context):
                     yield message

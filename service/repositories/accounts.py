@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import Row, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from service.db.models import Account, Transfer
 from service.errors import FailedPrecondition, NotFound
@@ -19,6 +21,19 @@ TRANSFER_COLUMNS = (
     Transfer.request_id,
     Transfer.created_at,
 )
+
+
+# The largest balance NUMERIC(18, 2) holds; past it PostgreSQL would fail the UPDATE.
+MAX_BALANCE = Decimal("9999999999999999.99")
+
+
+def _over_limit(account: Account, amount: Decimal) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"account {account.id} cannot hold more than {MAX_BALANCE}",
+        reason="BALANCE_LIMIT_EXCEEDED",
+        account_id=account.id,
+        requested=amount,
+    )
 
 
 def _insufficient(account: Account, amount: Decimal) -> FailedPrecondition:
@@ -63,6 +78,8 @@ class AccountRepository:
 
     async def deposit(self, account_id: int, amount: Decimal) -> Account:
         account = (await self.lock(account_id))[account_id]
+        if account.balance + amount > MAX_BALANCE:
+            raise _over_limit(account, amount)
         account.balance += amount
         await self.session.flush()
         return account
@@ -88,6 +105,8 @@ class AccountRepository:
             )
         if source.balance < amount:
             raise _insufficient(source, amount)
+        if target.balance + amount > MAX_BALANCE:
+            raise _over_limit(target, amount)
         # The balance step runs in a savepoint: if it fails, it fails alone.
         async with self.session.begin_nested():
             source.balance -= amount
@@ -111,12 +130,12 @@ class AccountRepository:
         return (await self.session.scalars(stmt)).all()
 
     @staticmethod
-    def _touches(account_id: int) -> object:
+    def _touches(account_id: int) -> ColumnElement[bool]:
         return or_(Transfer.from_account_id == account_id, Transfer.to_account_id == account_id)
 
     async def stream_transfers(
         self, account_id: int, *, batch_size: int
-    ) -> AsyncIterator[Sequence[Row[tuple[object, ...]]]]:
+    ) -> AsyncIterator[Sequence[Row[*tuple[Any, ...]]]]:
         stmt = (
             select(*TRANSFER_COLUMNS)
             .where(self._touches(account_id))

@@ -5,14 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any, TypeVar
 
-from sqlalchemy import Row, Select, String, cast, func, literal, select
+from sqlalchemy import Row, Select, String, cast, func, literal_column, select
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.sql.elements import Label
 
 from service.db.models import Order, OrderItem, OrderStatus
 from service.errors import FailedPrecondition, NotFound
+
+AnySelect = TypeVar("AnySelect", bound=Select[*tuple[Any, ...]])
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +26,7 @@ class ItemFields:
     unit_price: Decimal
 
 
-def _items_json() -> object:
+def _items_json() -> Label[Any]:
     """The order's items as one JSON array per order row: no query per order in a stream."""
     item = func.json_build_array(
         OrderItem.sku, OrderItem.quantity, cast(OrderItem.unit_price, String)
@@ -31,7 +35,8 @@ def _items_json() -> object:
         select(func.json_agg(aggregate_order_by(item, OrderItem.id)))
         .where(OrderItem.order_id == Order.id)
         .scalar_subquery(),
-        literal("[]"),
+        # A json literal: COALESCE cannot mix json with a varchar bind parameter.
+        literal_column("'[]'::json"),
     ).label("items")
 
 
@@ -70,7 +75,9 @@ class OrderRepository:
     async def move(self, order_id: int, target: OrderStatus) -> Order:
         order = await self.get(order_id, for_update=True)
         current = OrderStatus(order.status)
-        if current != target and not current.can_move_to(target):
+        if current == target:
+            return order  # a repeat: no write, so updated_at and the audit log stay as they are
+        if not current.can_move_to(target):
             raise FailedPrecondition(
                 f"order {order_id} cannot move from {current} to {target}",
                 reason="INVALID_STATUS_TRANSITION",
@@ -81,9 +88,7 @@ class OrderRepository:
         return order
 
     @staticmethod
-    def _filtered(
-        stmt: Select[tuple[object, ...]], user_id: int, status: OrderStatus | None
-    ) -> Select[tuple[object, ...]]:
+    def _filtered(stmt: AnySelect, user_id: int, status: OrderStatus | None) -> AnySelect:
         if user_id:
             stmt = stmt.where(Order.user_id == user_id)
         if status is not None:
@@ -105,7 +110,7 @@ class OrderRepository:
 
     async def stream(
         self, *, user_id: int, status: OrderStatus | None, batch_size: int
-    ) -> AsyncIterator[Sequence[Row[tuple[object, ...]]]]:
+    ) -> AsyncIterator[Sequence[Row[*tuple[Any, ...]]]]:
         """Matching orders as Core rows with their items as JSON, batch_size per partition."""
         stmt = select(
             Order.id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Row, Select, func, literal_column, select, text
 from sqlalchemy.dialects.postgresql import insert
@@ -11,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from service.db.models import User
+from service.db.models import Order, User
 from service.errors import AlreadyExists, FailedPrecondition, NotFound
 from service.repositories.integrity import violated_constraint
 
@@ -104,11 +105,12 @@ class UserRepository:
             pattern = "%" + full_name.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_")
             stmt = stmt.where(User.full_name.ilike(pattern + "%", escape="\\"))
         if include_orders:
-            stmt = stmt.options(selectinload(User.orders))
+            # order_to_proto reads each order's items: load them too (one query per level).
+            stmt = stmt.options(selectinload(User.orders).selectinload(Order.items))
         return (await self.session.scalars(stmt)).all()
 
     @staticmethod
-    def export_query(*, show_deleted: bool, active_only: bool) -> Select[tuple[object, ...]]:
+    def export_query(*, show_deleted: bool, active_only: bool) -> Select[*tuple[Any, ...]]:
         stmt = select(*USER_COLUMNS).order_by(User.id)
         if not show_deleted:
             stmt = stmt.where(User.deleted_at.is_(None))
@@ -118,7 +120,7 @@ class UserRepository:
 
     async def stream(
         self, *, show_deleted: bool, active_only: bool, batch_size: int
-    ) -> AsyncIterator[Sequence[Row[tuple[object, ...]]]]:
+    ) -> AsyncIterator[Sequence[Row[*tuple[Any, ...]]]]:
         """Matching users as Core rows, batch_size per partition, from a server-side cursor."""
         stmt = self.export_query(show_deleted=show_deleted, active_only=active_only)
         result = await self.session.stream(stmt.execution_options(yield_per=batch_size))
@@ -172,7 +174,7 @@ class UserRepository:
             where=User.deleted_at.is_(None),
         )
         # xmax = 0 only for a freshly inserted row version.
-        inserted_flags = (
+        inserted_flags: Sequence[bool] = (
             await self.session.scalars(stmt.returning(literal_column("xmax = 0")))
         ).all()
         inserted = sum(1 for flag in inserted_flags if flag)

@@ -1,0 +1,47 @@
+# shop-service image. Build:  docker build -t shop-service .
+# Run against your PostgreSQL (migrate once, then serve):
+#   docker run --rm -e SHOP_DATABASE_URL=postgresql+asyncpg://user:pw@db:5432/shop shop-service \
+#       python -m service migrate
+#   docker run -d -p 50051:50051 -e SHOP_DATABASE_URL=... shop-service
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- builder: the project and its dependencies in /opt/venv ----
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY generated ./generated
+RUN pip install --upgrade pip \
+ && pip install .
+
+# ---- runtime: the venv plus the source the service reads at run time ----
+FROM ${PYTHON_IMAGE} AS runtime
+RUN groupadd --system shop \
+ && useradd --system --gid shop --home-dir /app --no-create-home --shell /usr/sbin/nologin shop \
+ && mkdir -p /var/lib/shop \
+ && chown shop:shop /var/lib/shop
+COPY --from=builder /opt/venv /opt/venv
+WORKDIR /app
+# alembic/ and alembic.ini sit next to service/: `python -m service migrate` finds them there.
+COPY service ./service
+COPY generated ./generated
+COPY alembic ./alembic
+COPY alembic.ini ./
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    SHOP_GRPC_HOST=0.0.0.0 \
+    SHOP_GRPC_PORT=50051 \
+    SHOP_DATA_DIR=/var/lib/shop
+USER shop
+EXPOSE 50051
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["/opt/venv/bin/python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = os.environ.get('SHOP_GRPC_PORT', '50051'); r = g.HealthStub(grpc.insecure_channel(f'127.0.0.1:{port}')).Check(h.HealthCheckRequest(), timeout=3); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+# Exec form: the server is PID 1 and gets SIGTERM itself (graceful stop, SHOP_SHUTDOWN_GRACE).
+CMD ["python", "-m", "service", "serve"]

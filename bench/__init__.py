@@ -1,0 +1,1 @@
+"""Load benchmarks for shop.v1 (`make bench`)."""
