@@ -52,7 +52,8 @@ class AlreadyExists(DomainError):
 
 
 class FailedPrecondition(DomainError):
-    """INSUFFICIENT_FUNDS, CURRENCY_MISMATCH, INVALID_STATUS_TRANSITION, USER_DELETED."""
+    """INSUFFICIENT_FUNDS, CURRENCY_MISMATCH, INVALID_STATUS_TRANSITION, USER_DELETED,
+    BALANCE_LIMIT_EXCEEDED (a balance would pass NUMERIC(18, 2))."""
 
 
 class Unavailable(DomainError):

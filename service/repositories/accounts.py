@@ -7,11 +7,15 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Row, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.db.models import Account, Transfer
 from service.errors import FailedPrecondition, NotFound
+from service.repositories.integrity import violated_constraint
+
+BALANCE_NOT_NEGATIVE = "ck_accounts_balance_not_negative"
 
 TRANSFER_COLUMNS = (
     Transfer.id,
@@ -107,14 +111,21 @@ class AccountRepository:
             raise _insufficient(source, amount)
         if target.balance + amount > MAX_BALANCE:
             raise _over_limit(target, amount)
-        # The balance step runs in a savepoint: if it fails, it fails alone.
-        async with self.session.begin_nested():
-            source.balance -= amount
-            target.balance += amount
-            transfer = Transfer(
-                from_account_id=from_id, to_account_id=to_id, amount=amount, request_id=request_id
-            )
-            self.session.add(transfer)
+        transfer = Transfer(
+            from_account_id=from_id, to_account_id=to_id, amount=amount, request_id=request_id
+        )
+        # The balance step runs in a savepoint that the schema's CHECK guards: should the check
+        # above ever be bypassed, only this step rolls back and the caller gets a domain error
+        # (INSUFFICIENT_FUNDS), not an aborted transaction and INTERNAL.
+        try:
+            async with self.session.begin_nested():
+                source.balance -= amount
+                target.balance += amount
+                self.session.add(transfer)
+        except IntegrityError as exc:
+            if violated_constraint(exc) == BALANCE_NOT_NEGATIVE:
+                raise _insufficient(source, amount) from exc
+            raise
         return transfer
 
     async def transfers_page(

@@ -18,7 +18,7 @@ from tests.factories import Factory
 from tests.rpc import failure_of
 
 # Every test here must end well within this; a deadlock or lost wake-up fails instead of hanging.
-BOUND_SECONDS = 60
+BOUND_SECONDS = 30
 
 
 def rid() -> str:
