@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 
 from shop.v1 import account_service_pb2 as api
 from shop.v1 import account_service_pb2_grpc as api_grpc
 from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.db.models import Account
 from service.db.transaction import read_only_snapshot, transaction
 from service.handlers.accounts_convert import (
     account_to_proto,
@@ -63,28 +65,19 @@ class AccountServicer(api_grpc.AccountServiceServicer):
 
     async def Deposit(self, request: api.DepositRequest, context: Context) -> pb.Account:
         """Add money; returns the account as it stood right after this deposit."""
-        v = Violations()
-        v.id("account_id", request.account_id)
-        amount = v.amount("amount", request.amount)
-        v.request_id("request_id", request.request_id)
-        v.raise_if_any()
-        async with transaction(self.sessions) as session:
-
-            async def deposit() -> pb.Account:
-                accounts = AccountRepository(session)
-                return account_to_proto(await accounts.deposit(request.account_id, amount))
-
-            return await run_once(
-                session,
-                method="Deposit",
-                request=request,
-                request_id=request.request_id,
-                response_type=pb.Account,
-                work=deposit,
-            )
+        return await self._post("Deposit", request, AccountRepository.deposit)
 
     async def Withdraw(self, request: api.WithdrawRequest, context: Context) -> pb.Account:
         """Take money out; INSUFFICIENT_FUNDS rather than a negative balance."""
+        return await self._post("Withdraw", request, AccountRepository.withdraw)
+
+    async def _post(
+        self,
+        method: str,
+        request: api.DepositRequest | api.WithdrawRequest,
+        apply: Callable[[AccountRepository, int, Decimal], Awaitable[Account]],
+    ) -> pb.Account:
+        """One idempotent balance change on one account."""
         v = Violations()
         v.id("account_id", request.account_id)
         amount = v.amount("amount", request.amount)
@@ -92,17 +85,17 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         v.raise_if_any()
         async with transaction(self.sessions) as session:
 
-            async def withdraw() -> pb.Account:
-                accounts = AccountRepository(session)
-                return account_to_proto(await accounts.withdraw(request.account_id, amount))
+            async def post() -> pb.Account:
+                account = await apply(AccountRepository(session), request.account_id, amount)
+                return account_to_proto(account)
 
             return await run_once(
                 session,
-                method="Withdraw",
+                method=method,
                 request=request,
                 request_id=request.request_id,
                 response_type=pb.Account,
-                work=withdraw,
+                work=post,
             )
 
     async def Transfer(self, request: api.TransferRequest, context: Context) -> pb.Transfer:
