@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from datetime import timedelta
 
 from service.config import Settings
 from service.db.database import database_url
+from service.db.housekeeping import purge_idempotency_keys
 from service.db.migrate import upgrade
 from service.logs import configure_logging
 from service.server import serve
@@ -20,6 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="serve gRPC on SHOP_GRPC_HOST:SHOP_GRPC_PORT")
     commands.add_parser("migrate", help="upgrade the database schema to the latest revision")
+    commands.add_parser(
+        "purge-idempotency-keys",
+        help="forget request_ids older than SHOP_IDEMPOTENCY_RETENTION_HOURS",
+    )
     args = parser.parse_args(argv)
 
     settings = Settings()
@@ -28,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "migrate":
             upgrade(url)
             log.info("database schema is at head")
+        elif args.command == "purge-idempotency-keys":
+            retention = timedelta(hours=settings.idempotency_retention_hours)
+            purged = asyncio.run(purge_idempotency_keys(url, retention))
+            log.info("purged %d idempotency keys older than %s", purged, retention)
         else:
             asyncio.run(serve(settings, url))
 

@@ -39,5 +39,8 @@ class Settings(BaseSettings):
     # Signs page tokens. Set it in production so tokens survive restarts and work across replicas.
     page_token_secret: SecretStr = SecretStr("dev-only-page-token-secret-change-me")
 
+    # How long a request_id is remembered (see service/db/housekeeping.py).
+    idempotency_retention_hours: float = Field(default=24.0, gt=0)
+
     # Seconds in-flight RPCs get to finish after SIGTERM/SIGINT.
     shutdown_grace: float = Field(default=10.0, ge=0)

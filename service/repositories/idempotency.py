@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -49,3 +50,10 @@ class IdempotencyRepository:
             .where(IdempotencyKey.request_id == request_id)
             .values(response=response)
         )
+
+    async def purge(self, older_than: datetime) -> int:
+        """Forget keys created before `older_than`; returns how many were removed."""
+        result = await self.session.execute(
+            delete(IdempotencyKey).where(IdempotencyKey.created_at < older_than)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
