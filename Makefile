@@ -31,6 +31,11 @@ check-generated: generate
 	git diff --exit-code --stat -- generated/
 	test -z "$$(git status --porcelain -- generated/)"
 
+# Lint the .proto contract with buf's STANDARD rules (config and exemptions: protos/buf.yaml).
+.PHONY: buf-lint
+buf-lint: $(STAMP)
+	cd protos && ../$(VENV)/bin/buf lint
+
 run: $(STAMP)
 	$(PY) -m service migrate
 	$(PY) -m service serve
