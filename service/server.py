@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,7 +21,7 @@ from shop.v1 import (
     user_service_pb2,
     user_service_pb2_grpc,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.config import Settings
 from service.db.engine import create_engine, create_sessionmaker
@@ -29,6 +30,7 @@ from service.handlers.orders import OrderServicer
 from service.handlers.paging import PageTokens
 from service.handlers.users import UserServicer
 from service.interceptors.errors import ErrorInterceptor
+from service.interceptors.wrapping import Interceptor
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +57,24 @@ class RunningServer:
         await self.engine.dispose()
 
 
-async def start_server(settings: Settings, database_url: str) -> RunningServer:
-    """Create the engine and the server, bind SHOP_GRPC_HOST:SHOP_GRPC_PORT, start serving."""
-    engine = create_engine(settings, database_url)
-    sessions = create_sessionmaker(engine)
-    tokens = PageTokens(settings.page_token_secret.get_secret_value().encode())
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """Channel arguments for grpc.aio.server (message sizes, keepalive, ...)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+    ]
 
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+
+def interceptors(settings: Settings) -> list[Interceptor]:
+    """Outermost first. The error interceptor sits innermost, next to the servicers."""
+    return [ErrorInterceptor()]
+
+
+def add_shop_services(
+    server: grpc.aio.Server, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    tokens = PageTokens(settings.page_token_secret.get_secret_value().encode())
     user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(sessions, tokens), server)
     order_service_pb2_grpc.add_OrderServiceServicer_to_server(
         OrderServicer(sessions, tokens), server
@@ -76,12 +82,24 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     account_service_pb2_grpc.add_AccountServiceServicer_to_server(
         AccountServicer(sessions, tokens), server
     )
+
+
+def bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """Listen on SHOP_GRPC_HOST:SHOP_GRPC_PORT; returns the bound port."""
+    return server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+
+
+async def start_server(settings: Settings, database_url: str) -> RunningServer:
+    """Create the engine and the server, bind, start serving, report SERVING."""
+    engine = create_engine(settings, database_url)
+    server = grpc.aio.server(interceptors=interceptors(settings), options=server_options(settings))
+    add_shop_services(server, create_sessionmaker(engine), settings)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SHOP_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    port = bind(server, settings)
     await server.start()
     for name in ("", *SHOP_SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
