@@ -36,6 +36,19 @@ check-generated: generate
 buf-lint: $(STAMP)
 	cd protos && ../$(VENV)/bin/buf lint
 
+# Fails when protos/ breaks the contract of the previous commit (history needed: CI's full clone).
+# `make buf-breaking AGAINST=origin/main` compares with another ref. See .ci/buf-breaking.
+.PHONY: buf-breaking
+buf-breaking: $(STAMP)
+	BUF=$(VENV)/bin/buf bash .ci/buf-breaking $(AGAINST)
+
+# Schema gates (docs/migrations.md): `alembic check` on a fresh scratch database, then squawk
+# over the SQL of the migrations (`alembic upgrade 0002:head --sql`, rules in .squawk.toml).
+# The scratch database comes from where the tests get theirs (SHOP_TEST_DATABASE_URL, ...).
+.PHONY: migrations-check
+migrations-check: $(STAMP)
+	$(PY) -m tests.migrations.ci_gate
+
 run: $(STAMP)
 	$(PY) -m service migrate
 	$(PY) -m service serve
@@ -52,7 +65,7 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 bench: $(STAMP)
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

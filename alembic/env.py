@@ -1,5 +1,8 @@
 """Async Alembic environment: the models' metadata (with its naming convention), one
-transaction per migration, and lock/statement timeouts before any DDL."""
+transaction per migration (so a migration can step out into an autocommit_block for
+CONCURRENTLY or a batched backfill), the migration advisory lock, and lock/statement timeouts
+(SHOP_MIGRATION_LOCK_TIMEOUT, SHOP_MIGRATION_STATEMENT_TIMEOUT) before any DDL.
+docs/migrations.md says how to write a migration."""
 
 from __future__ import annotations
 
@@ -9,12 +12,12 @@ from collections.abc import Iterator
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from service.config import Settings
 from service.db.database import database_url
 from service.db.engine import create_unpooled_engine
+from service.db.migration_safety import apply_timeouts, migration_lock, timeout_statements
 from service.db.models import Base
 
 config = context.config
@@ -22,8 +25,9 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
-LOCK_TIMEOUT = "5s"
-STATEMENT_TIMEOUT = "60s"
+# Read here, not passed in: `alembic` on the command line and `python -m service migrate` both
+# take the timeouts from the same SHOP_* variables.
+settings = Settings()
 
 
 @contextlib.contextmanager
@@ -32,7 +36,7 @@ def _url() -> Iterator[str]:
     if url:
         yield url
     else:
-        with database_url(Settings()) as resolved:
+        with database_url(settings) as resolved:
             yield resolved
 
 
@@ -44,23 +48,31 @@ def run_migrations_offline() -> None:
         transaction_per_migration=True,
         dialect_opts={"paramstyle": "named"},
     )
+    # The script carries the same timeouts as an online run, first thing, so whoever applies
+    # it gets them too (and squawk sees them).
+    for statement in timeout_statements(
+        settings.migration_lock_timeout, settings.migration_statement_timeout
+    ):
+        context.execute(statement)
     with context.begin_transaction():
         context.run_migrations()
 
 
 def _run(connection: Connection) -> None:
-    # Fail fast instead of queueing behind a long transaction (and blocking traffic behind us).
-    connection.execute(text(f"SET lock_timeout = '{LOCK_TIMEOUT}'"))
-    connection.execute(text(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
-    connection.commit()
-    context.configure(
-        connection=connection,
-        target_metadata=target_metadata,
-        transaction_per_migration=True,
-        compare_type=True,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
+    with migration_lock(connection):
+        # Fail fast instead of queueing behind a long transaction (and blocking traffic behind
+        # us). Session-level SETs, committed: they hold in every migration's transaction.
+        apply_timeouts(
+            connection, settings.migration_lock_timeout, settings.migration_statement_timeout
+        )
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            transaction_per_migration=True,
+            compare_type=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
 
 
 async def run_migrations_online() -> None:

@@ -11,8 +11,10 @@ from service.config import Settings
 from service.db.database import database_url
 from service.db.housekeeping import purge_idempotency_keys
 from service.db.migrate import upgrade
+from service.db.schema_state import SchemaBehind
 from service.logs import configure_logging
-from service.server import serve
+from service.security import InsecureBindError, check_exposure
+from service.workers import serve_processes
 
 log = logging.getLogger("service")
 
@@ -21,7 +23,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="shop-service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="serve gRPC on SHOP_GRPC_HOST:SHOP_GRPC_PORT")
-    commands.add_parser("migrate", help="upgrade the database schema to the latest revision")
+    commands.add_parser(
+        "migrate",
+        help="upgrade the database schema to the latest revision (the deploy step: safe to "
+        "run twice or concurrently; see docs/migrations.md)",
+    )
     commands.add_parser(
         "purge-idempotency-keys",
         help="forget request_ids older than SHOP_IDEMPOTENCY_RETENTION_HOURS",
@@ -30,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = Settings()
     configure_logging(settings)
+    if args.command == "serve":
+        refuse_insecure_exposure(settings)
     with database_url(settings) as url:
         if args.command == "migrate":
             upgrade(url)
@@ -39,7 +47,23 @@ def main(argv: list[str] | None = None) -> None:
             purged = asyncio.run(purge_idempotency_keys(url, retention))
             log.info("purged %d idempotency keys older than %s", purged, retention)
         else:
-            asyncio.run(serve(settings, url))
+            try:
+                status = serve_processes(settings, url)  # SHOP_WORKERS processes
+            except SchemaBehind as exc:
+                # A clear line and status 3, not a traceback: the fix is a deploy step.
+                log.error("refusing to serve: %s", exc)
+                raise SystemExit(3) from None
+            if status:
+                raise SystemExit(status)
+
+
+def refuse_insecure_exposure(settings: Settings) -> None:
+    """Exit with status 2, before any database starts, rather than serve the network openly."""
+    try:
+        check_exposure(settings)
+    except InsecureBindError as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

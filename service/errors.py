@@ -60,3 +60,22 @@ class Unavailable(DomainError):
     """The database cannot be reached or the pool is exhausted; the client may retry."""
 
     reason = "DATABASE_UNAVAILABLE"
+
+
+class Unauthenticated(DomainError):
+    """No bearer token, or one the server does not know."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DomainError):
+    """The token is known but its role may not call this method."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class DeadlineExceeded(DomainError):
+    """The caller's deadline passed while the database was working (statement_timeout set
+    from the deadline, or a query PostgreSQL cancelled)."""
+
+    reason = "DEADLINE_EXCEEDED"

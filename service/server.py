@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from shop.v1 import (
     account_service_pb2,
@@ -24,13 +23,25 @@ from shop.v1 import (
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.config import Settings
-from service.db.engine import create_engine, create_sessionmaker
+from service.db.engine import create_engine, create_probe_engine, create_sessionmaker
+from service.db.schema_state import serving_features, session_info
 from service.handlers.accounts import AccountServicer
 from service.handlers.orders import OrderServicer
 from service.handlers.paging import PageTokens
 from service.handlers.users import UserServicer
+from service.health import HealthProbe, HealthService
+from service.interceptors.auth import AuthInterceptor
+from service.interceptors.deadlines import DeadlineInterceptor
 from service.interceptors.errors import ErrorInterceptor
+from service.interceptors.observability import ObservabilityInterceptor
+from service.interceptors.streams import StreamWriter
 from service.interceptors.wrapping import Interceptor
+from service.limits import compression, limit_options, max_concurrent_rpcs
+from service.metrics import MetricsEndpoint, RpcMetrics, serve_metrics, server_metrics
+from service.security import TokenTable, check_exposure
+from service.shutdown import ActiveStreams
+from service.tls import server_credentials
+from service.tracing import tracing_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +50,6 @@ SHOP_SERVICES = (
     order_service_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name,
     account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
 )
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -48,27 +58,41 @@ class RunningServer:
 
     server: grpc.aio.Server
     port: int
-    health: HealthServicer
+    health: HealthService
     engine: AsyncEngine
+    metrics: MetricsEndpoint | None = None
+    probe: HealthProbe | None = None
+    streams: ActiveStreams | None = None
 
     async def stop(self, grace: float | None) -> None:
+        """NOT_SERVING first; then new calls are refused and streams end at once, while unary
+        calls get `grace` seconds to finish; then the pools close."""
         await self.health.enter_graceful_shutdown()
+        if self.streams is not None:
+            self.streams.stop()
         await self.server.stop(grace)
+        if self.probe is not None:
+            await self.probe.stop()
         await self.engine.dispose()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
     """Channel arguments for grpc.aio.server (message sizes, keepalive, ...)."""
-    return [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0),
-    ]
+    return [*limit_options(settings), ("grpc.so_reuseport", int(settings.workers > 1))]
 
 
-def interceptors(settings: Settings) -> list[Interceptor]:
-    """Outermost first. The error interceptor sits innermost, next to the servicers."""
-    return [ErrorInterceptor()]
+def interceptors(settings: Settings, metrics: RpcMetrics | None = None) -> list[Interceptor]:
+    """Outermost first: request id, access log and metrics see every outcome, auth's refusals
+    included; the error interceptor sits innermost, next to the servicers."""
+    chain: list[Interceptor] = [ObservabilityInterceptor(metrics)]
+    tokens = TokenTable.from_settings(settings)
+    if tokens is not None:
+        chain.append(AuthInterceptor(tokens))
+    chain.append(ErrorInterceptor())
+    chain.append(DeadlineInterceptor())
+    return chain
 
 
 def add_shop_services(
@@ -85,30 +109,76 @@ def add_shop_services(
 
 
 def bind(server: grpc.aio.Server, settings: Settings) -> int:
-    """Listen on SHOP_GRPC_HOST:SHOP_GRPC_PORT; returns the bound port."""
-    return server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    """Listen on SHOP_GRPC_HOST:SHOP_GRPC_PORT, with TLS when configured; returns the port."""
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    credentials = server_credentials(settings)
+    if credentials is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, credentials)
 
 
 async def start_server(settings: Settings, database_url: str) -> RunningServer:
-    """Create the engine and the server, bind, start serving, report SERVING."""
+    """Create the engine and the server, bind, start serving; health follows the database."""
+    check_exposure(settings)
     engine = create_engine(settings, database_url)
-    server = grpc.aio.server(interceptors=interceptors(settings), options=server_options(settings))
-    add_shop_services(server, create_sessionmaker(engine), settings)
-    health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        # Refuses (SchemaBehind) a database that misses migrations, unless told otherwise.
+        features = await serving_features(engine, allow_behind=settings.allow_schema_behind)
+    except BaseException:
+        await engine.dispose()
+        raise
+    metrics = server_metrics(settings, engine)
+    # Innermost of all, so its "server shutting down" passes through the others like any abort.
+    streams = ActiveStreams(exempt=[health.SERVICE_NAME])
+    server = grpc.aio.server(
+        interceptors=[
+            # Outermost: a cancelled stream closes its whole chain in the call's own task.
+            StreamWriter(),
+            *tracing_interceptors(settings, engine),
+            *interceptors(settings, metrics),
+            streams,
+        ],
+        options=server_options(settings),
+        maximum_concurrent_rpcs=max_concurrent_rpcs(settings),
+        compression=compression(settings),
+    )
+    add_shop_services(server, create_sessionmaker(engine, session_info(features)), settings)
+    health_service = HealthService(("", *SHOP_SERVICES))
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     reflection.enable_server_reflection(
         (*SHOP_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = bind(server, settings)
+    probe = HealthProbe(
+        health_service,
+        create_probe_engine(database_url, settings.health_timeout),
+        settings.health_interval,
+        settings.health_timeout,
+    )
     await server.start()
-    for name in ("", *SHOP_SERVICES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving shop.v1 on %s:%d", settings.grpc_host, port)
-    return RunningServer(server, port, health_servicer, engine)
+    await probe.probe_once()  # so health is already true when start_server returns
+    probe.start()
+    transport = (
+        "plaintext"
+        if settings.tls_cert is None
+        else "mutual TLS"
+        if settings.tls_client_ca is not None
+        else "TLS"
+    )
+    log.info("serving shop.v1 on %s:%d (%s)", settings.grpc_host, port, transport)
+    if settings.auth_tokens is None:
+        log.warning("SHOP_AUTH_TOKENS is unset: every caller may read and write")
+    endpoint = serve_metrics(settings, metrics)
+    if endpoint is not None:
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, endpoint.port)
+    return RunningServer(
+        server, port, health_service, engine, endpoint, probe=probe, streams=streams
+    )
 
 
 async def serve(settings: Settings, database_url: str) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    log.info("settings: %s", settings.safe_dump())
     running = await start_server(settings, database_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -118,3 +188,4 @@ async def serve(settings: Settings, database_url: str) -> None:
         await stop.wait()
     log.info("shutting down (grace %.1fs)", settings.shutdown_grace)
     await running.stop(settings.shutdown_grace)
+    log.info("stopped: calls finished, database pool closed")

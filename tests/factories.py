@@ -8,7 +8,19 @@ from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db.models import Account, Order, OrderItem, OrderStatus, Transfer, User
+from service.db.models import (
+    ORDER_CURRENCY,
+    Account,
+    Order,
+    OrderItem,
+    OrderStatus,
+    Transfer,
+    User,
+)
+from service.repositories.ledger import Ledger
+
+# request_id of the deposit that gives a factory account its opening balance.
+OPENING_PREFIX = "factory-opening-"
 
 _sequence = itertools.count(1)
 
@@ -54,6 +66,7 @@ class Factory:
             status=status.value,
             total=sum((i.unit_price * i.quantity for i in lines), Decimal("0.00")),
             items=lines,
+            currency=ORDER_CURRENCY,
         )
         async with self.sessions() as session, session.begin():
             session.add(order)
@@ -62,13 +75,23 @@ class Factory:
     async def account(
         self, user: User | None = None, *, currency: str = "EUR", balance: str = "0.00"
     ) -> Account:
+        """An account whose opening balance, if any, is a deposit posted through the ledger
+        (a transfer from the external account), so balance = sum(entries) holds from the start."""
         owner = user or await self.user()
-        account = Account(user_id=owner.id, currency=currency, balance=Decimal(balance))
+        account = Account(user_id=owner.id, currency=currency, balance=Decimal("0.00"))
         async with self.sessions() as session, session.begin():
             session.add(account)
+            await session.flush()
+            if Decimal(balance):
+                ledger = Ledger(session)
+                external = await ledger.external(currency)
+                await ledger.post(
+                    external, account, Decimal(balance), f"{OPENING_PREFIX}{next(_sequence)}"
+                )
         return account
 
     async def transfer(self, source: Account, target: Account, amount: str) -> Transfer:
+        """A bare journal row for statement tests: no entries, balances untouched."""
         transfer = Transfer(
             from_account_id=source.id,
             to_account_id=target.id,

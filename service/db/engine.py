@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from typing import Any
+
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -12,19 +16,51 @@ from sqlalchemy.pool import NullPool
 
 import service.db.audit  # noqa: F401  (registers the audit listener)
 from service.config import Settings
+from service.db.deadlines import bound_by_deadlines
+from service.db.ping import ping_on_checkout
+from service.db.transaction import AUTOCOMMIT_READS
 
 
 def create_engine(settings: Settings, url: str) -> AsyncEngine:
-    """The serving engine: a pool (AsyncAdaptedQueuePool) sized by settings, pre-pinged."""
-    return create_async_engine(
+    """The serving engine: a pool (AsyncAdaptedQueuePool) sized by settings, pre-pinged, its
+    transactions bounded by the calling RPC's deadline."""
+    engine = create_async_engine(
         url,
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
         pool_timeout=settings.pool_timeout,
         pool_recycle=settings.pool_recycle,
-        pool_pre_ping=settings.pool_pre_ping,
+        pool_pre_ping=False,  # service/db/ping.py does it in one round trip
         echo=settings.debug,
+        connect_args=connect_args(settings),
+        execution_options={AUTOCOMMIT_READS: not settings.pgbouncer},
     )
+    if settings.pool_pre_ping:
+        ping_on_checkout(engine)
+    bound_by_deadlines(engine)
+    return engine
+
+
+def connect_args(settings: Settings) -> dict[str, Any]:
+    """asyncpg.connect arguments for the serving engine."""
+    # Names the process in pg_stat_activity: with SHOP_WORKERS > 1, which worker holds what.
+    args: dict[str, Any] = {"server_settings": {"application_name": f"shop-service/{os.getpid()}"}}
+    if settings.pgbouncer:
+        args.update(PGBOUNCER_CONNECT_ARGS)
+    return args
+
+
+# PgBouncer in transaction mode gives each transaction whichever server connection is free, so a
+# statement prepared earlier may be missing there, or its name (asyncpg numbers them per client
+# connection) already taken by another client's. So: no statement cache, neither SQLAlchemy's
+# nor asyncpg's, and a unique name for each prepared statement (the SQLAlchemy asyncpg dialect
+# docs, "Prepared Statement Name with PGBouncer"). Each statement is prepared and run inside one
+# transaction, hence on one server connection.
+PGBOUNCER_CONNECT_ARGS: dict[str, Any] = {
+    "prepared_statement_cache_size": 0,
+    "statement_cache_size": 0,
+    "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4().hex}__",
+}
 
 
 def create_unpooled_engine(url: str) -> AsyncEngine:
@@ -32,6 +68,17 @@ def create_unpooled_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, poolclass=NullPool)
 
 
-def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+def create_probe_engine(url: str, timeout: float) -> AsyncEngine:
+    """For the health probe: a fresh connection per probe (NullPool), so a dropped connection
+    cannot linger, and asyncpg's own connect and command timeouts so a hung server fails fast."""
+    return create_async_engine(
+        url, poolclass=NullPool, connect_args={"timeout": timeout, "command_timeout": timeout}
+    )
+
+
+def create_sessionmaker(
+    engine: AsyncEngine, info: dict[str, Any] | None = None
+) -> async_sessionmaker[AsyncSession]:
+    """`info` is copied into every session (the server puts its SchemaFeatures there)."""
     # expire_on_commit=False: handlers read attributes after commit without a lazy load.
-    return async_sessionmaker(engine, expire_on_commit=False)
+    return async_sessionmaker(engine, expire_on_commit=False, info=info)

@@ -18,8 +18,10 @@ from sqlalchemy import (
     MetaData,
     Numeric,
     String,
+    UniqueConstraint,
     event,
     func,
+    text,
     true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -107,6 +109,10 @@ class User(TimestampMixin, SoftDeleteMixin, Base):
         return cls.first_name + " " + cls.last_name
 
 
+# Orders are priced in the shop's one currency for now; the column lets that change.
+ORDER_CURRENCY = "EUR"
+
+
 class OrderStatus(StrEnum):
     PENDING = "pending"
     PAID = "paid"
@@ -136,12 +142,22 @@ class Order(TimestampMixin, Base):
         ),
         CheckConstraint("total >= 0", name="total_not_negative"),
         Index("ix_orders_user_id_id", "user_id", "id"),
+        # ListOrders/StreamOrders filtered by status, in id order (built CONCURRENTLY: 0006).
+        Index("ix_orders_status_id", "status", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"))
     status: Mapped[str] = mapped_column(String(16), default=OrderStatus.PENDING.value)
     total: Mapped[Decimal]
+    # Rolled out expand-contract (alembic/versions/0003..0005, docs/migrations.md). A server
+    # started on a schema without the column (SchemaFeatures) must never name it, so: deferred
+    # and raising (a query loads it only when it asks, with undefer); evaluates_none (left
+    # unset, it is left out of the INSERT instead of being sent as NULL); no default (for the
+    # same reason; OrderRepository.add writes it).
+    currency: Mapped[str] = mapped_column(
+        String(3).evaluates_none(), deferred=True, deferred_raiseload=True
+    )
 
     user: Mapped[User] = relationship(back_populates="orders", lazy="raise")
     items: Mapped[list[OrderItem]] = relationship(
@@ -167,22 +183,51 @@ class OrderItem(Base):
     order: Mapped[Order] = relationship(back_populates="items", lazy="raise")
 
 
+class AccountKind(StrEnum):
+    """A customer's account, or the one external account per currency that stands for the
+    world outside the ledger: deposits are transfers from it, withdrawals transfers to it.
+    An external account caches no balance (it stays 0; its real balance is the sum of its
+    entries): updating one row per currency on every deposit would make all deposits wait on
+    each other, and minus all the money in a currency may not fit NUMERIC(18, 2)."""
+
+    CUSTOMER = "customer"
+    EXTERNAL = "external"
+
+
+# One external account per currency: the partial unique index's predicate.
+EXTERNAL_INDEX_WHERE = "kind = 'external'"
+
+
 class Account(TimestampMixin, Base):
     __tablename__ = "accounts"
     __audited__ = True
     __table_args__ = (
         CheckConstraint("balance >= 0", name="balance_not_negative"),
+        CheckConstraint("kind = 'customer' OR balance = 0", name="external_balance_not_cached"),
         CheckConstraint("currency ~ '^[A-Z]{3}$'", name="currency_iso4217"),
+        CheckConstraint("kind IN ('customer', 'external')", name="kind"),
+        CheckConstraint("(kind = 'customer') = (user_id IS NOT NULL)", name="owner_matches_kind"),
+        Index(
+            "uq_accounts_external_currency",
+            "currency",
+            unique=True,
+            postgresql_where=text(EXTERNAL_INDEX_WHERE),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), index=True)
+    user_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(
+        String(8), default=AccountKind.CUSTOMER.value, server_default=AccountKind.CUSTOMER.value
+    )
     currency: Mapped[str] = mapped_column(String(3))
     balance: Mapped[Decimal] = mapped_column(default=Decimal("0.00"), server_default="0")
 
 
 class Transfer(Base):
-    """Immutable record of money moved between two accounts."""
+    """Immutable record of money moved between two accounts (the ledger's journal: deposits and
+    withdrawals are transfers from and to an external account). A trigger refuses UPDATE and
+    DELETE (migration 0002)."""
 
     __tablename__ = "transfers"
     __table_args__ = (
@@ -197,6 +242,26 @@ class Transfer(Base):
     to_account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
     amount: Mapped[Decimal]
     request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class LedgerEntry(Base):
+    """One leg of a transfer: a signed change to one account's balance. Each transfer has a
+    debit and a credit that sum to zero, and an account's balance is the sum of its entries.
+    A trigger refuses UPDATE and DELETE (migration 0002)."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        CheckConstraint("amount <> 0", name="amount_not_zero"),
+        # One leg per account and transfer; also the index for finding a transfer's legs.
+        UniqueConstraint("transfer_id", "account_id"),
+        Index("ix_ledger_entries_account_id_id", "account_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    transfer_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("transfers.id"))
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    amount: Mapped[Decimal]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 

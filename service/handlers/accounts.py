@@ -11,14 +11,14 @@ from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.models import Account
-from service.db.transaction import read_only_snapshot, transaction
+from service.db.transaction import read_only_snapshot
 from service.handlers.accounts_convert import (
     account_to_proto,
     transfer_rows_to_batch,
     transfer_to_proto,
 )
 from service.handlers.context import Context
-from service.handlers.idempotency import run_once
+from service.handlers.idempotency import idempotent
 from service.handlers.paging import PageTokens
 from service.handlers.validation import MAX_ID, Violations
 from service.repositories.accounts import AccountRepository
@@ -39,21 +39,20 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         currency = v.currency("currency", request.currency)
         v.request_id("request_id", request.request_id)
         v.raise_if_any()
-        async with transaction(self.sessions) as session:
 
-            async def open_account() -> pb.Account:
-                await UserRepository(session).get_live(request.user_id)
-                account = await AccountRepository(session).add(request.user_id, currency)
-                return account_to_proto(account)
+        async def open_account(session: AsyncSession) -> pb.Account:
+            await UserRepository(session).get_live(request.user_id)
+            account = await AccountRepository(session).add(request.user_id, currency)
+            return account_to_proto(account)
 
-            return await run_once(
-                session,
-                method="OpenAccount",
-                request=request,
-                request_id=request.request_id,
-                response_type=pb.Account,
-                work=open_account,
-            )
+        return await idempotent(
+            self.sessions,
+            method="OpenAccount",
+            request=request,
+            request_id=request.request_id,
+            response_type=pb.Account,
+            work=open_account,
+        )
 
     async def GetAccount(self, request: api.GetAccountRequest, context: Context) -> pb.Account:
         """An account and its current balance."""
@@ -75,7 +74,7 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         self,
         method: str,
         request: api.DepositRequest | api.WithdrawRequest,
-        apply: Callable[[AccountRepository, int, Decimal], Awaitable[Account]],
+        apply: Callable[[AccountRepository, int, Decimal, str], Awaitable[Account]],
     ) -> pb.Account:
         """One idempotent balance change on one account."""
         v = Violations()
@@ -83,20 +82,20 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         amount = v.amount("amount", request.amount)
         v.request_id("request_id", request.request_id)
         v.raise_if_any()
-        async with transaction(self.sessions) as session:
 
-            async def post() -> pb.Account:
-                account = await apply(AccountRepository(session), request.account_id, amount)
-                return account_to_proto(account)
+        async def post(session: AsyncSession) -> pb.Account:
+            repository = AccountRepository(session)
+            account = await apply(repository, request.account_id, amount, request.request_id)
+            return account_to_proto(account)
 
-            return await run_once(
-                session,
-                method=method,
-                request=request,
-                request_id=request.request_id,
-                response_type=pb.Account,
-                work=post,
-            )
+        return await idempotent(
+            self.sessions,
+            method=method,
+            request=request,
+            request_id=request.request_id,
+            response_type=pb.Account,
+            work=post,
+        )
 
     async def Transfer(self, request: api.TransferRequest, context: Context) -> pb.Transfer:
         """Move money between two accounts of one currency, atomically."""
@@ -108,22 +107,21 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         amount = v.amount("amount", request.amount)
         v.request_id("request_id", request.request_id)
         v.raise_if_any()
-        async with transaction(self.sessions) as session:
 
-            async def transfer() -> pb.Transfer:
-                done = await AccountRepository(session).transfer(
-                    request.from_account_id, request.to_account_id, amount, request.request_id
-                )
-                return transfer_to_proto(done)
-
-            return await run_once(
-                session,
-                method="Transfer",
-                request=request,
-                request_id=request.request_id,
-                response_type=pb.Transfer,
-                work=transfer,
+        async def transfer(session: AsyncSession) -> pb.Transfer:
+            done = await AccountRepository(session).transfer(
+                request.from_account_id, request.to_account_id, amount, request.request_id
             )
+            return transfer_to_proto(done)
+
+        return await idempotent(
+            self.sessions,
+            method="Transfer",
+            request=request,
+            request_id=request.request_id,
+            response_type=pb.Transfer,
+            work=transfer,
+        )
 
     async def ListTransfers(
         self, request: api.ListTransfersRequest, context: Context

@@ -15,7 +15,7 @@ from service.money import format_money
 def account_to_proto(account: Account) -> pb.Account:
     return pb.Account(
         id=account.id,
-        user_id=account.user_id,
+        user_id=account.user_id or 0,  # only customer accounts (which have a user) get here
         currency=account.currency,
         balance=format_money(account.balance),
         created_at=timestamp(account.created_at),

@@ -7,8 +7,9 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.db.retry import transactional
 from service.errors import AlreadyExists
 from service.repositories.idempotency import IdempotencyRepository
 
@@ -47,3 +48,28 @@ async def run_once(
     response = await work()
     await keys.complete(request_id, response.SerializeToString())
     return response
+
+
+async def idempotent(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    method: str,
+    request: Message,
+    request_id: str,
+    response_type: type[M],
+    work: Callable[[AsyncSession], Awaitable[M]],
+) -> M:
+    """run_once in a retried unit of work (service/db/retry.py): on a deadlock or serialization
+    failure the claim, the reads and the write all run again, so a retry is applied once too."""
+
+    async def attempt(session: AsyncSession) -> M:
+        return await run_once(
+            session,
+            method=method,
+            request=request,
+            request_id=request_id,
+            response_type=response_type,
+            work=lambda: work(session),
+        )
+
+    return await transactional(sessions, attempt)

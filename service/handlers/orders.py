@@ -11,9 +11,10 @@ from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.models import OrderStatus
-from service.db.transaction import read_only_snapshot, transaction
+from service.db.retry import transactional
+from service.db.transaction import read_only_snapshot
 from service.handlers.context import Context
-from service.handlers.idempotency import run_once
+from service.handlers.idempotency import idempotent
 from service.handlers.orders_convert import STATUS_FROM_PROTO, order_rows_to_batch, order_to_proto
 from service.handlers.paging import PageTokens
 from service.handlers.validation import MAX_ID, Violations
@@ -69,20 +70,18 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         v.request_id("request_id", request.request_id)
         v.raise_if_any()
 
-        async with transaction(self.sessions) as session:
+        async def create(session: AsyncSession) -> pb.Order:
+            await UserRepository(session).get_live(request.user_id)
+            return order_to_proto(await OrderRepository(session).add(request.user_id, items))
 
-            async def create() -> pb.Order:
-                await UserRepository(session).get_live(request.user_id)
-                return order_to_proto(await OrderRepository(session).add(request.user_id, items))
-
-            return await run_once(
-                session,
-                method="CreateOrder",
-                request=request,
-                request_id=request.request_id,
-                response_type=pb.Order,
-                work=create,
-            )
+        return await idempotent(
+            self.sessions,
+            method="CreateOrder",
+            request=request,
+            request_id=request.request_id,
+            response_type=pb.Order,
+            work=create,
+        )
 
     async def GetOrder(self, request: api.GetOrderRequest, context: Context) -> pb.Order:
         """The order with its user and items."""
@@ -143,5 +142,8 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         target = _status(v, "status", request.status, required=True)
         v.raise_if_any()
         assert target is not None
-        async with transaction(self.sessions) as session:
+
+        async def move(session: AsyncSession) -> pb.Order:
             return order_to_proto(await OrderRepository(session).move(request.id, target))
+
+        return await transactional(self.sessions, move)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from shop.v1 import resources_pb2 as pb
+from sqlalchemy import inspect
 
 from service.db.models import Order, OrderStatus
 from service.handlers.convert import timestamp
@@ -40,6 +41,8 @@ def order_to_proto(order: Order, *, user: User | None = None) -> pb.Order:
         created_at=timestamp(order.created_at),
         updated_at=timestamp(order.updated_at),
         user=user_to_proto(user) if user is not None else None,
+        # Loaded only when the schema has it backfilled (repositories.orders.order_column_options).
+        currency="" if "currency" in inspect(order).unloaded else order.currency,
     )
 
 
@@ -59,6 +62,7 @@ def order_rows_to_batch(rows: Sequence[Any]) -> list[pb.Order]:
             total=format_money(r.total),
             created_at=timestamp(r.created_at),
             updated_at=timestamp(r.updated_at),
+            currency=r._mapping.get("currency") or "",
         )
         for r in rows
     ]

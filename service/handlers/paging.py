@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from service.errors import InvalidArgument
 
 _SIG_BYTES = 16
+_MAX_KEY = 2**63 - 1  # BIGINT
 
 
 def _b64(data: bytes) -> str:
@@ -49,8 +50,13 @@ class PageTokens:
             data = json.loads(payload) if valid else None
         except (ValueError, UnicodeDecodeError):
             data = None
-        if not isinstance(data, dict) or not isinstance(data.get("k"), int):
+        if not isinstance(data, dict):
+            raise InvalidArgument.single(field, "is not a page token issued by this service")
+        key = data.get("k")
+        # Keys are ids (BIGINT): a token outside that range was not issued here, even if signed
+        # with our key (an old or leaked secret), and must not reach the query as an overflow.
+        if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key <= _MAX_KEY:
             raise InvalidArgument.single(field, "is not a page token issued by this service")
         if data.get("f") != self._fingerprint(filters):
             raise InvalidArgument.single(field, "was issued for a request with other filters")
-        return int(data["k"])
+        return key

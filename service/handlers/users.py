@@ -10,7 +10,8 @@ from shop.v1 import user_service_pb2_grpc as api_grpc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.models import utcnow
-from service.db.transaction import read_only_snapshot, transaction
+from service.db.retry import transactional
+from service.db.transaction import read_only_snapshot, single_statement, transaction
 from service.handlers.context import Context
 from service.handlers.paging import PageTokens
 from service.handlers.users_convert import user_rows_to_batch, user_to_proto
@@ -54,16 +55,18 @@ class UserServicer(api_grpc.UserServiceServicer):
         first = v.name("first_name", request.first_name)
         last = v.name("last_name", request.last_name)
         v.raise_if_any()
-        async with transaction(self.sessions) as session:
-            user = await UserRepository(session).add(email, first, last)
-            return user_to_proto(user)
+
+        async def create(session: AsyncSession) -> pb.User:
+            return user_to_proto(await UserRepository(session).add(email, first, last))
+
+        return await transactional(self.sessions, create)
 
     async def GetUser(self, request: api.GetUserRequest, context: Context) -> pb.User:
         """A user by id, soft-deleted ones included (deleted_at set)."""
         v = Violations()
         v.id("id", request.id)
         v.raise_if_any()
-        async with self.sessions() as session:
+        async with single_statement(self.sessions) as session:
             return user_to_proto(await UserRepository(session).get(request.id))
 
     async def UpdateUser(self, request: api.UpdateUserRequest, context: Context) -> pb.User:
@@ -84,13 +87,16 @@ class UserServicer(api_grpc.UserServiceServicer):
             else:
                 changes[path] = v.name(f"user.{path}", getattr(request.user, path))
         v.raise_if_any()
-        async with transaction(self.sessions) as session:
+
+        async def update(session: AsyncSession) -> pb.User:
             users = UserRepository(session)
             user = await users.get(request.user.id, for_update=True)
             for name, value in changes.items():
                 setattr(user, name, value)
             await users.flush(user.email)
             return user_to_proto(user)
+
+        return await transactional(self.sessions, update)
 
     async def DeleteUser(self, request: api.DeleteUserRequest, context: Context) -> pb.User:
         """Soft delete; deleting a deleted user returns it unchanged."""
@@ -104,13 +110,15 @@ class UserServicer(api_grpc.UserServiceServicer):
         v = Violations()
         v.id("id", user_id)
         v.raise_if_any()
-        async with transaction(self.sessions) as session:
-            users = UserRepository(session)
-            user = await users.get(user_id, for_update=True)
+
+        async def set_deleted(session: AsyncSession) -> pb.User:
+            user = await UserRepository(session).get(user_id, for_update=True)
             if user.is_deleted != deleted:
                 user.deleted_at = utcnow() if deleted else None
                 await session.flush()
             return user_to_proto(user)
+
+        return await transactional(self.sessions, set_deleted)
 
     async def ListUsers(
         self, request: api.ListUsersRequest, context: Context
@@ -145,18 +153,34 @@ class UserServicer(api_grpc.UserServiceServicer):
     async def StreamUsers(
         self, request: api.StreamUsersRequest, context: Context
     ) -> AsyncIterator[api.UserBatch]:
-        """Every matching user, batch_size per message, from one consistent snapshot."""
+        """Every matching user, batch_size per message, from one consistent snapshot; each
+        batch carries a resume token that starts a new export after its last user."""
         v = Violations()
         batch_size = v.batch_size("batch_size", request.batch_size)
         v.raise_if_any()
+        # "export" keeps ListUsers page tokens from passing as resume tokens, and back.
+        filters = {
+            "export": "users",
+            "show_deleted": request.show_deleted,
+            "active_only": request.active_only,
+        }
+        after_id = (
+            self.tokens.decode(request.resume_token, filters, field="resume_token")
+            if request.resume_token
+            else 0
+        )
         async with read_only_snapshot(self.sessions) as session:
             batches = UserRepository(session).stream(
                 show_deleted=request.show_deleted,
                 active_only=request.active_only,
                 batch_size=batch_size,
+                after_id=after_id,
             )
             async for rows in batches:
-                yield api.UserBatch(users=user_rows_to_batch(rows))
+                yield api.UserBatch(
+                    users=user_rows_to_batch(rows),
+                    resume_token=self.tokens.encode(rows[-1].id, filters),
+                )
 
     async def UpsertUsers(
         self, request: api.UpsertUsersRequest, context: Context
@@ -170,16 +194,22 @@ class UserServicer(api_grpc.UserServiceServicer):
             v.raise_if_any()
         rows = _rows(v, "users", list(request.users))
         v.raise_if_any()
-        async with transaction(self.sessions) as session:
+
+        async def upsert(session: AsyncSession) -> api.UpsertUsersResponse:
             counts = await UserRepository(session).upsert(rows)
-        return api.UpsertUsersResponse(inserted=counts.inserted, updated=counts.updated)
+            return api.UpsertUsersResponse(inserted=counts.inserted, updated=counts.updated)
+
+        return await transactional(self.sessions, upsert)
 
     async def ImportUsers(
         self,
         request_iterator: AsyncIterator[api.ImportUsersRequest],
         context: Context,
     ) -> api.ImportUsersResponse:
-        """COPY every streamed batch into a staging table, then merge: all or nothing."""
+        """COPY every streamed batch into a staging table, then merge: all or nothing.
+
+        The one write not retried inside the service: the stream is consumed once. A deadlock
+        here is UNAVAILABLE with nothing applied, and the client sends the stream again."""
         async with transaction(self.sessions) as session:
             users = UserRepository(session)
             staged = False

@@ -5,7 +5,6 @@ reason; database outages become UNAVAILABLE; anything else is INTERNAL with a ge
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -15,7 +14,10 @@ from grpc_status import rpc_status
 from sqlalchemy import exc as sa_exc
 
 from service import errors
+from service.db.retry import is_retryable
 from service.handlers.context import Context
+from service.interceptors.decoding import decode_in_handler
+from service.interceptors.request_id import current_request_id, new_request_id
 from service.interceptors.wrapping import Handler, Interceptor, wrap_handler
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,9 @@ _CODES: list[tuple[type[errors.DomainError], grpc.StatusCode]] = [
     (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]
 
 
@@ -57,20 +62,57 @@ def to_status(error: errors.DomainError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+QUERY_CANCELED = "57014"  # query_canceled: statement_timeout or a cancel request
+# SQLSTATEs that say "this server cannot serve you now", whichever driver class carries them:
+# class 08 (connection exception), 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03
+# cannot_connect_now (starting up, shutting down, in recovery), 53300 too_many_connections.
+# asyncpg raises 57P03 during a restart, which SQLAlchemy wraps as a plain DBAPIError.
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver error, raw (asyncpg) or wrapped by SQLAlchemy (in .orig)."""
+    for candidate in (exc, getattr(exc, "orig", None)):
+        state = getattr(candidate, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+    return None
+
+
 def as_domain_error(exc: BaseException) -> errors.DomainError | None:
     """Domain errors as they are; lost database connections and pool timeouts as Unavailable."""
     if isinstance(exc, errors.DomainError):
         return exc
+    if is_retryable(exc):
+        # Only when service/db/retry.py gave up (or could not replay, as for ImportUsers):
+        # nothing was applied, so the client may safely send the request again.
+        return errors.Unavailable(
+            "the database is busy (serialization failure or deadlock); retry later",
+            reason="DATABASE_CONTENTION",
+        )
     if isinstance(exc, sa_exc.TimeoutError):
         return errors.Unavailable("no database connection is free; retry later")
+    if _sqlstate(exc) == QUERY_CANCELED:
+        # statement_timeout, which service/db/deadlines.py sets from the call's deadline.
+        return errors.DeadlineExceeded("the deadline passed while the database was working")
     if isinstance(exc, sa_exc.DBAPIError) and (
         exc.connection_invalidated
         or isinstance(exc, sa_exc.InterfaceError | sa_exc.OperationalError)
     ):
         return errors.Unavailable("the database is unavailable; retry later")
+    state = _sqlstate(exc)
+    if state is not None and state.startswith(_UNAVAILABLE_SQLSTATES):
+        return errors.Unavailable("the database is unavailable; retry later")
     if isinstance(exc, ConnectionError | OSError):
         return errors.Unavailable("the database is unavailable; retry later")
     return None
+
+
+async def abort_with(context: Context, status: grpc.Status) -> None:
+    """Abort with a rich status, keeping trailers set earlier (the x-request-id echo), which
+    abort_with_status alone would replace."""
+    trailers = (*(context.trailing_metadata() or ()), *status.trailing_metadata)
+    await context.abort(status.code, status.details, trailing_metadata=trailers)
 
 
 async def abort_for(exc: BaseException, context: Context) -> None:
@@ -78,19 +120,16 @@ async def abort_for(exc: BaseException, context: Context) -> None:
         return  # the handler already chose a status
     error = as_domain_error(exc)
     if error is not None:
-        await context.abort_with_status(  # type: ignore[attr-defined]
-            to_status(error)
-        )
-    incident = uuid.uuid4().hex[:12]
-    log.exception("unhandled error (incident %s)", incident)
+        await abort_with(context, to_status(error))
+    # The client gets the request id, never the exception: its text may hold SQL or values.
+    request_id = current_request_id() or new_request_id()
+    log.exception("unhandled error (request id %s)", request_id)
     status = status_pb2.Status(
         code=code_pb2.INTERNAL,
-        message=f"internal error (incident {incident})",
+        message=f"internal error (request id {request_id})",
         details=[_packed(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))],
     )
-    await context.abort_with_status(  # type: ignore[attr-defined]
-        rpc_status.to_status(status)
-    )
+    await abort_with(context, rpc_status.to_status(status))
 
 
 class ErrorInterceptor(Interceptor):
@@ -104,4 +143,4 @@ class ErrorInterceptor(Interceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return wrap_handler(handler, abort_for)
+        return wrap_handler(decode_in_handler(handler), abort_for)

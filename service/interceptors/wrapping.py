@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -33,8 +34,10 @@ def wrap_handler(handler: Handler, on_error: OnError) -> Handler:
     def streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
         async def call(request: Any, context: Context) -> AsyncIterator[Any]:
             try:
-                async for message in fn(request, context):
-                    yield message
+                # aclosing: a closed stream (client gone) closes the inner one now, not at GC.
+                async with aclosing(fn(request, context)) as messages:
+                    async for message in messages:
+                        yield message
             except Exception as exc:
                 await on_error(exc, context)
                 raise

@@ -1,4 +1,5 @@
-"""Accounts and transfers: balances change only under row locks taken in id order."""
+"""Customer accounts and their statements: balances change only under row locks taken in id
+order, and only through the ledger (repositories/ledger.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,14 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Row, or_, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
-from service.db.models import Account, Transfer
+from service.db.models import Account, AccountKind, Transfer
 from service.errors import FailedPrecondition, NotFound
-from service.repositories.integrity import violated_constraint
+from service.repositories.ledger import Ledger
 
-BALANCE_NOT_NEGATIVE = "ck_accounts_balance_not_negative"
+IS_CUSTOMER = Account.kind == AccountKind.CUSTOMER.value
 
 TRANSFER_COLUMNS = (
     Transfer.id,
@@ -27,29 +27,9 @@ TRANSFER_COLUMNS = (
 )
 
 
-# The largest balance NUMERIC(18, 2) holds; past it PostgreSQL would fail the UPDATE.
-MAX_BALANCE = Decimal("9999999999999999.99")
-
-
-def _over_limit(account: Account, amount: Decimal) -> FailedPrecondition:
-    return FailedPrecondition(
-        f"account {account.id} cannot hold more than {MAX_BALANCE}",
-        reason="BALANCE_LIMIT_EXCEEDED",
-        account_id=account.id,
-        requested=amount,
-    )
-
-
-def _insufficient(account: Account, amount: Decimal) -> FailedPrecondition:
-    return FailedPrecondition(
-        f"account {account.id} has insufficient funds",
-        reason="INSUFFICIENT_FUNDS",
-        account_id=account.id,
-        requested=amount,
-    )
-
-
 class AccountRepository:
+    """Customer accounts: open, read, lock, and move money through the ledger."""
+
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
@@ -60,16 +40,20 @@ class AccountRepository:
         return account
 
     async def get(self, account_id: int) -> Account:
-        account = await self.session.get(Account, account_id)
+        """A customer account: external accounts are not reachable by id (ACCOUNT_NOT_FOUND)."""
+        account = await self.session.scalar(
+            select(Account).where(Account.id == account_id, IS_CUSTOMER)
+        )
         if account is None:
             raise NotFound("account", account_id)
         return account
 
     async def lock(self, *account_ids: int) -> dict[int, Account]:
-        """SELECT ... FOR UPDATE in ascending id order, so A->B and B->A cannot deadlock."""
+        """Customer accounts, SELECT ... FOR UPDATE in ascending id order, so A->B and B->A
+        cannot deadlock."""
         rows = await self.session.scalars(
             select(Account)
-            .where(Account.id.in_(account_ids))
+            .where(Account.id.in_(account_ids), IS_CUSTOMER)
             .order_by(Account.id)
             .with_for_update()
             .execution_options(populate_existing=True)
@@ -80,20 +64,20 @@ class AccountRepository:
                 raise NotFound("account", account_id)
         return accounts
 
-    async def deposit(self, account_id: int, amount: Decimal) -> Account:
+    async def deposit(self, account_id: int, amount: Decimal, request_id: str) -> Account:
+        """A transfer from the currency's external account."""
         account = (await self.lock(account_id))[account_id]
-        if account.balance + amount > MAX_BALANCE:
-            raise _over_limit(account, amount)
-        account.balance += amount
-        await self.session.flush()
+        ledger = Ledger(self.session)
+        external = await ledger.external(account.currency)
+        await ledger.post(external, account, amount, request_id)
         return account
 
-    async def withdraw(self, account_id: int, amount: Decimal) -> Account:
+    async def withdraw(self, account_id: int, amount: Decimal, request_id: str) -> Account:
+        """A transfer to the currency's external account."""
         account = (await self.lock(account_id))[account_id]
-        if account.balance < amount:
-            raise _insufficient(account, amount)
-        account.balance -= amount
-        await self.session.flush()
+        ledger = Ledger(self.session)
+        external = await ledger.external(account.currency)
+        await ledger.post(account, external, amount, request_id)
         return account
 
     async def transfer(
@@ -107,26 +91,7 @@ class AccountRepository:
                 "hold different currencies",
                 reason="CURRENCY_MISMATCH",
             )
-        if source.balance < amount:
-            raise _insufficient(source, amount)
-        if target.balance + amount > MAX_BALANCE:
-            raise _over_limit(target, amount)
-        transfer = Transfer(
-            from_account_id=from_id, to_account_id=to_id, amount=amount, request_id=request_id
-        )
-        # The balance step runs in a savepoint that the schema's CHECK guards: should the check
-        # above ever be bypassed, only this step rolls back and the caller gets a domain error
-        # (INSUFFICIENT_FUNDS), not an aborted transaction and INTERNAL.
-        try:
-            async with self.session.begin_nested():
-                source.balance -= amount
-                target.balance += amount
-                self.session.add(transfer)
-        except IntegrityError as exc:
-            if violated_constraint(exc) == BALANCE_NOT_NEGATIVE:
-                raise _insufficient(source, amount) from exc
-            raise
-        return transfer
+        return await Ledger(self.session).post(source, target, amount, request_id)
 
     async def transfers_page(
         self, account_id: int, *, before_id: int, limit: int

@@ -10,10 +10,12 @@ from typing import Any, TypeVar
 from sqlalchemy import Row, Select, String, cast, func, literal_column, select
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.orm import joinedload, selectinload, undefer
+from sqlalchemy.orm.strategy_options import _AbstractLoad  # what undefer() returns
 from sqlalchemy.sql.elements import Label
 
-from service.db.models import Order, OrderItem, OrderStatus
+from service.db.models import ORDER_CURRENCY, Order, OrderItem, OrderStatus
+from service.db.schema_state import features_of
 from service.errors import FailedPrecondition, NotFound
 
 AnySelect = TypeVar("AnySelect", bound=Select[*tuple[Any, ...]])
@@ -40,12 +42,22 @@ def _items_json() -> Label[Any]:
     ).label("items")
 
 
+def order_column_options(session: AsyncSession) -> list[_AbstractLoad]:
+    """Loader options for Order rows: currency (deferred in the model) is loaded only once the
+    schema's backfill has run (SchemaFeatures); order_to_proto sends it when it is loaded."""
+    return [undefer(Order.currency)] if features_of(session).read_order_currency else []
+
+
 class OrderRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        self.features = features_of(session)
 
     async def add(self, user_id: int, items: Sequence[ItemFields]) -> Order:
         total = sum((i.unit_price * i.quantity for i in items), Decimal("0.00"))
+        # Named only when the schema has the column: a build started on an older schema
+        # leaves it to the column's DEFAULT (see alembic/versions/0003).
+        rolled_out = {"currency": ORDER_CURRENCY} if self.features.write_order_currency else {}
         order = Order(
             user_id=user_id,
             status=OrderStatus.PENDING.value,
@@ -53,6 +65,7 @@ class OrderRepository:
             items=[
                 OrderItem(sku=i.sku, quantity=i.quantity, unit_price=i.unit_price) for i in items
             ],
+            **rolled_out,
         )
         self.session.add(order)
         await self.session.flush()
@@ -63,7 +76,11 @@ class OrderRepository:
         stmt = (
             select(Order)
             .where(Order.id == order_id)
-            .options(joinedload(Order.user), selectinload(Order.items))
+            .options(
+                joinedload(Order.user),
+                selectinload(Order.items),
+                *order_column_options(self.session),
+            )
         )
         if for_update:
             stmt = stmt.with_for_update(of=Order)
@@ -104,7 +121,7 @@ class OrderRepository:
             .where(Order.id < before_id)
             .order_by(Order.id.desc())
             .limit(limit)
-            .options(selectinload(Order.items))
+            .options(selectinload(Order.items), *order_column_options(self.session))
         )
         return (await self.session.scalars(self._filtered(stmt, user_id, status))).all()
 
@@ -112,6 +129,7 @@ class OrderRepository:
         self, *, user_id: int, status: OrderStatus | None, batch_size: int
     ) -> AsyncIterator[Sequence[Row[*tuple[Any, ...]]]]:
         """Matching orders as Core rows with their items as JSON, batch_size per partition."""
+        rolled_out = [Order.currency] if self.features.read_order_currency else []
         stmt = select(
             Order.id,
             Order.user_id,
@@ -119,6 +137,7 @@ class OrderRepository:
             Order.total,
             Order.created_at,
             Order.updated_at,
+            *rolled_out,
             _items_json(),
         ).order_by(Order.id)
         stmt = self._filtered(stmt, user_id, status)

@@ -6,15 +6,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, Select, func, literal_column, select, text
+from sqlalchemy import Select, func, literal_column, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from service.db.models import Order, User
+from service.db.streaming import Rows, partitions
 from service.errors import AlreadyExists, FailedPrecondition, NotFound
 from service.repositories.integrity import violated_constraint
+from service.repositories.orders import order_column_options
 
 EMAIL_UNIQUE = "uq_users_email"
 
@@ -106,7 +108,11 @@ class UserRepository:
             stmt = stmt.where(User.full_name.ilike(pattern + "%", escape="\\"))
         if include_orders:
             # order_to_proto reads each order's items: load them too (one query per level).
-            stmt = stmt.options(selectinload(User.orders).selectinload(Order.items))
+            stmt = stmt.options(
+                selectinload(User.orders).options(
+                    selectinload(Order.items), *order_column_options(self.session)
+                )
+            )
         return (await self.session.scalars(stmt)).all()
 
     @staticmethod
@@ -118,17 +124,13 @@ class UserRepository:
             stmt = stmt.where(User.is_active)
         return stmt
 
-    async def stream(
-        self, *, show_deleted: bool, active_only: bool, batch_size: int
-    ) -> AsyncIterator[Sequence[Row[*tuple[Any, ...]]]]:
-        """Matching users as Core rows, batch_size per partition, from a server-side cursor."""
+    def stream(
+        self, *, show_deleted: bool, active_only: bool, batch_size: int, after_id: int = 0
+    ) -> AsyncIterator[Rows]:
+        """Matching users with id > after_id as Core rows, batch_size per partition, from a
+        server-side cursor (after_id resumes an export)."""
         stmt = self.export_query(show_deleted=show_deleted, active_only=active_only)
-        result = await self.session.stream(stmt.execution_options(yield_per=batch_size))
-        try:
-            async for partition in result.partitions():
-                yield partition
-        finally:
-            await result.close()
+        return partitions(self.session, stmt.where(User.id > after_id), batch_size)
 
     async def refuse_deleted(self, emails: Sequence[str]) -> None:
         """Bulk writes do not revive soft-deleted users: Undelete is explicit."""
@@ -236,4 +238,10 @@ class UserRepository:
                 "updated_at = now() WHERE users.deleted_at IS NULL"
             )
         )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+        merged = int(result.rowcount)  # type: ignore[attr-defined]
+        staged = int(await self.session.scalar(text("SELECT count(*) FROM users_import")) or 0)
+        if merged != staged:
+            # A user was soft-deleted after the check above: its row was skipped, and a partial
+            # import is not one we give (the caller's transaction rolls back).
+            raise FailedPrecondition("a user in the import was deleted", reason="USER_DELETED")
+        return merged

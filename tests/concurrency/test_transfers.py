@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.models import Account, Transfer
 from tests.factories import Factory
+from tests.ledger import assert_ledger_balances, customer_transfers
 from tests.rpc import failure_of
 
 # Every test here must end well within this; a deadlock or lost wake-up fails instead of hanging.
@@ -67,6 +68,7 @@ async def test_identical_concurrent_transfers_apply_once(
             )
         ).all()
     assert list(ids) == [answers[0].id]
+    await assert_ledger_balances(sessions)
 
 
 async def test_identical_concurrent_deposits_apply_once(
@@ -80,6 +82,7 @@ async def test_identical_concurrent_deposits_apply_once(
     assert {answer.balance for answer in answers} == {"3.25"}
     assert all(answer == answers[0] for answer in answers)
     assert await balances(sessions, [account.id]) == {account.id: Decimal("3.25")}
+    await assert_ledger_balances(sessions)
 
 
 async def test_opposite_transfers_do_not_deadlock(account_stub, factory: Factory, sessions) -> None:
@@ -120,8 +123,11 @@ async def test_opposite_transfers_do_not_deadlock(account_stub, factory: Factory
     )
     assert final[a.id] == Decimal("50.00") + net_a
     async with sessions() as session:
-        stored = await session.scalar(select(func.count()).select_from(Transfer))
+        stored = await session.scalar(
+            select(func.count()).select_from(customer_transfers().subquery())
+        )
     assert stored == len(applied)
+    await assert_ledger_balances(sessions)
 
 
 async def test_hot_account_withdrawals(account_stub, factory: Factory, sessions) -> None:
@@ -146,6 +152,7 @@ async def test_hot_account_withdrawals(account_stub, factory: Factory, sessions)
     # Each success saw a distinct balance: 97.00, 94.00, ..., 1.00.
     assert sorted(Decimal(r.balance) for r in succeeded) == [Decimal(1 + 3 * n) for n in range(33)]
     assert await balances(sessions, [account.id]) == {account.id: Decimal("1.00")}
+    await assert_ledger_balances(sessions)
 
 
 async def test_small_bank(account_stub, factory: Factory, sessions) -> None:
@@ -190,16 +197,7 @@ async def test_small_bank(account_stub, factory: Factory, sessions) -> None:
         assert all(r == responses[0] for r in responses), request_id
 
     async with sessions() as session:
-        rows = (
-            await session.execute(
-                select(
-                    Transfer.request_id,
-                    Transfer.from_account_id,
-                    Transfer.to_account_id,
-                    Transfer.amount,
-                )
-            )
-        ).all()
+        rows = (await session.scalars(customer_transfers())).all()
     per_request = Counter(row.request_id for row in rows)
     assert all(count == 1 for count in per_request.values())
     assert set(per_request) == set(succeeded)
@@ -210,3 +208,4 @@ async def test_small_bank(account_stub, factory: Factory, sessions) -> None:
         expected[row.from_account_id] -= row.amount
         expected[row.to_account_id] += row.amount
     assert expected == final
+    await assert_ledger_balances(sessions)

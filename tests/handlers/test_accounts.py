@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.models import Account, IdempotencyKey, Transfer
-from tests.factories import Factory
+from tests.factories import OPENING_PREFIX, Factory
+from tests.ledger import customer_transfers
 from tests.rpc import RpcFailure, rpc_fails, stream_fails
 
 MISSING_ID = 987654321
@@ -35,8 +36,9 @@ async def count_rows(sessions: async_sessionmaker[AsyncSession], model: type) ->
 
 
 async def transfer_rows(sessions: async_sessionmaker[AsyncSession]) -> list[Transfer]:
+    """Transfers between customers: the factory's opening deposits are left out."""
     async with sessions() as session:
-        return list((await session.scalars(select(Transfer).order_by(Transfer.id))).all())
+        return list((await session.scalars(customer_transfers().order_by(Transfer.id))).all())
 
 
 def assert_invalid(failure: RpcFailure, field: str) -> None:
@@ -785,9 +787,17 @@ async def test_list_transfers_shows_transfers_made_over_rpc(account_stub, factor
             from_account_id=source.id, to_account_id=target.id, amount="4.00", request_id=rid()
         )
     )
-    for account in (source, target):
-        page = await account_stub.ListTransfers(api.ListTransfersRequest(account_id=account.id))
-        assert list(page.transfers) == [made]
+    page = await account_stub.ListTransfers(api.ListTransfersRequest(account_id=target.id))
+    assert list(page.transfers) == [made]
+    # The source's statement also shows how its money came in: the opening deposit, a transfer
+    # from the external account.
+    page = await account_stub.ListTransfers(api.ListTransfersRequest(account_id=source.id))
+    assert len(page.transfers) == 2
+    assert page.transfers[0] == made
+    deposit = page.transfers[1]
+    assert (deposit.to_account_id, deposit.amount) == (source.id, "10.00")
+    assert deposit.request_id.startswith(OPENING_PREFIX)
+    assert deposit.from_account_id not in (source.id, target.id)
 
 
 # --- StreamTransfers ---------------------------------------------------------------------

@@ -95,8 +95,8 @@ async def insert_orders(
             text(
                 """
                 WITH o AS (
-                    INSERT INTO orders (user_id, status, total)
-                    SELECT :user_id, :status, 20.29 FROM generate_series(1, :count)
+                    INSERT INTO orders (user_id, status, total, currency)
+                    SELECT :user_id, :status, 20.29, 'EUR' FROM generate_series(1, :count)
                     RETURNING id
                 ), i AS (
                     INSERT INTO order_items (order_id, sku, quantity, unit_price)

@@ -58,7 +58,8 @@ async def users_with_orders(engine: AsyncEngine, count: int) -> None:
         )
         await conn.execute(
             text(
-                "INSERT INTO orders (user_id, status, total) SELECT id, 'pending', 3.50 FROM users"
+                "INSERT INTO orders (user_id, status, total, currency)"
+                " SELECT id, 'pending', 3.50, 'EUR' FROM users"
             )
         )
         await conn.execute(

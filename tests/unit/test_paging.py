@@ -45,3 +45,11 @@ def test_token_is_bound_to_its_filters() -> None:
     with pytest.raises(InvalidArgument) as caught:
         tokens.decode(token, {**FILTERS, "full_name": "bob"})
     assert "other filters" in caught.value.violations[0].description
+
+
+@pytest.mark.parametrize("key", [-1, 2**63, -(2**63), 10**30, True])
+def test_signed_token_with_a_key_outside_bigint_is_refused(key: int) -> None:
+    # Found by tests/faults/test_fuzz.py: such a key reached the query and failed as INTERNAL.
+    with pytest.raises(InvalidArgument):
+        tokens = PageTokens(b"secret")
+        tokens.decode(tokens.encode(key, FILTERS), FILTERS)

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17shop/v1/resources.proto\x12\x07shop.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x02\n\x04User\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x12\n\nfirst_name\x18\x03 \x01(\t\x12\x11\n\tlast_name\x18\x04 \x01(\t\x12\x11\n\tfull_name\x18\x05 \x01(\t\x12\x11\n\tis_active\x18\x06 \x01(\x08\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndeleted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x06orders\x18\n \x03(\x0b\x32\x0e.shop.v1.Order\">\n\tOrderItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x05\x12\x12\n\nunit_price\x18\x03 \x01(\t\"\xf9\x01\n\x05Order\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.shop.v1.OrderStatus\x12!\n\x05items\x18\x04 \x03(\x0b\x32\x12.shop.v1.OrderItem\x12\r\n\x05total\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x04user\x18\x08 \x01(\x0b\x32\r.shop.v1.User\"\xa9\x01\n\x07\x41\x63\x63ount\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9a\x01\n\x08Transfer\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x17\n\x0f\x66rom_account_id\x18\x02 \x01(\x03\x12\x15\n\rto_account_id\x18\x03 \x01(\x03\x12\x0e\n\x06\x61mount\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xae\x01\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14ORDER_STATUS_PENDING\x10\x01\x12\x15\n\x11ORDER_STATUS_PAID\x10\x02\x12\x18\n\x14ORDER_STATUS_SHIPPED\x10\x03\x12\x1a\n\x16ORDER_STATUS_DELIVERED\x10\x04\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17shop/v1/resources.proto\x12\x07shop.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x02\n\x04User\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x12\n\nfirst_name\x18\x03 \x01(\t\x12\x11\n\tlast_name\x18\x04 \x01(\t\x12\x11\n\tfull_name\x18\x05 \x01(\t\x12\x11\n\tis_active\x18\x06 \x01(\x08\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndeleted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x06orders\x18\n \x03(\x0b\x32\x0e.shop.v1.Order\">\n\tOrderItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x05\x12\x12\n\nunit_price\x18\x03 \x01(\t\"\x8b\x02\n\x05Order\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.shop.v1.OrderStatus\x12!\n\x05items\x18\x04 \x03(\x0b\x32\x12.shop.v1.OrderItem\x12\r\n\x05total\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x04user\x18\x08 \x01(\x0b\x32\r.shop.v1.User\x12\x10\n\x08\x63urrency\x18\t \x01(\t\"\xa9\x01\n\x07\x41\x63\x63ount\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9a\x01\n\x08Transfer\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x17\n\x0f\x66rom_account_id\x18\x02 \x01(\x03\x12\x15\n\rto_account_id\x18\x03 \x01(\x03\x12\x0e\n\x06\x61mount\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xae\x01\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14ORDER_STATUS_PENDING\x10\x01\x12\x15\n\x11ORDER_STATUS_PAID\x10\x02\x12\x18\n\x14ORDER_STATUS_SHIPPED\x10\x03\x12\x1a\n\x16ORDER_STATUS_DELIVERED\x10\x04\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shop.v1.resources_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORDERSTATUS']._serialized_start=1004
-  _globals['_ORDERSTATUS']._serialized_end=1178
+  _globals['_ORDERSTATUS']._serialized_start=1022
+  _globals['_ORDERSTATUS']._serialized_end=1196
   _globals['_USER']._serialized_start=70
   _globals['_USER']._serialized_end=356
   _globals['_ORDERITEM']._serialized_start=358
   _globals['_ORDERITEM']._serialized_end=420
   _globals['_ORDER']._serialized_start=423
-  _globals['_ORDER']._serialized_end=672
-  _globals['_ACCOUNT']._serialized_start=675
-  _globals['_ACCOUNT']._serialized_end=844
-  _globals['_TRANSFER']._serialized_start=847
-  _globals['_TRANSFER']._serialized_end=1001
+  _globals['_ORDER']._serialized_end=690
+  _globals['_ACCOUNT']._serialized_start=693
+  _globals['_ACCOUNT']._serialized_end=862
+  _globals['_TRANSFER']._serialized_start=865
+  _globals['_TRANSFER']._serialized_end=1019
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from shop.v1 import resources_pb2 as shop_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashop/v1/user_service.proto\x12\x07shop.v1\x1a google/protobuf/field_mask.proto\x1a\x17shop/v1/resources.proto\"I\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x11\n\tlast_name\x18\x03 \x01(\t\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"a\n\x11UpdateUserRequest\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.shop.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x1f\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"!\n\x13UndeleteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"z\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\x12\x11\n\tfull_name\x18\x04 \x01(\t\x12\x16\n\x0einclude_orders\x18\x05 \x01(\x08\"J\n\x11ListUsersResponse\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.shop.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"S\n\x12StreamUsersRequest\x12\x14\n\x0cshow_deleted\x18\x01 \x01(\x08\x12\x13\n\x0b\x61\x63tive_only\x18\x02 \x01(\x08\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\")\n\tUserBatch\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.shop.v1.User\"h\n\nUpsertUser\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x11\n\tlast_name\x18\x03 \x01(\t\x12\x16\n\tis_active\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_is_active\"8\n\x12UpsertUsersRequest\x12\"\n\x05users\x18\x01 \x03(\x0b\x32\x13.shop.v1.UpsertUser\"8\n\x13UpsertUsersResponse\x12\x10\n\x08inserted\x18\x01 \x01(\x03\x12\x0f\n\x07updated\x18\x02 \x01(\x03\"8\n\x12ImportUsersRequest\x12\"\n\x05users\x18\x01 \x03(\x0b\x32\x13.shop.v1.UpsertUser\"\'\n\x13ImportUsersResponse\x12\x10\n\x08imported\x18\x01 \x01(\x03\x32\xc4\x04\n\x0bUserService\x12\x37\n\nCreateUser\x12\x1a.shop.v1.CreateUserRequest\x1a\r.shop.v1.User\x12\x31\n\x07GetUser\x12\x17.shop.v1.GetUserRequest\x1a\r.shop.v1.User\x12\x37\n\nUpdateUser\x12\x1a.shop.v1.UpdateUserRequest\x1a\r.shop.v1.User\x12\x37\n\nDeleteUser\x12\x1a.shop.v1.DeleteUserRequest\x1a\r.shop.v1.User\x12;\n\x0cUndeleteUser\x12\x1c.shop.v1.UndeleteUserRequest\x1a\r.shop.v1.User\x12\x42\n\tListUsers\x12\x19.shop.v1.ListUsersRequest\x1a\x1a.shop.v1.ListUsersResponse\x12@\n\x0bStreamUsers\x12\x1b.shop.v1.StreamUsersRequest\x1a\x12.shop.v1.UserBatch0\x01\x12H\n\x0bUpsertUsers\x12\x1b.shop.v1.UpsertUsersRequest\x1a\x1c.shop.v1.UpsertUsersResponse\x12J\n\x0bImportUsers\x12\x1b.shop.v1.ImportUsersRequest\x1a\x1c.shop.v1.ImportUsersResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashop/v1/user_service.proto\x12\x07shop.v1\x1a google/protobuf/field_mask.proto\x1a\x17shop/v1/resources.proto\"I\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x11\n\tlast_name\x18\x03 \x01(\t\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"a\n\x11UpdateUserRequest\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.shop.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x1f\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"!\n\x13UndeleteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"z\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\x12\x11\n\tfull_name\x18\x04 \x01(\t\x12\x16\n\x0einclude_orders\x18\x05 \x01(\x08\"J\n\x11ListUsersResponse\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.shop.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"i\n\x12StreamUsersRequest\x12\x14\n\x0cshow_deleted\x18\x01 \x01(\x08\x12\x13\n\x0b\x61\x63tive_only\x18\x02 \x01(\x08\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x14\n\x0cresume_token\x18\x04 \x01(\t\"?\n\tUserBatch\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.shop.v1.User\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"h\n\nUpsertUser\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x11\n\tlast_name\x18\x03 \x01(\t\x12\x16\n\tis_active\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_is_active\"8\n\x12UpsertUsersRequest\x12\"\n\x05users\x18\x01 \x03(\x0b\x32\x13.shop.v1.UpsertUser\"8\n\x13UpsertUsersResponse\x12\x10\n\x08inserted\x18\x01 \x01(\x03\x12\x0f\n\x07updated\x18\x02 \x01(\x03\"8\n\x12ImportUsersRequest\x12\"\n\x05users\x18\x01 \x03(\x0b\x32\x13.shop.v1.UpsertUser\"\'\n\x13ImportUsersResponse\x12\x10\n\x08imported\x18\x01 \x01(\x03\x32\xc4\x04\n\x0bUserService\x12\x37\n\nCreateUser\x12\x1a.shop.v1.CreateUserRequest\x1a\r.shop.v1.User\x12\x31\n\x07GetUser\x12\x17.shop.v1.GetUserRequest\x1a\r.shop.v1.User\x12\x37\n\nUpdateUser\x12\x1a.shop.v1.UpdateUserRequest\x1a\r.shop.v1.User\x12\x37\n\nDeleteUser\x12\x1a.shop.v1.DeleteUserRequest\x1a\r.shop.v1.User\x12;\n\x0cUndeleteUser\x12\x1c.shop.v1.UndeleteUserRequest\x1a\r.shop.v1.User\x12\x42\n\tListUsers\x12\x19.shop.v1.ListUsersRequest\x1a\x1a.shop.v1.ListUsersResponse\x12@\n\x0bStreamUsers\x12\x1b.shop.v1.StreamUsersRequest\x1a\x12.shop.v1.UserBatch0\x01\x12H\n\x0bUpsertUsers\x12\x1b.shop.v1.UpsertUsersRequest\x1a\x1c.shop.v1.UpsertUsersResponse\x12J\n\x0bImportUsers\x12\x1b.shop.v1.ImportUsersRequest\x1a\x1c.shop.v1.ImportUsersResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,19 +48,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTUSERSRESPONSE']._serialized_start=494
   _globals['_LISTUSERSRESPONSE']._serialized_end=568
   _globals['_STREAMUSERSREQUEST']._serialized_start=570
-  _globals['_STREAMUSERSREQUEST']._serialized_end=653
-  _globals['_USERBATCH']._serialized_start=655
-  _globals['_USERBATCH']._serialized_end=696
-  _globals['_UPSERTUSER']._serialized_start=698
-  _globals['_UPSERTUSER']._serialized_end=802
-  _globals['_UPSERTUSERSREQUEST']._serialized_start=804
-  _globals['_UPSERTUSERSREQUEST']._serialized_end=860
-  _globals['_UPSERTUSERSRESPONSE']._serialized_start=862
-  _globals['_UPSERTUSERSRESPONSE']._serialized_end=918
-  _globals['_IMPORTUSERSREQUEST']._serialized_start=920
-  _globals['_IMPORTUSERSREQUEST']._serialized_end=976
-  _globals['_IMPORTUSERSRESPONSE']._serialized_start=978
-  _globals['_IMPORTUSERSRESPONSE']._serialized_end=1017
-  _globals['_USERSERVICE']._serialized_start=1020
-  _globals['_USERSERVICE']._serialized_end=1600
+  _globals['_STREAMUSERSREQUEST']._serialized_end=675
+  _globals['_USERBATCH']._serialized_start=677
+  _globals['_USERBATCH']._serialized_end=740
+  _globals['_UPSERTUSER']._serialized_start=742
+  _globals['_UPSERTUSER']._serialized_end=846
+  _globals['_UPSERTUSERSREQUEST']._serialized_start=848
+  _globals['_UPSERTUSERSREQUEST']._serialized_end=904
+  _globals['_UPSERTUSERSRESPONSE']._serialized_start=906
+  _globals['_UPSERTUSERSRESPONSE']._serialized_end=962
+  _globals['_IMPORTUSERSREQUEST']._serialized_start=964
+  _globals['_IMPORTUSERSREQUEST']._serialized_end=1020
+  _globals['_IMPORTUSERSRESPONSE']._serialized_start=1022
+  _globals['_IMPORTUSERSRESPONSE']._serialized_end=1061
+  _globals['_USERSERVICE']._serialized_start=1064
+  _globals['_USERSERVICE']._serialized_end=1644
 # @@protoc_insertion_point(module_scope)

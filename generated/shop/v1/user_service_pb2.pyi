@@ -195,20 +195,26 @@ class StreamUsersRequest(_message.Message):
     SHOW_DELETED_FIELD_NUMBER: _builtins.int
     ACTIVE_ONLY_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     show_deleted: _builtins.bool
     active_only: _builtins.bool
     batch_size: _builtins.int
     """Users per message: 0 means 500, at most 5000."""
+    resume_token: _builtins.str
+    """From a UserBatch of an earlier export with the same filters: continue after the last
+    user that batch carried. The rest is read from a new snapshot.
+    """
     def __init__(
         self,
         *,
         show_deleted: _builtins.bool = ...,
         active_only: _builtins.bool = ...,
         batch_size: _builtins.int = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_only", b"active_only", "batch_size", b"batch_size", "show_deleted", b"show_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_only", b"active_only", "batch_size", b"batch_size", "resume_token", b"resume_token", "show_deleted", b"show_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -219,16 +225,20 @@ class UserBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USERS_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Pass it as StreamUsersRequest.resume_token to continue after this batch."""
     @_builtins.property
     def users(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.User]: ...
     def __init__(
         self,
         *,
         users: _abc.Iterable[_resources_pb2.User] | None = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_token", b"resume_token", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -127,7 +127,7 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamUsers(self, request, context):
-        """Exports every matching user, batch_size users per message.
+        """Exports every matching user, batch_size users per message; resumable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,7 +44,7 @@ class UserServiceStub:
     ListUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]
     """Pages in id ascending order."""
     StreamUsers: _grpc.UnaryStreamMultiCallable[_user_service_pb2.StreamUsersRequest, _user_service_pb2.UserBatch]
-    """Exports every matching user, batch_size users per message."""
+    """Exports every matching user, batch_size users per message; resumable."""
     UpsertUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpsertUsersRequest, _user_service_pb2.UpsertUsersResponse]
     """Inserts or updates by email in one statement."""
     ImportUsers: _grpc.StreamUnaryMultiCallable[_user_service_pb2.ImportUsersRequest, _user_service_pb2.ImportUsersResponse]
@@ -65,7 +65,7 @@ class UserServiceAsyncStub(UserServiceStub):
     ListUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]  # type: ignore[assignment]
     """Pages in id ascending order."""
     StreamUsers: _aio.UnaryStreamMultiCallable[_user_service_pb2.StreamUsersRequest, _user_service_pb2.UserBatch]  # type: ignore[assignment]
-    """Exports every matching user, batch_size users per message."""
+    """Exports every matching user, batch_size users per message; resumable."""
     UpsertUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpsertUsersRequest, _user_service_pb2.UpsertUsersResponse]  # type: ignore[assignment]
     """Inserts or updates by email in one statement."""
     ImportUsers: _aio.StreamUnaryMultiCallable[_user_service_pb2.ImportUsersRequest, _user_service_pb2.ImportUsersResponse]  # type: ignore[assignment]
@@ -125,7 +125,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.StreamUsersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_user_service_pb2.UserBatch], _abc.AsyncIterator[_user_service_pb2.UserBatch]]:
-        """Exports every matching user, batch_size users per message."""
+        """Exports every matching user, batch_size users per message; resumable."""
 
     @_abc_1.abstractmethod
     def UpsertUsers(
