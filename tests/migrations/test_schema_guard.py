@@ -1,0 +1,97 @@
+"""`serve` refuses a database whose schema is behind this build (status 3, one clear line),
+serves it when SHOP_ALLOW_SCHEMA_BEHIND says so, and accepts a schema from a newer build."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
+
+from service.db.engine import create_unpooled_engine
+from service.db.schema_state import SchemaFeatures, check_schema, read_schema_state
+from tests.migrations.conftest import serving
+from tests.test_cli import ROOT, free_port, service_env
+
+
+def _serve_once(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", "serve"],
+        cwd=ROOT,
+        env=service_env(url, free_port()),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_serve_refuses_a_schema_behind_the_build(scratch_url: str, scratch_config: Config) -> None:
+    command.upgrade(scratch_config, "0002")
+
+    done = _serve_once(scratch_url)
+
+    assert done.returncode == 3, done.stderr
+    assert "refusing to serve: database schema is at 0002 but this build needs" in done.stderr
+    assert "python -m service migrate" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_serve_refuses_a_database_never_migrated(scratch_url: str) -> None:
+    done = _serve_once(scratch_url)
+
+    assert done.returncode == 3, done.stderr
+    assert "database schema is at empty (never migrated)" in done.stderr
+
+
+def test_allow_schema_behind_serves_anyway(
+    scratch_url: str, scratch_config: Config, tmp_path: Path
+) -> None:
+    command.upgrade(scratch_config, "0002")
+    log = tmp_path / "serve.log"
+    with serving(scratch_url, log, SHOP_ALLOW_SCHEMA_BEHIND="true") as (_, process):
+        assert process.poll() is None
+    assert "serving anyway: SHOP_ALLOW_SCHEMA_BEHIND is set" in log.read_text()
+
+
+async def test_a_schema_from_a_newer_build_is_accepted(
+    scratch_url: str, scratch_config: Config
+) -> None:
+    # Expand-contract keeps every schema usable by the build before it, so a rollback of the
+    # code (or an old replica restarting) must not be refused by a migration it does not know.
+    await asyncio.to_thread(command.upgrade, scratch_config, "head")
+    engine = create_unpooled_engine(scratch_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+        state = await read_schema_state(engine)
+    finally:
+        await engine.dispose()
+
+    assert state.unknown == {"9999_future"}
+    assert not state.behind
+    assert check_schema(state, allow_behind=False) == SchemaFeatures()
+
+
+async def test_features_follow_the_currency_rollout(
+    scratch_url: str, scratch_config: Config
+) -> None:
+    seen = {}
+    engine = create_unpooled_engine(scratch_url)
+    try:
+        for revision in ("0002", "0003", "0004", "head"):
+            await asyncio.to_thread(command.upgrade, scratch_config, revision)
+            seen[revision] = SchemaFeatures.of(await read_schema_state(engine))
+    finally:
+        await engine.dispose()
+
+    assert seen == {
+        "0002": SchemaFeatures(write_order_currency=False, read_order_currency=False),
+        "0003": SchemaFeatures(write_order_currency=True, read_order_currency=False),
+        "0004": SchemaFeatures(write_order_currency=True, read_order_currency=True),
+        "head": SchemaFeatures(write_order_currency=True, read_order_currency=True),
+    }
