@@ -1,0 +1,58 @@
+"""Hands each call's deadline to the database layer (service/db/deadlines.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+
+from service.db.deadlines import bind_deadline
+from service.handlers.context import Context
+from service.interceptors.wrapping import Handler, Interceptor
+
+
+def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    async def call(request: Any, context: Context) -> Any:
+        bind_deadline(context.time_remaining())
+        return await fn(request, context)
+
+    return call
+
+
+def _streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
+    async def call(request: Any, context: Context) -> AsyncIterator[Any]:
+        bind_deadline(context.time_remaining())
+        # aclosing: when this stream is closed (client gone), the servicer's generator is closed
+        # now, in this task, rather than whenever the garbage collector finalizes it.
+        async with aclosing(fn(request, context)) as messages:
+            async for message in messages:
+                yield message
+
+    return call
+
+
+class DeadlineInterceptor(Interceptor):
+    """Binds context.time_remaining() for the call, so every transaction it opens starts with a
+    statement_timeout no longer than what the caller still waits."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        replaced: dict[str, Any] = {}
+        for name, wrap in (
+            ("unary_unary", _unary),
+            ("stream_unary", _unary),
+            ("unary_stream", _streaming),
+            ("stream_stream", _streaming),
+        ):
+            fn = getattr(handler, name)
+            if fn is not None:
+                replaced[name] = wrap(fn)
+        return handler._replace(**replaced)  # type: ignore[attr-defined, no-any-return]

@@ -1,0 +1,63 @@
+"""GetUser costs one statement and no transaction block (no BEGIN / ROLLBACK round trips)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from shop.v1 import user_service_pb2 as api
+from shop.v1 import user_service_pb2_grpc
+from sqlalchemy import event
+
+from service.server import RunningServer
+from tests.conftest import StatementCounter
+from tests.factories import Factory
+
+
+def first_word(query: str) -> str:
+    return query.split()[0].rstrip(";").upper()
+
+
+@pytest.fixture
+def wire_queries(server: RunningServer) -> Iterator[list[str]]:
+    """Every simple query asyncpg sends on the server's connections (BEGIN, ROLLBACK, ...):
+    SQLAlchemy's cursor events do not see those."""
+    sent: list[str] = []
+    watched: set[int] = set()
+
+    def log(record: Any) -> None:
+        sent.append(record.query)
+
+    def watch(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        driver = dbapi_connection.driver_connection
+        if id(driver) not in watched:
+            watched.add(id(driver))
+            driver.add_query_logger(log)
+
+    event.listen(server.engine.sync_engine.pool, "checkout", watch)
+    yield sent
+    event.remove(server.engine.sync_engine.pool, "checkout", watch)
+
+
+async def test_get_user_is_one_statement_without_a_transaction_block(
+    user_stub: user_service_pb2_grpc.UserServiceStub,
+    factory: Factory,
+    statements: StatementCounter,
+    wire_queries: list[str],
+) -> None:
+    user = await factory.user()
+    for _ in range(3):
+        got = await user_stub.GetUser(api.GetUserRequest(id=user.id))
+        assert got.email == user.email
+    assert statements.count == 3
+    assert not {"BEGIN", "ROLLBACK", "COMMIT"} & set(map(first_word, wire_queries))
+
+
+async def test_writes_still_run_in_a_transaction(
+    user_stub: user_service_pb2_grpc.UserServiceStub, wire_queries: list[str]
+) -> None:
+    await user_stub.CreateUser(
+        api.CreateUserRequest(email="tx@example.com", first_name="Tx", last_name="Block")
+    )
+    assert {"BEGIN", "COMMIT"} <= set(map(first_word, wire_queries))
