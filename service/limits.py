@@ -1,0 +1,40 @@
+"""Server limits from Settings: message sizes, keepalive, concurrency and compression."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from service.config import Compression, Settings
+
+_COMPRESSION = {
+    Compression.NONE: grpc.Compression.NoCompression,
+    Compression.GZIP: grpc.Compression.Gzip,
+    Compression.DEFLATE: grpc.Compression.Deflate,
+}
+
+
+def limit_options(settings: Settings) -> list[tuple[str, Any]]:
+    """Channel arguments. A message past max_message_bytes fails with RESOURCE_EXHAUSTED."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Server pings find dead peers under long streams; a peer that does not answer within
+        # the timeout is dropped and its calls cancelled.
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        # Clients pinging more often than this get GOAWAY (too_many_pings).
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.keepalive_min_ping_interval_ms),
+        # Idle connections are kept healthy too, and clients may ping them.
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def max_concurrent_rpcs(settings: Settings) -> int | None:
+    """None: no limit. Past the limit grpc answers RESOURCE_EXHAUSTED at once, never queues."""
+    return settings.max_concurrent_rpcs or None
+
+
+def compression(settings: Settings) -> grpc.Compression:
+    return _COMPRESSION[settings.compression]

@@ -1,0 +1,104 @@
+"""Streams on shutdown: an interceptor that tracks response streams so that, when the server
+stops, each one ends at once with UNAVAILABLE "server shutting down" instead of running out the
+grace period (unary calls keep their grace and finish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+
+from service.handlers.context import Context
+from service.interceptors.wrapping import Handler, Interceptor
+
+SHUTTING_DOWN = "server shutting down"
+_END = object()  # what a step returns when the stream is exhausted
+
+
+async def _next(messages: AsyncIterator[Any]) -> Any:
+    try:
+        return await anext(messages)
+    except StopAsyncIteration:
+        return _END
+
+
+class ActiveStreams(Interceptor):
+    """Wraps every async-generator response stream; `stop()` ends them all with UNAVAILABLE.
+
+    Install it innermost (next to the servicers), so the status it sets passes through the
+    other interceptors like any abort. Services in `exempt` end their streams themselves
+    (health Watch sends NOT_SERVING and returns).
+    """
+
+    def __init__(self, exempt: Iterable[str] = ()) -> None:
+        self._stopping = asyncio.Event()
+        self._exempt = tuple(f"/{service}/" for service in exempt)
+        self.active = 0
+
+    def stop(self) -> None:
+        """Tell every running stream to end; streams that start later end at once too."""
+        self._stopping.set()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(self._exempt):
+            return handler
+        replaced = {
+            name: self._tracked(fn)
+            for name in ("unary_stream", "stream_stream")
+            if inspect.isasyncgenfunction(fn := getattr(handler, name))
+        }
+        return handler._replace(**replaced) if replaced else handler  # type: ignore[attr-defined]
+
+    def _tracked(
+        self, fn: Callable[..., AsyncGenerator[Any, None]]
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
+            self.active += 1
+            try:
+                async for message in self._until_stopped(fn(request, context)):
+                    yield message
+            finally:
+                self.active -= 1
+            if self._stopping.is_set():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+        return call
+
+    async def _until_stopped(self, messages: AsyncGenerator[Any, None]) -> AsyncIterator[Any]:
+        """The stream's messages until it ends or stop() is called, whichever is first.
+
+        Each step runs as a task raced against stop(), so a stream waiting on the database is
+        interrupted too: cancelling the step runs the servicer's `finally` (results closed).
+        All steps share one copied context, so context variables behave as in a plain loop.
+        """
+        steps = contextvars.copy_context()
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        step: asyncio.Task[Any] | None = None
+        try:
+            while not self._stopping.is_set():
+                step = asyncio.create_task(_next(messages), context=steps)
+                await asyncio.wait((step, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    return
+                message = step.result()  # the servicer's exception, if any, goes up from here
+                if message is _END:
+                    return
+                yield message
+        finally:
+            stopping.cancel()
+            if step is not None and not step.done():
+                step.cancel()
+                # wait(), not `await step`: the step's CancelledError is not ours to raise.
+                await asyncio.wait((step,))
+            await messages.aclose()

@@ -1,0 +1,54 @@
+"""The Prometheus endpoint, scraped over HTTP from servers of the test's own."""
+
+from __future__ import annotations
+
+import pytest
+from shop.v1 import user_service_pb2 as api
+
+from tests.factories import Factory
+from tests.servers import free_port, own_server, rpc, scrape, wait_for_sample
+
+
+async def test_rpcs_move_counters_histograms_and_gauges(
+    database_url: str, factory: Factory
+) -> None:
+    for n in range(3):
+        await factory.user(email=f"m{n}@example.com")
+    async with (
+        own_server(database_url, metrics_port=free_port()) as server,
+        own_server(database_url, metrics_port=free_port()) as idle,
+    ):
+        users = server.users
+        await users.GetUser(api.GetUserRequest(id=1))
+        await users.GetUser(api.GetUserRequest(id=2))
+        with pytest.raises(Exception, match="NOT_FOUND"):
+            await users.GetUser(api.GetUserRequest(id=999))
+        batches = [b async for b in users.StreamUsers(api.StreamUsersRequest(batch_size=2))]
+        assert len(batches) == 2
+
+        seen = await scrape(server)
+        get = "shop.v1.UserService/GetUser"
+        stream = "shop.v1.UserService/StreamUsers"
+        assert seen["grpc_server_handled_total", rpc(get, grpc_code="OK")] == 2
+        assert seen["grpc_server_handled_total", rpc(get, grpc_code="NOT_FOUND")] == 1
+        assert seen["grpc_server_handling_seconds_count", rpc(get)] == 3
+        assert seen["grpc_server_handling_seconds_bucket", rpc(get, le="+Inf")] == 3
+        assert seen["grpc_server_in_flight", rpc(get)] == 0
+        assert seen["grpc_server_msg_sent_total", rpc(stream)] == 2
+        assert seen["shop_stream_rows_sent_total", rpc(stream)] == 3
+        assert seen["shop_db_pool_size", frozenset()] == 2
+        assert seen["shop_db_pool_checked_out", frozenset()] == 0
+        assert seen["shop_db_pool_overflow", frozenset()] == 0
+
+        # Each server has a registry of its own: the idle one saw none of this.
+        assert ("grpc_server_handled_total", rpc(get, grpc_code="OK")) not in await scrape(idle)
+
+
+async def test_in_flight_gauge_counts_a_paused_stream(database_url: str) -> None:
+    async with own_server(database_url, metrics_port=free_port()) as server:
+        call = server.users.ImportUsers()  # a client stream that sends nothing yet
+        key = ("grpc_server_in_flight", rpc("shop.v1.UserService/ImportUsers"))
+        assert await wait_for_sample(server, key, 1.0)
+        await call.done_writing()
+        assert (await call).imported == 0
+        assert (await scrape(server))[key] == 0

@@ -1,0 +1,124 @@
+"""Graceful shutdown of a real `python -m service serve` process on a real SIGTERM: health goes
+NOT_SERVING, a response stream ends with UNAVAILABLE at once, new calls are refused, a unary call
+that was running (held on a row lock this test owns) still finishes OK, and the exit code is 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from shop.v1 import (
+    account_service_pb2,
+    account_service_pb2_grpc,
+    order_service_pb2,
+    order_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.process import service_process
+
+WAIT = 30.0  # bound on each expected event; none of them should take more than a second
+GRACE = "60"  # long, so the unary call is done by the test's release, not by the grace expiring
+
+
+async def _lock_waiters(engine: AsyncEngine, expected: int) -> None:
+    """Until `expected` backends of this database wait on a lock (the server's two calls)."""
+    deadline = time.monotonic() + WAIT
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    while True:
+        # A new connection each time: pg_stat_activity is a snapshot per transaction.
+        async with engine.connect() as conn:
+            waiting = (await conn.execute(query)).scalar_one()
+        if waiting >= expected:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{waiting} of {expected} calls reached their lock in {WAIT:.0f}s")
+        await asyncio.sleep(0.1)
+
+
+async def _drain(call: Any) -> None:
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+
+async def test_sigterm_finishes_unary_ends_streams_and_exits_0(
+    database_url: str, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    log = tmp_path / "serve.log"
+    with service_process(database_url, log, SHOP_SHUTDOWN_GRACE=GRACE) as (address, process):
+        async with grpc.aio.insecure_channel(address) as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+            accounts = account_service_pb2_grpc.AccountServiceStub(channel)
+            orders = order_service_pb2_grpc.OrderServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            user = await users.CreateUser(
+                user_service_pb2.CreateUserRequest(
+                    email="sigterm@example.com", first_name="Sig", last_name="Term"
+                )
+            )
+            account = await accounts.OpenAccount(
+                account_service_pb2.OpenAccountRequest(
+                    user_id=user.id, currency="EUR", request_id="open-sigterm"
+                )
+            )
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+
+            async with engine.connect() as conn:
+                held = await conn.begin()
+                # The deposit waits for this row lock; the stream waits for this table lock.
+                await conn.execute(
+                    text("SELECT id FROM accounts WHERE id = :id FOR UPDATE"), {"id": account.id}
+                )
+                await conn.execute(text("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE"))
+                deposit = asyncio.ensure_future(
+                    accounts.Deposit(
+                        account_service_pb2.DepositRequest(
+                            account_id=account.id, amount="5.00", request_id="dep-sigterm"
+                        ),
+                        timeout=WAIT * 3,
+                    )
+                )
+                stream = orders.StreamOrders(order_service_pb2.StreamOrdersRequest())
+                await _lock_waiters(engine, 2)
+
+                process.send_signal(signal.SIGTERM)
+
+                status = await asyncio.wait_for(watch.read(), WAIT)
+                assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                await asyncio.wait_for(_drain(stream), WAIT)
+                assert await stream.code() == grpc.StatusCode.UNAVAILABLE
+                assert await stream.details() == "server shutting down"
+                async with grpc.aio.insecure_channel(address) as fresh:
+                    stub = user_service_pb2_grpc.UserServiceStub(fresh)
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await stub.GetUser(user_service_pb2.GetUserRequest(id=user.id), timeout=5)
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                # Still waiting on our lock: shutdown did not cut it off.
+                assert not deposit.done()
+                assert process.poll() is None
+                await held.commit()
+
+            deposited = await asyncio.wait_for(deposit, WAIT)
+            assert deposited.balance == "5.00"
+
+        try:
+            code = await asyncio.to_thread(process.wait, WAIT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {WAIT:.0f}s after the last call ended:\n{log.read_text()}")
+        assert code == 0, f"exit code {code}:\n{log.read_text()}"
