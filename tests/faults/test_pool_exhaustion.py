@@ -1,0 +1,116 @@
+"""Pool exhaustion: with one pooled connection held by a call that waits on a row lock, other
+callers get UNAVAILABLE (or RESOURCE_EXHAUSTED) with a RetryInfo hint after at most about
+pool_timeout, and Health Check keeps answering."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest_asyncio
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from shop.v1 import account_service_pb2 as accounts_api
+from shop.v1 import account_service_pb2_grpc, user_service_pb2, user_service_pb2_grpc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.config import Settings
+from service.server import RunningServer, start_server
+from tests.factories import Factory
+
+POOL_TIMEOUT = 0.5
+# "Within about pool_timeout": the pool's wait plus scheduling slack on a shared 2-core machine.
+ANSWER_BOUND = POOL_TIMEOUT + 1.5
+DEADLINE = 10.0
+
+
+@pytest_asyncio.fixture
+async def tiny_server(database_url: str) -> AsyncIterator[RunningServer]:
+    settings = Settings(
+        grpc_host="127.0.0.1", grpc_port=0, pool_size=1, max_overflow=0, pool_timeout=POOL_TIMEOUT
+    )
+    running = await start_server(settings, database_url)
+    yield running
+    await running.stop(grace=None)
+
+
+@pytest_asyncio.fixture
+async def tiny_channel(tiny_server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{tiny_server.port}") as channel:
+        yield channel
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
+    """RetryInfo.retry_delay in seconds, if the status carries one."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    info = error_details_pb2.RetryInfo()
+                    detail.Unpack(info)
+                    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return None
+
+
+async def test_exhausted_pool_answers_unavailable_with_retry_hint_and_health_stays_up(
+    tiny_server: RunningServer,
+    tiny_channel: grpc.aio.Channel,
+    engine: AsyncEngine,
+    factory: Factory,
+) -> None:
+    account = await factory.account(balance="10.00")
+    user = await factory.user()
+    accounts = account_service_pb2_grpc.AccountServiceStub(tiny_channel)
+    users = user_service_pb2_grpc.UserServiceStub(tiny_channel)
+    health = health_pb2_grpc.HealthStub(tiny_channel)
+
+    async with engine.connect() as holder:
+        # The test holds the account's row lock; the server's only connection then waits on it.
+        await holder.execute(
+            text("SELECT 1 FROM accounts WHERE id = :id FOR UPDATE"), {"id": account.id}
+        )
+        blocked = asyncio.ensure_future(
+            accounts.Deposit(
+                accounts_api.DepositRequest(
+                    account_id=account.id, amount="1.00", request_id="exhaust-1"
+                ),
+                timeout=DEADLINE,
+            )
+        )
+        bound = time.monotonic() + 5
+        while tiny_server.engine.pool.checkedout() < 1:  # type: ignore[attr-defined]
+            assert time.monotonic() < bound, "the deposit never took the pooled connection"
+            await asyncio.sleep(0.02)
+
+        for attempt in range(3):
+            started = time.monotonic()
+            try:
+                await users.GetUser(user_service_pb2.GetUserRequest(id=user.id), timeout=DEADLINE)
+            except grpc.aio.AioRpcError as error:
+                elapsed = time.monotonic() - started
+                assert error.code() in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                ), (attempt, error)
+                delay = retry_delay(error)
+                assert delay is not None and delay > 0
+                assert elapsed < ANSWER_BOUND, elapsed
+            else:
+                raise AssertionError("GetUser succeeded while the only connection was held")
+
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            assert reply.status in (
+                health_pb2.HealthCheckResponse.SERVING,
+                health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+        assert not blocked.done()
+        await holder.rollback()  # releases the row lock
+
+    # The blocked call completes, and the pool serves the next callers again.
+    deposited = await asyncio.wait_for(blocked, DEADLINE)
+    assert deposited.balance == "11.00"
+    again = await users.GetUser(user_service_pb2.GetUserRequest(id=user.id), timeout=DEADLINE)
+    assert again.id == user.id
