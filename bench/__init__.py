@@ -1,1 +1,1 @@
-"""Load benchmarks for shop.v1 (`make bench`)."""
+"""Load benchmarks for shop.v1 (`make bench`): the service beside bare baselines, one run."""

@@ -1,0 +1,135 @@
+"""Servers under test as real subprocesses: the service (`python -m service serve`) and the
+echo baseline; their readiness, their resident memory, and a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _without_shop_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The caller's environment minus SHOP_*: the server runs with defaults plus what the
+    benchmark sets, whatever the shell that started it had exported."""
+    return {k: v for k, v in environ.items() if not k.startswith("SHOP_")}
+
+
+def run_migrations(database_url: str) -> None:
+    """`python -m service migrate` on the bench database, as an operator would."""
+    env = {
+        **_without_shop_settings(os.environ),
+        "SHOP_DATABASE_URL": database_url,
+        "SHOP_LOG_LEVEL": "WARNING",
+    }
+    argv = [sys.executable, "-m", "service", "migrate"]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"migrate failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+
+
+class ServerProcess:
+    """A server subprocess listening on 127.0.0.1:port; its output goes to a temp log."""
+
+    def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.target = f"127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="shop-bench-server-", suffix=".log")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env={**_without_shop_settings(os.environ), **(env or {})},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @classmethod
+    def service(
+        cls,
+        database_url: str,
+        extra_env: dict[str, str] | None = None,
+        profile: Path | None = None,
+    ) -> ServerProcess:
+        """`python -m service serve`; under cProfile (written on a clean stop) with `profile`."""
+        port = free_port()
+        env = {
+            "SHOP_DATABASE_URL": database_url,
+            "SHOP_GRPC_PORT": str(port),
+            # Logging every call would measure the log handler, not the service.
+            "SHOP_LOG_LEVEL": "WARNING",
+            **(extra_env or {}),
+        }
+        profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
+        return cls([sys.executable, *profiler, "-m", "service", "serve"], port, env)
+
+    @classmethod
+    def echo(cls) -> ServerProcess:
+        port = free_port()
+        return cls([sys.executable, "-m", "bench.echo", str(port)], port)
+
+    async def wait_ready(self, within: float = 60.0) -> None:
+        """Until the port answers; fails early, with the log, if the process exits."""
+        deadline = time.monotonic() + within
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            while True:
+                if self.proc.poll() is not None:
+                    code = self.proc.returncode
+                    raise RuntimeError(f"server exited ({code}):\n{self.log_tail()}")
+                try:
+                    await asyncio.wait_for(channel.channel_ready(), 0.5)
+                    return
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"server not ready:\n{self.log_tail()}") from None
+
+    def rss(self) -> int:
+        """Resident bytes of the server and its children (SHOP_WORKERS forks them)."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0
+        total = 0
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += proc.memory_info().rss
+        return total
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = Path(self.log.name).read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM (the service drains gracefully), then SIGKILL if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

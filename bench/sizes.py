@@ -1,0 +1,39 @@
+"""How much work each benchmark does: the full run (`make bench`) and `--quick`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sizes:
+    stream_rows: int = 1_000_000
+    # Rows per StreamUsers message and per asyncpg cursor prefetch.
+    stream_batch: int = 1000
+    point_seconds: float = 8.0
+    warmup_seconds: float = 1.0
+    in_flight: tuple[int, ...] = (1, 16, 64)
+    client_processes: int = 2
+    transfer_accounts: int = 1000
+    hot_accounts: int = 10
+    transfer_clients: int = 16
+    # 16 branches for 16 clients: pgbench at low contention, as issue 3's target assumes.
+    pgbench_scale: int = 16
+    upsert_batches: int = 60
+    upsert_batch: int = 1000
+    import_calls: int = 4
+    import_rows: int = 50_000
+    import_message_rows: int = 1000
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    stream_rows=50_000,
+    point_seconds=1.5,
+    warmup_seconds=0.5,
+    transfer_accounts=100,
+    pgbench_scale=2,
+    upsert_batches=5,
+    import_calls=2,
+    import_rows=10_000,
+)
