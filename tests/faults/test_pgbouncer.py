@@ -44,14 +44,23 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def socket_dir(database_url: str) -> str | None:
+    """The Unix socket directory of a URL like postgresql+asyncpg://u@/db?host=/dir (the
+    embedded PostgreSQL's form), or None for a TCP URL."""
+    url = make_url(database_url)
+    host = url.query.get("host")
+    return None if url.host or not host else str(host)
+
+
 def pgbouncer_ini(root: Path, port: int, database_url: str) -> Path:
     url = make_url(database_url)
+    host = url.host or socket_dir(database_url)
     (root / "userlist.txt").write_text(f'"{url.username}" ""\n')
     ini = root / "pgbouncer.ini"
     password = f" password={url.password}" if url.password else ""
     ini.write_text(
         f"""[databases]
-shop = host={url.host} port={url.port or 5432} dbname={url.database} user={url.username}{password}
+shop = host={host} port={url.port or 5432} dbname={url.database} user={url.username}{password}
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -81,10 +90,14 @@ def pgbouncer_url(database_url: str) -> Iterator[str]:
         ini = pgbouncer_ini(root, port, database_url)
         command = [PGBOUNCER, str(ini)]
         if os.geteuid() == 0:  # pgbouncer refuses to run as root
-            shutil.chown(root, "postgres")
+            # Run it as the user that may reach the server: over TCP anyone, over a Unix
+            # socket (the embedded PostgreSQL) the socket directory's owner.
+            sockets = socket_dir(database_url)
+            user = Path(sockets).owner() if sockets else "postgres"
+            shutil.chown(root, user)
             for path in root.iterdir():
-                shutil.chown(path, "postgres")
-            command = ["runuser", "-u", "postgres", "--", *command]
+                shutil.chown(path, user)
+            command = ["runuser", "-u", user, "--", *command]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 10
