@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
 
 from service.handlers.context import Context
-from service.interceptors.wrapping import Handler, Interceptor
+from service.interceptors.wrapping import Handler, WrappingInterceptor
 
 SHUTTING_DOWN = "server shutting down"
 _END = object()  # what a step returns when the stream is exhausted
@@ -27,7 +27,7 @@ async def _next(messages: AsyncIterator[Any]) -> Any:
         return _END
 
 
-class ActiveStreams(Interceptor):
+class ActiveStreams(WrappingInterceptor):
     """Wraps every async-generator response stream; `stop()` ends them all with UNAVAILABLE.
 
     Install it innermost (next to the servicers), so the status it sets passes through the
@@ -36,6 +36,7 @@ class ActiveStreams(Interceptor):
     """
 
     def __init__(self, exempt: Iterable[str] = ()) -> None:
+        super().__init__()
         self._stopping = asyncio.Event()
         self._exempt = tuple(f"/{service}/" for service in exempt)
         self.active = 0
@@ -44,14 +45,8 @@ class ActiveStreams(Interceptor):
         """Tell every running stream to end; streams that start later end at once too."""
         self._stopping.set()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(self._exempt):
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        if method.startswith(self._exempt):
             return handler
         replaced = {
             name: self._tracked(fn)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-import grpc
-
 from service import errors
 from service.handlers.context import Context
 from service.interceptors.around import CallHooks, wrap_around
 from service.interceptors.errors import abort_for
-from service.interceptors.wrapping import Handler, Interceptor
+from service.interceptors.wrapping import Handler, WrappingInterceptor
 from service.security import Role, TokenTable, required_role
 
 _BEARER = "bearer "
@@ -45,19 +41,16 @@ class Gate(CallHooks):
         await abort_for(error, context)
 
 
-class AuthInterceptor(Interceptor):
+class AuthInterceptor(WrappingInterceptor):
     """Lets public methods (health, reflection) through; gates the rest by role."""
 
     def __init__(self, tokens: TokenTable) -> None:
+        super().__init__()
         self.tokens = tokens
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        needed = required_role(handler_call_details.method)
-        if handler is None or needed is None:
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        needed = required_role(method)
+        if needed is None:
             return handler
-        return wrap_around(handler, lambda: Gate(self.tokens, needed))
+        gate = Gate(self.tokens, needed)  # holds no per-call state: one serves every call
+        return wrap_around(handler, lambda: gate)

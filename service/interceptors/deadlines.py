@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
-import grpc
-
 from service.db.deadlines import bind_deadline
 from service.handlers.context import Context
-from service.interceptors.wrapping import Handler, Interceptor
+from service.interceptors.wrapping import Handler, WrappingInterceptor
 
 
 def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,18 +31,11 @@ def _streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-class DeadlineInterceptor(Interceptor):
+class DeadlineInterceptor(WrappingInterceptor):
     """Binds context.time_remaining() for the call, so every transaction it opens starts with a
     statement_timeout no longer than what the caller still waits."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+    def wrap(self, method: str, handler: Handler) -> Handler:
         replaced: dict[str, Any] = {}
         for name, wrap in (
             ("unary_unary", _unary),

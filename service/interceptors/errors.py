@@ -5,7 +5,6 @@ reason; database outages become UNAVAILABLE; anything else is INTERNAL with a ge
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -18,7 +17,7 @@ from service.db.retry import is_retryable
 from service.handlers.context import Context
 from service.interceptors.decoding import decode_in_handler
 from service.interceptors.request_id import current_request_id, new_request_id
-from service.interceptors.wrapping import Handler, Interceptor, wrap_handler
+from service.interceptors.wrapping import Handler, WrappingInterceptor, wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +131,8 @@ async def abort_for(exc: BaseException, context: Context) -> None:
     await abort_with(context, rpc_status.to_status(status))
 
 
-class ErrorInterceptor(Interceptor):
+class ErrorInterceptor(WrappingInterceptor):
     """Maps whatever a servicer raises to a deliberate status."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+    def wrap(self, method: str, handler: Handler) -> Handler:
         return wrap_handler(decode_in_handler(handler), abort_for)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -15,7 +14,7 @@ from google.protobuf.message import Message
 from service.handlers.context import Context
 from service.interceptors.around import CallHooks, wrap_around
 from service.interceptors.request_id import HEADER, bind_request_id, request_id_from
-from service.interceptors.wrapping import Handler, Interceptor
+from service.interceptors.wrapping import Handler, WrappingInterceptor
 from service.metrics import RpcMetrics
 
 access_log = logging.getLogger("service.access")
@@ -40,15 +39,26 @@ def rows_in(message: Any) -> int:
     return sum(len(value) for field, value in message.ListFields() if field.is_repeated)
 
 
+def labels_of(method: str) -> tuple[str, str]:
+    """The (grpc_service, grpc_method) labels of "/package.Service/Method"."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
 class ObservedCall(CallHooks):
     """One RPC: its id, clock, message count and, at the end, its access line and metrics."""
 
-    def __init__(self, method: str, streaming: bool, metrics: RpcMetrics | None) -> None:
+    def __init__(
+        self,
+        method: str,
+        streaming: bool,
+        metrics: RpcMetrics | None,
+        labels: tuple[str, str] | None = None,
+    ) -> None:
         self.method = method
         self.streaming = streaming
         self.metrics = metrics
-        service, _, name = method.lstrip("/").rpartition("/")
-        self.labels = (service, name)
+        self.labels = labels or labels_of(method)
         self.messages = 0
         self.started = time.perf_counter()
         self.request_id = "-"
@@ -70,6 +80,16 @@ class ObservedCall(CallHooks):
     def after(self, context: Context, error: BaseException | None) -> None:
         seconds = time.perf_counter() - self.started
         code = status_of(context, error).name
+        # Checked first, as logging would, so a server logging at WARNING builds no fields.
+        if access_log.isEnabledFor(logging.INFO):
+            self._log(context, code, seconds)
+        if self.metrics:
+            self.metrics.in_flight.labels(*self.labels).dec()
+            self.metrics.handled.labels(*self.labels, code).inc()
+            self.metrics.seconds.labels(*self.labels).observe(seconds)
+        bind_request_id(None)
+
+    def _log(self, context: Context, code: str, seconds: float) -> None:
         fields: dict[str, Any] = {
             "request_id": self.request_id,
             "method": self.method,
@@ -82,27 +102,18 @@ class ObservedCall(CallHooks):
         access_log.info(
             "%s %s %.1fms peer=%s", self.method, code, seconds * 1000, fields["peer"], extra=fields
         )
-        if self.metrics:
-            self.metrics.in_flight.labels(*self.labels).dec()
-            self.metrics.handled.labels(*self.labels, code).inc()
-            self.metrics.seconds.labels(*self.labels).observe(seconds)
-        bind_request_id(None)
 
 
-class ObservabilityInterceptor(Interceptor):
-    """Request id, access log and metrics for every method this server knows."""
+class ObservabilityInterceptor(WrappingInterceptor):
+    """Request id, access log and metrics for every method this server knows (an unknown
+    method gets no handler, hence no label minted for it: grpc answers UNIMPLEMENTED)."""
 
     def __init__(self, metrics: RpcMetrics | None) -> None:
+        super().__init__()
         self.metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED, no label to mint
-            return handler
-        method = handler_call_details.method
+    def wrap(self, method: str, handler: Handler) -> Handler:
         streaming = bool(handler.response_streaming)
-        return wrap_around(handler, lambda: ObservedCall(method, streaming, self.metrics))
+        labels = labels_of(method)
+        metrics = self.metrics
+        return wrap_around(handler, lambda: ObservedCall(method, streaming, metrics, labels))

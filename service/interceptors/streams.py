@@ -7,10 +7,8 @@ from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
-import grpc
-
 from service.handlers.context import Context
-from service.interceptors.wrapping import Handler, Interceptor
+from service.interceptors.wrapping import Handler, WrappingInterceptor
 
 
 def _written(fn: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
@@ -22,7 +20,7 @@ def _written(fn: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
     return call
 
 
-class StreamWriter(Interceptor):
+class StreamWriter(WrappingInterceptor):
     """Turns async-generator response streams into handlers that write each message.
 
     grpc drops a generator whose client went away without closing it; the generator chain
@@ -32,14 +30,7 @@ class StreamWriter(Interceptor):
     task, while the call is still alive. Install it outermost.
     """
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+    def wrap(self, method: str, handler: Handler) -> Handler:
         replaced = {
             name: _written(fn)
             for name in ("unary_stream", "stream_stream")

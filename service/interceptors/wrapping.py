@@ -20,6 +20,41 @@ else:
 OnError = Callable[[BaseException, Context], Awaitable[None]]
 
 
+class WrappingInterceptor(Interceptor):
+    """An interceptor that wraps each method's handler once and reuses it.
+
+    grpc.aio asks every interceptor for the handler on every call, and the continuation answers
+    with the same handler object each time for a method; wrapping it anew per call (closures, a
+    new RpcMethodHandler) is per-request waste. `wrap` runs on a method's first call (and again
+    only if the inner handler changes); whatever a call needs of its own lives in the call
+    (its hooks, its context, its locals), never in the wrapper. Only methods the server knows
+    are cached (an unknown method has no handler), so the cache is bounded by the services.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler to serve `method` with: `handler` itself or a wrapper around it."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
+            return handler
+        method: str = handler_call_details.method
+        built = self._wrapped.get(method)
+        if built is not None and built[0] is handler:
+            return built[1]
+        wrapped = self.wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
 def wrap_handler(handler: Handler, on_error: OnError) -> Handler:
     def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
         async def call(request: Any, context: Context) -> Any:

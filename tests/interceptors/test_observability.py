@@ -100,7 +100,7 @@ async def test_internal_error_carries_request_id_and_hides_the_exception(
             "SELECT secret_column FROM users", {}, Exception('relation "x" does not exist')
         )
 
-    monkeypatch.setattr(UserRepository, "get", broken)
+    monkeypatch.setattr(UserRepository, "get_row", broken)  # what GetUser reads with
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await user_stub.GetUser(api.GetUserRequest(id=1), metadata=[("x-request-id", "boom-7")])
 
