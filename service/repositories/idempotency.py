@@ -4,12 +4,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import IdempotencyKey
+
+# Built once, on the table rather than the entity: every idempotent write runs these, and Core
+# statements on a Table skip the ORM's bulk insert/update machinery (and the cache key of a
+# statement object is computed once).
+KEYS = cast(Table, IdempotencyKey.__table__)
+CLAIM = (
+    insert(KEYS)
+    .values(request_id=bindparam("request_id"), request_hash=bindparam("request_hash"))
+    .on_conflict_do_nothing(index_elements=[KEYS.c.request_id])
+    .returning(KEYS.c.request_id)
+)
+STORED = select(KEYS.c.request_hash, KEYS.c.response).where(
+    KEYS.c.request_id == bindparam("request_id")
+)
+COMPLETE = (
+    update(KEYS).where(KEYS.c.request_id == bindparam("key")).values(response=bindparam("response"))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,29 +45,14 @@ class IdempotencyRepository:
 
         A concurrent transaction holding the same key makes the INSERT wait until it commits
         (then we read its row) or rolls back (then the key is ours): never applied twice."""
-        claimed = await self.session.scalar(
-            insert(IdempotencyKey)
-            .values(request_id=request_id, request_hash=request_hash)
-            .on_conflict_do_nothing(index_elements=[IdempotencyKey.request_id])
-            .returning(IdempotencyKey.request_id)
-        )
-        if claimed is not None:
+        params = {"request_id": request_id, "request_hash": request_hash}
+        if await self.session.scalar(CLAIM, params) is not None:
             return None
-        row = (
-            await self.session.execute(
-                select(IdempotencyKey.request_hash, IdempotencyKey.response).where(
-                    IdempotencyKey.request_id == request_id
-                )
-            )
-        ).one()
+        row = (await self.session.execute(STORED, {"request_id": request_id})).one()
         return StoredRequest(row.request_hash, row.response)
 
     async def complete(self, request_id: str, response: bytes) -> None:
-        await self.session.execute(
-            update(IdempotencyKey)
-            .where(IdempotencyKey.request_id == request_id)
-            .values(response=response)
-        )
+        await self.session.execute(COMPLETE, {"key": request_id, "response": response})
 
     async def purge(self, older_than: datetime) -> int:
         """Forget keys created before `older_than`; returns how many were removed."""

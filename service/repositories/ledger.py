@@ -3,14 +3,17 @@ a debit and a credit that sum to zero, and the cached balances move with them.""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
-from service.db.models import EXTERNAL_INDEX_WHERE, Account, AccountKind, LedgerEntry, Transfer
+from service.db.models import EXTERNAL_INDEX_WHERE, Account, AccountKind
 from service.errors import AlreadyExists, FailedPrecondition
 from service.repositories.integrity import violated_constraint
 
@@ -21,7 +24,7 @@ TRANSFER_REQUEST_ID_UNIQUE = "uq_transfers_request_id"
 MAX_BALANCE = Decimal("9999999999999999.99")
 
 
-def insufficient_funds(account: Account, amount: Decimal) -> FailedPrecondition:
+def insufficient_funds(account: Holder, amount: Decimal) -> FailedPrecondition:
     return FailedPrecondition(
         f"account {account.id} has insufficient funds",
         reason="INSUFFICIENT_FUNDS",
@@ -30,7 +33,7 @@ def insufficient_funds(account: Account, amount: Decimal) -> FailedPrecondition:
     )
 
 
-def over_limit(account: Account, amount: Decimal) -> FailedPrecondition:
+def over_limit(account: Holder, amount: Decimal) -> FailedPrecondition:
     return FailedPrecondition(
         f"account {account.id} cannot hold more than {MAX_BALANCE}",
         reason="BALANCE_LIMIT_EXCEEDED",
@@ -39,7 +42,65 @@ def over_limit(account: Account, amount: Decimal) -> FailedPrecondition:
     )
 
 
-def _cached(account: Account) -> bool:
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A customer account as locked for a transfer: only what posting needs."""
+
+    id: int
+    kind: str
+    currency: str
+    balance: Decimal
+
+
+Holder = Account | Held
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """A transfer as posted (the columns of a transfers row)."""
+
+    id: int
+    from_account_id: int
+    to_account_id: int
+    amount: Decimal
+    request_id: str
+    created_at: datetime
+
+
+# The whole posting in one statement. Data-modifying CTEs all run, in one snapshot, whether or
+# not the final SELECT reads them; the audit rows are those the ORM's after_flush hook would
+# write for the balance updates (service/db/audit.py).
+POST = text(
+    """
+WITH legs (account_id, amount) AS (
+    VALUES (CAST(:source AS BIGINT), -CAST(:amount AS NUMERIC(18, 2))),
+           (CAST(:target AS BIGINT), CAST(:amount AS NUMERIC(18, 2)))
+), moved AS (
+    UPDATE accounts SET balance = accounts.balance + legs.amount, updated_at = now()
+    FROM legs
+    WHERE accounts.id = legs.account_id AND accounts.kind = 'customer'
+    RETURNING accounts.id, accounts.balance, accounts.updated_at
+), journal AS (
+    INSERT INTO transfers (from_account_id, to_account_id, amount, request_id)
+    VALUES (CAST(:source AS BIGINT), CAST(:target AS BIGINT), CAST(:amount AS NUMERIC(18, 2)),
+            CAST(:rid AS VARCHAR))
+    RETURNING id, created_at
+), entries AS (
+    INSERT INTO ledger_entries (transfer_id, account_id, amount)
+    SELECT journal.id, legs.account_id, legs.amount FROM journal, legs
+), audit AS (
+    INSERT INTO audit_log (table_name, row_id, action, changes)
+    SELECT 'accounts', moved.id, 'update',
+           jsonb_build_object('balance', moved.balance::text, 'updated_at', moved.updated_at::text)
+    FROM moved
+)
+SELECT journal.id, journal.created_at, moved.id AS account_id, moved.balance, moved.updated_at
+FROM journal LEFT JOIN moved ON true
+"""
+)
+
+
+def _cached(account: Holder) -> bool:
     """Whether the account keeps its balance in accounts.balance (customer accounts do)."""
     return account.kind == AccountKind.CUSTOMER
 
@@ -78,34 +139,23 @@ class Ledger:
         )
 
     async def post(
-        self, source: Account, target: Account, amount: Decimal, request_id: str
-    ) -> Transfer:
-        """Move `amount` from source to target: the transfer row, its two entries and both
-        cached balances, in one savepoint. The schema's CHECK guards the step: should a caller's
-        funds check ever be bypassed, only this step rolls back and the client gets
-        INSUFFICIENT_FUNDS, not an aborted transaction and INTERNAL."""
+        self, source: Holder, target: Holder, amount: Decimal, request_id: str
+    ) -> Posted:
+        """Move `amount` from source to target: the transfer row, its two entries, both cached
+        balances (and their audit rows) in one statement, so one round trip and all or nothing.
+        The schema's CHECK guards the step: should a caller's funds check ever be bypassed, the
+        statement fails whole and the client gets INSUFFICIENT_FUNDS, not INTERNAL. ORM accounts
+        passed in are given their new balance, as committed state (nothing left to flush)."""
         if _cached(source) and source.balance < amount:
             raise insufficient_funds(source, amount)
         if _cached(target) and target.balance + amount > MAX_BALANCE:
             raise over_limit(target, amount)
-        transfer = Transfer(
-            from_account_id=source.id, to_account_id=target.id, amount=amount, request_id=request_id
-        )
+        params = {"source": source.id, "target": target.id, "amount": amount, "rid": request_id}
         try:
+            # A savepoint guards the balance step (as the seed does): should the schema's CHECK
+            # fire, only this step rolls back and the caller still holds a usable transaction.
             async with self.session.begin_nested():
-                if _cached(source):
-                    source.balance -= amount
-                if _cached(target):
-                    target.balance += amount
-                self.session.add(transfer)
-                await self.session.flush()
-                await self.session.execute(
-                    insert(LedgerEntry),
-                    [
-                        {"transfer_id": transfer.id, "account_id": source.id, "amount": -amount},
-                        {"transfer_id": transfer.id, "account_id": target.id, "amount": amount},
-                    ],
-                )
+                rows = (await self.session.execute(POST, params)).all()
         except IntegrityError as exc:
             constraint = violated_constraint(exc)
             if constraint == BALANCE_NOT_NEGATIVE:
@@ -118,4 +168,16 @@ class Ledger:
                     request_id=request_id,
                 ) from exc
             raise
-        return transfer
+        for row in rows:
+            for holder in (source, target):
+                if isinstance(holder, Account) and holder.id == row.account_id:
+                    set_committed_value(holder, "balance", row.balance)
+                    set_committed_value(holder, "updated_at", row.updated_at)
+        return Posted(
+            id=rows[0].id,
+            from_account_id=source.id,
+            to_account_id=target.id,
+            amount=amount,
+            request_id=request_id,
+            created_at=rows[0].created_at,
+        )
