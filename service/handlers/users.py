@@ -14,7 +14,7 @@ from service.db.retry import transactional
 from service.db.transaction import read_only_snapshot, single_statement, transaction
 from service.handlers.context import Context
 from service.handlers.paging import PageTokens
-from service.handlers.users_convert import user_rows_to_batch, user_to_proto
+from service.handlers.users_convert import user_row_to_proto, user_rows_to_batch, user_to_proto
 from service.handlers.validation import Violations
 from service.repositories.users import UserFields, UserRepository
 
@@ -67,7 +67,7 @@ class UserServicer(api_grpc.UserServiceServicer):
         v.id("id", request.id)
         v.raise_if_any()
         async with single_statement(self.sessions) as session:
-            return user_to_proto(await UserRepository(session).get(request.id))
+            return user_row_to_proto(await UserRepository(session).get_row(request.id))
 
     async def UpdateUser(self, request: api.UpdateUserRequest, context: Context) -> pb.User:
         """Apply the fields named by update_mask."""
@@ -177,10 +177,7 @@ class UserServicer(api_grpc.UserServiceServicer):
                 after_id=after_id,
             )
             async for rows in batches:
-                yield api.UserBatch(
-                    users=user_rows_to_batch(rows),
-                    resume_token=self.tokens.encode(rows[-1].id, filters),
-                )
+                yield user_rows_to_batch(rows, self.tokens.encode(rows[-1].id, filters))
 
     async def UpsertUsers(
         self, request: api.UpsertUsersRequest, context: Context

@@ -6,21 +6,20 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, func, literal_column, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Row, Select, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from service.db.models import Order, User
-from service.db.streaming import Rows, partitions
+from service.db.streaming import Rows, epoch_microseconds, partitions
 from service.errors import AlreadyExists, FailedPrecondition, NotFound
 from service.repositories.integrity import violated_constraint
 from service.repositories.orders import order_column_options
 
 EMAIL_UNIQUE = "uq_users_email"
 
-# The columns a stream sends: Core rows, not entities, on the hot path.
+# A user's columns as a Core row, not an entity (GetUser).
 USER_COLUMNS = (
     User.id,
     User.email,
@@ -30,6 +29,41 @@ USER_COLUMNS = (
     User.created_at,
     User.updated_at,
     User.deleted_at,
+)
+# What StreamUsers sends, in the order users_convert.user_rows_to_batch unpacks it: the same
+# columns, the timestamps as epoch microseconds (cheaper to decode and convert than datetimes).
+EXPORT_COLUMNS = (
+    User.id,
+    User.email,
+    User.first_name,
+    User.last_name,
+    User.is_active,
+    epoch_microseconds(User.created_at).label("created_at"),
+    epoch_microseconds(User.updated_at).label("updated_at"),
+    epoch_microseconds(User.deleted_at).label("deleted_at"),
+)
+
+# GetUser's statement, built once: its compiled form is then found in the cache without building
+# and hashing a new select per call, and its rows skip the ORM (no entity, no identity map).
+_USER_ROW_BY_ID = select(*USER_COLUMNS).where(User.id == bindparam("user_id"))
+
+
+# The bulk upsert: the batch arrives as one array per column and is ordered by email in the
+# statement, so overlapping concurrent batches lock rows in the same order (no deadlock). A user
+# soft-deleted after refuse_deleted looked is left alone (the caller counts the rows returned);
+# xmax = 0 only for a freshly inserted row version.
+UPSERT = text(
+    "INSERT INTO users (email, first_name, last_name, is_active) "
+    "SELECT email, first_name, last_name, is_active FROM unnest(CAST(:emails AS text[]), "
+    "CAST(:first_names AS text[]), CAST(:last_names AS text[]), CAST(:actives AS boolean[])) "
+    "AS batch (email, first_name, last_name, is_active) ORDER BY email "
+    "ON CONFLICT (email) DO UPDATE SET first_name = excluded.first_name, "
+    "last_name = excluded.last_name, is_active = excluded.is_active, updated_at = now() "
+    "WHERE users.deleted_at IS NULL RETURNING xmax = 0"
+)
+DELETED_AMONG = text(
+    "SELECT email FROM users WHERE email = ANY(CAST(:emails AS text[])) "
+    "AND deleted_at IS NOT NULL ORDER BY email"
 )
 
 
@@ -81,6 +115,14 @@ class UserRepository:
             raise NotFound("user", user_id)
         return user
 
+    async def get_row(self, user_id: int) -> Row[*tuple[Any, ...]]:
+        """A user's USER_COLUMNS as a Core row: reads that only answer with the user."""
+        connection = await self.session.connection()
+        row = (await connection.execute(_USER_ROW_BY_ID, {"user_id": user_id})).one_or_none()
+        if row is None:
+            raise NotFound("user", user_id)
+        return row
+
     async def get_live(self, user_id: int) -> User:
         """A user that exists and is not soft-deleted (USER_DELETED otherwise)."""
         user = await self.get(user_id)
@@ -117,7 +159,7 @@ class UserRepository:
 
     @staticmethod
     def export_query(*, show_deleted: bool, active_only: bool) -> Select[*tuple[Any, ...]]:
-        stmt = select(*USER_COLUMNS).order_by(User.id)
+        stmt = select(*EXPORT_COLUMNS).order_by(User.id)
         if not show_deleted:
             stmt = stmt.where(User.deleted_at.is_(None))
         if active_only:
@@ -127,20 +169,14 @@ class UserRepository:
     def stream(
         self, *, show_deleted: bool, active_only: bool, batch_size: int, after_id: int = 0
     ) -> AsyncIterator[Rows]:
-        """Matching users with id > after_id as Core rows, batch_size per partition, from a
-        server-side cursor (after_id resumes an export)."""
+        """Matching users with id > after_id as rows of EXPORT_COLUMNS, batch_size per
+        partition, from a server-side cursor (after_id resumes an export)."""
         stmt = self.export_query(show_deleted=show_deleted, active_only=active_only)
         return partitions(self.session, stmt.where(User.id > after_id), batch_size)
 
     async def refuse_deleted(self, emails: Sequence[str]) -> None:
         """Bulk writes do not revive soft-deleted users: Undelete is explicit."""
-        deleted = (
-            await self.session.scalars(
-                select(User.email)
-                .where(User.email.in_(emails), User.deleted_at.is_not(None))
-                .order_by(User.email)
-            )
-        ).all()
+        deleted = (await self.session.scalars(DELETED_AMONG, {"emails": list(emails)})).all()
         if deleted:
             raise FailedPrecondition(
                 f"users are deleted: {', '.join(deleted[:10])}",
@@ -154,33 +190,17 @@ class UserRepository:
         if not rows:
             return UpsertCounts(0, 0)
         await self.refuse_deleted([r.email for r in rows])
-        values = [
-            {
-                "email": r.email,
-                "first_name": r.first_name,
-                "last_name": r.last_name,
-                "is_active": r.is_active,
-            }
-            for r in sorted(rows, key=lambda r: r.email)
-        ]
-        stmt = insert(User).values(values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[User.email],
-            set_={
-                "first_name": stmt.excluded.first_name,
-                "last_name": stmt.excluded.last_name,
-                "is_active": stmt.excluded.is_active,
-                "updated_at": func.now(),
-            },
-            # A user deleted after refuse_deleted looked is left alone (and counted below).
-            where=User.deleted_at.is_(None),
-        )
-        # xmax = 0 only for a freshly inserted row version.
-        inserted_flags: Sequence[bool] = (
-            await self.session.scalars(stmt.returning(literal_column("xmax = 0")))
-        ).all()
+        # Four arrays, not 4 x len(rows) parameters: one statement text whatever the batch
+        # size, so it is compiled and prepared once, and binding is a column per array.
+        params = {
+            "emails": [r.email for r in rows],
+            "first_names": [r.first_name for r in rows],
+            "last_names": [r.last_name for r in rows],
+            "actives": [r.is_active for r in rows],
+        }
+        inserted_flags: Sequence[bool] = (await self.session.scalars(UPSERT, params)).all()
         inserted = sum(1 for flag in inserted_flags if flag)
-        if len(inserted_flags) != len(values):
+        if len(inserted_flags) != len(rows):
             raise FailedPrecondition("a user in the batch was deleted", reason="USER_DELETED")
         return UpsertCounts(inserted, len(inserted_flags) - inserted)
 

@@ -661,6 +661,42 @@ async def test_stream_users_filters(user_stub, factory: Factory) -> None:
     assert not streamed[inactive.id].is_active
 
 
+async def test_stream_users_sends_what_get_user_sends(user_stub, factory: Factory, engine) -> None:
+    """The stream's converter (epoch microseconds from SQL, fields set in place) gives the same
+    bytes as GetUser's (Timestamp.FromDatetime), edge-case instants and unicode included."""
+    users = [
+        await factory.user(first_name="Zoë", last_name="Ångström"),
+        await factory.user(is_active=False),
+        await factory.user(deleted=True),
+        await factory.user(deleted=True, is_active=False),
+    ]
+    instants = [
+        "1969-12-31 23:59:59.999999+00",
+        "0001-01-01 00:00:00+00",
+        "1970-01-01 00:00:00+00",
+        "9999-12-28 23:59:59.999999+00",
+    ]
+    async with engine.begin() as conn:
+        for user, instant in zip(users, instants, strict=True):
+            await conn.execute(
+                text(
+                    "UPDATE users SET created_at = CAST(CAST(:t AS text) AS timestamptz), "
+                    "updated_at = CAST(CAST(:t AS text) AS timestamptz) + interval '1.5 s', "
+                    "deleted_at = CASE WHEN deleted_at IS NULL THEN NULL "
+                    "ELSE CAST(CAST(:t AS text) AS timestamptz) + interval '2 days 0.000001 s' "
+                    "END WHERE id = :id"
+                ),
+                {"t": instant, "id": user.id},
+            )
+    streamed = [u for b in await stream_batches(user_stub, show_deleted=True) for u in b]
+    assert [u.id for u in streamed] == [u.id for u in users]
+    for got in streamed:
+        want = await user_stub.GetUser(api.GetUserRequest(id=got.id))
+        assert got.SerializeToString(deterministic=True) == want.SerializeToString(
+            deterministic=True
+        )
+
+
 # --- UpsertUsers -------------------------------------------------------------------------------
 
 
