@@ -144,6 +144,9 @@ def render(
         "",
         *summary_table(sections),
         "",
+        "Where a ratio falls short, [benchmark-profiles.md](benchmark-profiles.md) has the "
+        "profile that explains it and what was tried.",
+        "",
     ]
     for section in sections:
         out += [f"## {section.title} (issue {section.issue})", ""]
