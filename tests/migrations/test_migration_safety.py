@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from service.db.engine import create_unpooled_engine
 from tests.migrations.conftest import current_revisions
-from tests.test_cli import ROOT, service_env
+from tests.process import ROOT, service_env
 
 
 @contextmanager

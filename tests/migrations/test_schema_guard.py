@@ -15,7 +15,7 @@ from sqlalchemy import text
 from service.db.engine import create_unpooled_engine
 from service.db.schema_state import SchemaFeatures, check_schema, read_schema_state
 from tests.migrations.conftest import serving
-from tests.test_cli import ROOT, free_port, service_env
+from tests.process import ROOT, free_port, service_env
 
 
 def _serve_once(url: str) -> subprocess.CompletedProcess[str]:
