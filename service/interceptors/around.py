@@ -8,7 +8,7 @@ from contextlib import aclosing
 from typing import Any
 
 from service.handlers.context import Context
-from service.interceptors.wrapping import Handler
+from service.interceptors.wrapping import Handler, with_behaviours
 
 
 class CallHooks:
@@ -60,14 +60,4 @@ def wrap_around(handler: Handler, new_hooks: Callable[[], CallHooks]) -> Handler
 
         return call
 
-    replaced: dict[str, Any] = {}
-    for name, wrap in (
-        ("unary_unary", unary),
-        ("stream_unary", unary),
-        ("unary_stream", streaming),
-        ("stream_stream", streaming),
-    ):
-        fn = getattr(handler, name)
-        if fn is not None:
-            replaced[name] = wrap(fn)
-    return handler._replace(**replaced)  # type: ignore[attr-defined, no-any-return]
+    return with_behaviours(handler, unary, streaming)

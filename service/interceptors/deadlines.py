@@ -8,7 +8,7 @@ from typing import Any
 
 from service.db.deadlines import bind_deadline
 from service.handlers.context import Context
-from service.interceptors.wrapping import Handler, WrappingInterceptor
+from service.interceptors.wrapping import Handler, WrappingInterceptor, with_behaviours
 
 
 def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,14 +36,4 @@ class DeadlineInterceptor(WrappingInterceptor):
     statement_timeout no longer than what the caller still waits."""
 
     def wrap(self, method: str, handler: Handler) -> Handler:
-        replaced: dict[str, Any] = {}
-        for name, wrap in (
-            ("unary_unary", _unary),
-            ("stream_unary", _unary),
-            ("unary_stream", _streaming),
-            ("stream_stream", _streaming),
-        ):
-            fn = getattr(handler, name)
-            if fn is not None:
-                replaced[name] = wrap(fn)
-        return handler._replace(**replaced)  # type: ignore[attr-defined, no-any-return]
+        return with_behaviours(handler, _unary, _streaming)

@@ -55,6 +55,25 @@ class WrappingInterceptor(Interceptor):
         return wrapped
 
 
+Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def with_behaviours(handler: Handler, unary: Wrap, streaming: Wrap) -> Handler:
+    """The handler with each behaviour it has replaced: unary-response ones (unary_unary,
+    stream_unary) by `unary(fn)`, streaming-response ones by `streaming(fn)`."""
+    replaced: dict[str, Any] = {}
+    for name, wrap in (
+        ("unary_unary", unary),
+        ("stream_unary", unary),
+        ("unary_stream", streaming),
+        ("stream_stream", streaming),
+    ):
+        fn = getattr(handler, name)
+        if fn is not None:
+            replaced[name] = wrap(fn)
+    return handler._replace(**replaced)  # type: ignore[attr-defined, no-any-return]
+
+
 def wrap_handler(handler: Handler, on_error: OnError) -> Handler:
     def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
         async def call(request: Any, context: Context) -> Any:
@@ -79,14 +98,4 @@ def wrap_handler(handler: Handler, on_error: OnError) -> Handler:
 
         return call
 
-    replaced: dict[str, Any] = {}
-    for name, wrap in (
-        ("unary_unary", unary),
-        ("stream_unary", unary),
-        ("unary_stream", streaming),
-        ("stream_stream", streaming),
-    ):
-        fn = getattr(handler, name)
-        if fn is not None:
-            replaced[name] = wrap(fn)
-    return handler._replace(**replaced)  # type: ignore[attr-defined, no-any-return]
+    return with_behaviours(handler, unary, streaming)
