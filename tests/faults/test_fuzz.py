@@ -236,8 +236,12 @@ def method(request: pytest.FixtureRequest) -> Iterator[MethodDescriptor]:
 @FUZZ
 @given(data=st.data())
 async def test_random_messages_get_a_deliberate_status(
-    channel: grpc.aio.Channel, method: MethodDescriptor, data: st.DataObject
+    channel: grpc.aio.Channel,
+    method: MethodDescriptor,
+    data: st.DataObject,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.clear()
     strategy = messages(method.input_type)
     count = data.draw(st.integers(0, 3)) if method.client_streaming else 1
     payloads = [data.draw(strategy) for _ in range(count)]
@@ -245,8 +249,17 @@ async def test_random_messages_get_a_deliberate_status(
         request = payloads[0]
         request.page_token = REAL_TOKENS.encode(data.draw(key_values()), filters_of(request))  # type: ignore[attr-defined]
     code = await outcome(channel, method, payloads, raw=False)
-    assert code not in UNDELIBERATE, (code, payloads)
+    if code == grpc.StatusCode.INTERNAL and method.client_streaming:
+        # Still the client's own INTERNAL after the retries in outcome() is acceptable only if
+        # the server (in this process) never took its INTERNAL path, which always logs.
+        assert not server_made_internal(caplog), (code, payloads)
+    else:
+        assert code not in UNDELIBERATE, (code, payloads)
     await still_serving(channel)
+
+
+def server_made_internal(caplog: pytest.LogCaptureFixture) -> bool:
+    return any(r.getMessage().startswith("unhandled error") for r in caplog.records)
 
 
 @FUZZ
