@@ -49,7 +49,6 @@ class AccountServicer(api_grpc.AccountServiceServicer):
             self.sessions,
             method="OpenAccount",
             request=request,
-            request_id=request.request_id,
             response_type=pb.Account,
             work=open_account,
         )
@@ -92,7 +91,6 @@ class AccountServicer(api_grpc.AccountServiceServicer):
             self.sessions,
             method=method,
             request=request,
-            request_id=request.request_id,
             response_type=pb.Account,
             work=post,
         )
@@ -118,7 +116,6 @@ class AccountServicer(api_grpc.AccountServiceServicer):
             self.sessions,
             method="Transfer",
             request=request,
-            request_id=request.request_id,
             response_type=pb.Transfer,
             work=transfer,
         )

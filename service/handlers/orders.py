@@ -78,7 +78,6 @@ class OrderServicer(api_grpc.OrderServiceServicer):
             self.sessions,
             method="CreateOrder",
             request=request,
-            request_id=request.request_id,
             response_type=pb.Order,
             work=create,
         )
