@@ -14,7 +14,7 @@ import pytest
 from shop.v1 import user_service_pb2 as api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
 
-from tests.process import ROOT, STOP_TIMEOUT, free_port, service_env, wait_until_serving
+from tests.process import ROOT, STOP_TIMEOUT, free_port, service_env, service_process
 
 TOKEN = "pr0cess-t0ken-5ecret"
 
@@ -35,19 +35,10 @@ def test_serve_exits_non_zero_on_an_open_non_loopback_address(database_url: str)
 
 
 def test_json_access_lines_carry_request_id_and_no_token(database_url: str, tmp_path: Path) -> None:
-    port = free_port()
-    env = service_env(database_url, port) | {
-        "SHOP_LOG_FORMAT": "json",
-        "SHOP_AUTH_TOKENS": f"{TOKEN}:read",
-    }
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env, stdout=out, stderr=out
-        )
-    try:
-        wait_until_serving(f"127.0.0.1:{port}", process, log)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    extra = {"SHOP_LOG_FORMAT": "json", "SHOP_AUTH_TOKENS": f"{TOKEN}:read"}
+    with service_process(database_url, log, **extra) as (address, process):
+        with grpc.insecure_channel(address) as channel:
             stub = UserServiceStub(channel)
             metadata = [("authorization", f"Bearer {TOKEN}"), ("x-request-id", "cli-req-1")]
             with pytest.raises(grpc.RpcError) as caught:
@@ -55,10 +46,6 @@ def test_json_access_lines_carry_request_id_and_no_token(database_url: str, tmp_
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=STOP_TIMEOUT) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT)
 
     text = log.read_text()
     assert TOKEN not in text  # not in the settings dump, not in any access line
