@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     pool_timeout: float = Field(default=30.0, gt=0)
     pool_recycle: int = 3600
     pool_pre_ping: bool = True
+    # Only connections idle this long are pinged on checkout (service/db/ping.py); 0 pings all.
+    pool_pre_ping_idle: float = Field(default=1.0, ge=0)
     # SHOP_DATABASE_URL points at PgBouncer in transaction mode: no prepared-statement caches and
     # a unique name per prepared statement (service/db/engine.py; docs/reliability.md).
     pgbouncer: bool = False

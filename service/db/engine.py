@@ -36,7 +36,7 @@ def create_engine(settings: Settings, url: str) -> AsyncEngine:
         execution_options={AUTOCOMMIT_READS: not settings.pgbouncer},
     )
     if settings.pool_pre_ping:
-        ping_on_checkout(engine)
+        ping_on_checkout(engine, settings.pool_pre_ping_idle)
     bound_by_deadlines(engine)
     return engine
 
