@@ -82,3 +82,11 @@ def create_sessionmaker(
     """`info` is copied into every session (the server puts its SchemaFeatures there)."""
     # expire_on_commit=False: handlers read attributes after commit without a lazy load.
     return async_sessionmaker(engine, expire_on_commit=False, info=info)
+
+
+def engine_of(sessions: async_sessionmaker[AsyncSession]) -> AsyncEngine:
+    """The engine a sessionmaker binds its sessions to (for work below the session)."""
+    engine = sessions.kw.get("bind")
+    if not isinstance(engine, AsyncEngine):
+        raise TypeError("the sessionmaker is not bound to an AsyncEngine")
+    return engine

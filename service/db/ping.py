@@ -24,12 +24,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_
 
 _CHECKED_IN = "shop_checked_in_at"
+# Simple query protocol: no prepared statement. (asyncpg fails on an empty query.)
+PRE_PING = "SELECT 1"
 
 
 def _ping(dbapi_connection: Any) -> None:
     try:
-        # Simple query protocol: no prepared statement. (asyncpg fails on an empty query.)
-        await_(dbapi_connection.driver_connection.execute("SELECT 1"))
+        await_(dbapi_connection.driver_connection.execute(PRE_PING))
     except Exception as exc:
         # DisconnectionError: the pool discards this connection and checks out another.
         raise DisconnectionError("pre-ping failed") from exc

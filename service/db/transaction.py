@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 
 @asynccontextmanager
@@ -31,22 +31,6 @@ async def read_only_snapshot(
             await session.rollback()
 
 
-# An engine execution option: False where single_statement() must keep a transaction block.
+# An engine execution option: False where driver.single_statement() must keep a transaction
+# block (behind pgbouncer in transaction mode).
 AUTOCOMMIT_READS = "shop_autocommit_reads"
-
-
-@asynccontextmanager
-async def single_statement(
-    sessions: async_sessionmaker[AsyncSession],
-) -> AsyncIterator[AsyncSession]:
-    """For a unit of work that is one read statement: run it in autocommit, where the statement
-    is its own transaction, sparing the BEGIN and ROLLBACK round trips of a transaction block.
-    Not behind pgbouncer in transaction mode (the engine says so with AUTOCOMMIT_READS): there,
-    the statement's prepare and execute could reach two different server connections."""
-    async with sessions() as session:
-        engine = session.bind
-        if isinstance(engine, AsyncEngine) and engine.get_execution_options().get(
-            AUTOCOMMIT_READS, True
-        ):
-            await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        yield session

@@ -9,14 +9,16 @@ from shop.v1 import user_service_pb2 as api
 from shop.v1 import user_service_pb2_grpc as api_grpc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.db.driver import single_statement
+from service.db.engine import engine_of
 from service.db.models import utcnow
 from service.db.retry import transactional
-from service.db.transaction import read_only_snapshot, single_statement, transaction
+from service.db.transaction import read_only_snapshot, transaction
 from service.handlers.context import Context
 from service.handlers.paging import PageTokens
 from service.handlers.users_convert import user_row_to_proto, user_rows_to_batch, user_to_proto
 from service.handlers.validation import Violations
-from service.repositories.users import UserFields, UserRepository
+from service.repositories.users import UserFields, UserRepository, UserRows
 
 UPDATABLE_PATHS = frozenset({"first_name", "last_name", "email", "is_active"})
 MAX_UPSERT_BATCH = 1000
@@ -46,6 +48,7 @@ class UserServicer(api_grpc.UserServiceServicer):
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], tokens: PageTokens) -> None:
         self.sessions = sessions
+        self.engine = engine_of(sessions)
         self.tokens = tokens
 
     async def CreateUser(self, request: api.CreateUserRequest, context: Context) -> pb.User:
@@ -66,8 +69,9 @@ class UserServicer(api_grpc.UserServiceServicer):
         v = Violations()
         v.id("id", request.id)
         v.raise_if_any()
-        async with single_statement(self.sessions) as session:
-            return user_row_to_proto(await UserRepository(session).get_row(request.id))
+        async with single_statement(self.engine) as driver:
+            row = await UserRows(driver).by_id(request.id)
+        return user_row_to_proto(row)
 
     async def UpdateUser(self, request: api.UpdateUserRequest, context: Context) -> pb.User:
         """Apply the fields named by update_mask."""
