@@ -22,6 +22,7 @@ from service.handlers.idempotency import idempotent
 from service.handlers.paging import PageTokens
 from service.handlers.validation import MAX_ID, Violations
 from service.repositories.accounts import AccountRepository
+from service.repositories.ledger import Ledger
 from service.repositories.users import UserRepository
 
 
@@ -147,13 +148,24 @@ class AccountServicer(api_grpc.AccountServiceServicer):
     async def StreamTransfers(
         self, request: api.StreamTransfersRequest, context: Context
     ) -> AsyncIterator[api.TransferBatch]:
-        """The account's whole statement, oldest first, batch_size per message."""
+        """The account's whole statement, oldest first, batch_size per message, from one
+        consistent snapshot; each batch carries a resume token that starts a new export after
+        its last transfer."""
         v = Violations()
         v.id("account_id", request.account_id)
         batch_size = v.batch_size("batch_size", request.batch_size)
         v.raise_if_any()
+        # "export" keeps ListTransfers page tokens and other exports' tokens from passing here.
+        filters = {"export": "transfers", "account_id": request.account_id}
+        after_id = (
+            self.tokens.decode(request.resume_token, filters, field="resume_token")
+            if request.resume_token
+            else 0
+        )
         async with read_only_snapshot(self.sessions) as session:
-            accounts = AccountRepository(session)
-            await accounts.get(request.account_id)
-            async for rows in accounts.stream_transfers(request.account_id, batch_size=batch_size):
-                yield api.TransferBatch(transfers=transfer_rows_to_batch(rows))
+            await AccountRepository(session).get(request.account_id)
+            batches = Ledger(session).statement(
+                request.account_id, batch_size=batch_size, after_id=after_id
+            )
+            async for rows in batches:
+                yield transfer_rows_to_batch(rows, self.tokens.encode(rows[-1].id, filters))

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from shop.v1 import account_service_pb2 as api
 from shop.v1 import resources_pb2 as pb
 
 from service.db.models import Account
-from service.handlers.convert import timestamp
+from service.handlers.convert import set_timestamp, timestamp
 from service.money import format_money
 
 
@@ -35,5 +36,18 @@ def transfer_to_proto(transfer: Any) -> pb.Transfer:
     )
 
 
-def transfer_rows_to_batch(rows: Sequence[Any]) -> list[pb.Transfer]:
-    return [transfer_to_proto(r) for r in rows]
+def transfer_rows_to_batch(rows: Sequence[Any], resume_token: str = "") -> api.TransferBatch:
+    """Rows of repositories.ledger.STATEMENT_COLUMNS, in that order -> one TransferBatch (the
+    streaming hot path), filled in place like users_convert.user_rows_to_batch. The bytes are
+    the same as transfer_to_proto's."""
+    batch = api.TransferBatch(resume_token=resume_token)
+    add = batch.transfers.add
+    for transfer_id, from_account_id, to_account_id, amount, request_id, created in rows:
+        transfer = add()
+        transfer.id = transfer_id
+        transfer.from_account_id = from_account_id
+        transfer.to_account_id = to_account_id
+        transfer.amount = format_money(amount)
+        transfer.request_id = request_id
+        set_timestamp(transfer.created_at, created)
+    return batch

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from shop.v1 import order_service_pb2 as api
 from shop.v1 import resources_pb2 as pb
 from sqlalchemy import inspect
 
 from service.db.models import Order, OrderStatus
-from service.handlers.convert import timestamp
+from service.handlers.convert import set_timestamp, timestamp
 from service.money import format_money
 
 if TYPE_CHECKING:
     from service.db.models import User
+    from service.repositories.orders import OrderPartition
 
 STATUS_TO_PROTO: dict[OrderStatus, pb.OrderStatus.ValueType] = {
     OrderStatus.PENDING: pb.ORDER_STATUS_PENDING,
@@ -24,6 +24,8 @@ STATUS_TO_PROTO: dict[OrderStatus, pb.OrderStatus.ValueType] = {
     OrderStatus.CANCELLED: pb.ORDER_STATUS_CANCELLED,
 }
 STATUS_FROM_PROTO = {v: k for k, v in STATUS_TO_PROTO.items()}
+# orders.status as stored -> proto enum, one lookup per streamed order.
+_STATUS_OF_COLUMN = {status.value: proto for status, proto in STATUS_TO_PROTO.items()}
 
 
 def order_to_proto(order: Order, *, user: User | None = None) -> pb.Order:
@@ -46,23 +48,32 @@ def order_to_proto(order: Order, *, user: User | None = None) -> pb.Order:
     )
 
 
-def order_rows_to_batch(rows: Sequence[Any]) -> list[pb.Order]:
-    """Core rows from OrderRepository.stream (items as a JSON array) -> messages."""
-    return [
-        pb.Order(
-            id=r.id,
-            user_id=r.user_id,
-            status=STATUS_TO_PROTO[OrderStatus(r.status)],
-            items=[
-                pb.OrderItem(sku=sku, quantity=quantity, unit_price=price)
-                for sku, quantity, price in (
-                    json.loads(r.items) if isinstance(r.items, str) else r.items
-                )
-            ],
-            total=format_money(r.total),
-            created_at=timestamp(r.created_at),
-            updated_at=timestamp(r.updated_at),
-            currency=r._mapping.get("currency") or "",
-        )
-        for r in rows
-    ]
+def order_rows_to_batch(partition: OrderPartition, resume_token: str = "") -> api.OrderBatch:
+    """A partition of OrderRepository.export -> one OrderBatch (the streaming hot path), filled
+    in place like users_convert.user_rows_to_batch. Items arrive grouped by order in the orders'
+    own id order, so one pass walks both. Money goes NUMERIC -> Decimal -> format_money, as in
+    order_to_proto: the stream agrees with GetOrder byte for byte (the user aside)."""
+    batch = api.OrderBatch(resume_token=resume_token)
+    add = batch.orders.add
+    items = partition.items
+    n_items = len(items)
+    i = 0
+    for order_id, user_id, status, total, created, updated, currency in partition.orders:
+        order = add()
+        order.id = order_id
+        order.user_id = user_id
+        order.status = _STATUS_OF_COLUMN[status]
+        add_item = order.items.add
+        while i < n_items and items[i][0] == order_id:
+            _, sku, quantity, unit_price = items[i]
+            item = add_item()
+            item.sku = sku
+            item.quantity = quantity
+            item.unit_price = format_money(unit_price)
+            i += 1
+        order.total = format_money(total)
+        set_timestamp(order.created_at, created)
+        set_timestamp(order.updated_at, updated)
+        if currency:
+            order.currency = currency
+    return batch

@@ -3,17 +3,19 @@ a debit and a credit that sum to zero, and the cached balances move with them.""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import select, text
+from sqlalchemy import or_, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
-from service.db.models import EXTERNAL_INDEX_WHERE, Account, AccountKind
+from service.db.models import EXTERNAL_INDEX_WHERE, Account, AccountKind, Transfer
+from service.db.streaming import Rows, epoch_microseconds, partitions
 from service.errors import AlreadyExists, FailedPrecondition
 from service.repositories.integrity import violated_constraint
 
@@ -67,6 +69,18 @@ class Posted:
     created_at: datetime
 
 
+# What StreamTransfers sends of a transfer, in the order accounts_convert.transfer_rows_to_batch
+# unpacks it: created_at as epoch microseconds (cheaper to decode and convert than a datetime).
+STATEMENT_COLUMNS = (
+    Transfer.id,
+    Transfer.from_account_id,
+    Transfer.to_account_id,
+    Transfer.amount,
+    Transfer.request_id,
+    epoch_microseconds(Transfer.created_at).label("created_at"),
+)
+
+
 # The whole posting in one statement. Data-modifying CTEs all run, in one snapshot, whether or
 # not the final SELECT reads them; the audit rows are those the ORM's after_flush hook would
 # write for the balance updates (service/db/audit.py).
@@ -106,9 +120,10 @@ def _cached(account: Holder) -> bool:
 
 
 class Ledger:
-    """Posts transfers. The caller has locked the customer accounts involved, in id order. The
-    external account is never locked or updated (it caches no balance), so deposits and
-    withdrawals in one currency do not queue behind each other."""
+    """Posts transfers and reads an account's statement. The caller has locked the customer
+    accounts involved in a posting, in id order. The external account is never locked or
+    updated (it caches no balance), so deposits and withdrawals in one currency do not queue
+    behind each other."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -181,3 +196,19 @@ class Ledger:
             request_id=request_id,
             created_at=rows[0].created_at,
         )
+
+    def statement(
+        self, account_id: int, *, batch_size: int, after_id: int = 0
+    ) -> AsyncIterator[Rows]:
+        """The account's transfers, in or out, with id > after_id in id order, as rows of
+        STATEMENT_COLUMNS, batch_size per partition, from a server-side cursor (after_id
+        resumes an export)."""
+        stmt = (
+            select(*STATEMENT_COLUMNS)
+            .where(
+                or_(Transfer.from_account_id == account_id, Transfer.to_account_id == account_id),
+                Transfer.id > after_id,
+            )
+            .order_by(Transfer.id)
+        )
+        return partitions(self.session, stmt, batch_size)

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from sqlalchemy import Row, Select, String, cast, func, literal_column, select
-from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy import (
+    BigInteger,
+    Row,
+    Select,
+    String,
+    any_,
+    bindparam,
+    cast,
+    func,
+    literal_column,
+    null,
+    select,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload, undefer
 from sqlalchemy.orm.strategy_options import _AbstractLoad  # what undefer() returns
@@ -16,9 +29,29 @@ from sqlalchemy.sql.elements import Label
 
 from service.db.models import ORDER_CURRENCY, Order, OrderItem, OrderStatus
 from service.db.schema_state import features_of
+from service.db.streaming import Row as DriverRow
+from service.db.streaming import Rows, epoch_microseconds, partitions
 from service.errors import FailedPrecondition, NotFound
 
 AnySelect = TypeVar("AnySelect", bound=Select[*tuple[Any, ...]])
+
+# What StreamOrders sends of an order, in the order orders_convert.order_rows_to_batch unpacks
+# it; currency is appended (or NULL) by OrderRepository.export, as the schema allows.
+EXPORT_COLUMNS = (
+    Order.id,
+    Order.user_id,
+    Order.status,
+    Order.total,
+    epoch_microseconds(Order.created_at).label("created_at"),
+    epoch_microseconds(Order.updated_at).label("updated_at"),
+)
+# The items of a batch of orders, in one statement: grouped by order in the batch's (id) order,
+# each order's in item id order (as Order.items is loaded for GetOrder).
+EXPORT_ITEMS = (
+    select(OrderItem.order_id, OrderItem.sku, OrderItem.quantity, OrderItem.unit_price)
+    .where(OrderItem.order_id == any_(bindparam("order_ids", type_=ARRAY(BigInteger))))
+    .order_by(OrderItem.order_id, OrderItem.id)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +59,28 @@ class ItemFields:
     sku: str
     quantity: int
     unit_price: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class OrderPartition:
+    """A batch of exported orders (EXPORT_COLUMNS, currency last) and the items of all of them
+    (EXPORT_ITEMS' columns), both in order id order."""
+
+    orders: Rows
+    items: Rows
+
+
+async def _shielded(fetch: Awaitable[list[DriverRow]]) -> list[DriverRow]:
+    """Await a driver fetch that a cancellation lets finish (as db.streaming.partitions does):
+    a statement cut off mid-message would cost the connection."""
+    task = asyncio.ensure_future(fetch)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait((task,))
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what goes up
+        raise
 
 
 def _items_json() -> Label[Any]:
@@ -147,3 +202,25 @@ class OrderRepository:
                 yield partition
         finally:
             await result.close()
+
+    def export(
+        self, *, user_id: int, status: OrderStatus | None, batch_size: int, after_id: int = 0
+    ) -> AsyncIterator[OrderPartition]:
+        """Matching orders with id > after_id, batch_size per partition, from a server-side
+        cursor, each partition with its items (after_id resumes an export)."""
+        currency = Order.currency if self.features.read_order_currency else null()
+        stmt = select(*EXPORT_COLUMNS, currency.label("currency")).order_by(Order.id)
+        stmt = self._filtered(stmt.where(Order.id > after_id), user_id, status)
+        return self._with_items(partitions(self.session, stmt, batch_size))
+
+    async def _with_items(self, batches: AsyncIterator[Rows]) -> AsyncIterator[OrderPartition]:
+        """Each batch of orders with all its items, read by one statement per batch on the
+        export's connection (so from its snapshot), straight from the driver like the cursor."""
+        connection = await self.session.connection()
+        compiled = EXPORT_ITEMS.compile(dialect=connection.dialect)
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert driver is not None
+        async for orders in batches:
+            order_ids = [order.id for order in orders]
+            items = await _shielded(driver.fetch(str(compiled), order_ids, record_class=DriverRow))
+            yield OrderPartition(orders, items)

@@ -197,17 +197,23 @@ class StreamTransfersRequest(_message.Message):
 
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     account_id: _builtins.int
     batch_size: _builtins.int
+    resume_token: _builtins.str
+    """From a TransferBatch of an earlier export of the same account: continue after the last
+    transfer that batch carried. The rest is read from a new snapshot.
+    """
     def __init__(
         self,
         *,
         account_id: _builtins.int = ...,
         batch_size: _builtins.int = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "batch_size", b"batch_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "batch_size", b"batch_size", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -218,16 +224,20 @@ class TransferBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFERS_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Pass it as StreamTransfersRequest.resume_token to continue after this batch."""
     @_builtins.property
     def transfers(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Transfer]: ...
     def __init__(
         self,
         *,
         transfers: _abc.Iterable[_resources_pb2.Transfer] | None = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["transfers", b"transfers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_token", b"resume_token", "transfers", b"transfers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

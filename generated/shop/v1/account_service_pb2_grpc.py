@@ -116,7 +116,8 @@ class AccountServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamTransfers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The account's transfers, in or out, id ascending, batch_size per message; resumable.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -43,6 +43,7 @@ class AccountServiceStub:
     ListTransfers: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.ListTransfersRequest, _account_service_pb2.ListTransfersResponse]
     """An account's transfers, in or out, id descending."""
     StreamTransfers: _grpc.UnaryStreamMultiCallable[_account_service_pb2.StreamTransfersRequest, _account_service_pb2.TransferBatch]
+    """The account's transfers, in or out, id ascending, batch_size per message; resumable."""
 
 @_typing.type_check_only
 class AccountServiceAsyncStub(AccountServiceStub):
@@ -58,6 +59,7 @@ class AccountServiceAsyncStub(AccountServiceStub):
     ListTransfers: _aio.UnaryUnaryMultiCallable[_account_service_pb2.ListTransfersRequest, _account_service_pb2.ListTransfersResponse]  # type: ignore[assignment]
     """An account's transfers, in or out, id descending."""
     StreamTransfers: _aio.UnaryStreamMultiCallable[_account_service_pb2.StreamTransfersRequest, _account_service_pb2.TransferBatch]  # type: ignore[assignment]
+    """The account's transfers, in or out, id ascending, batch_size per message; resumable."""
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     """Money accounts. Every write is idempotent by request_id."""
@@ -111,6 +113,7 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _account_service_pb2.StreamTransfersRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_account_service_pb2.TransferBatch], _abc.AsyncIterator[_account_service_pb2.TransferBatch]]: ...
+    ) -> _typing.Union[_abc.Iterator[_account_service_pb2.TransferBatch], _abc.AsyncIterator[_account_service_pb2.TransferBatch]]:
+        """The account's transfers, in or out, id ascending, batch_size per message; resumable."""
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

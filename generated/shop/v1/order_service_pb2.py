@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shop.v1 import resources_pb2 as shop_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshop/v1/order_service.proto\x12\x07shop.v1\x1a\x17shop/v1/resources.proto\"\\\n\x12\x43reateOrderRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12!\n\x05items\x18\x02 \x03(\x0b\x32\x12.shop.v1.OrderItem\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1d\n\x0fGetOrderRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"q\n\x11ListOrdersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.shop.v1.OrderStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"M\n\x12ListOrdersResponse\x12\x1e\n\x06orders\x18\x01 \x03(\x0b\x32\x0e.shop.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"`\n\x13StreamOrdersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.shop.v1.OrderStatus\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\",\n\nOrderBatch\x12\x1e\n\x06orders\x18\x01 \x03(\x0b\x32\x0e.shop.v1.Order\"L\n\x18UpdateOrderStatusRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.shop.v1.OrderStatus2\xd4\x02\n\x0cOrderService\x12:\n\x0b\x43reateOrder\x12\x1b.shop.v1.CreateOrderRequest\x1a\x0e.shop.v1.Order\x12\x34\n\x08GetOrder\x12\x18.shop.v1.GetOrderRequest\x1a\x0e.shop.v1.Order\x12\x45\n\nListOrders\x12\x1a.shop.v1.ListOrdersRequest\x1a\x1b.shop.v1.ListOrdersResponse\x12\x43\n\x0cStreamOrders\x12\x1c.shop.v1.StreamOrdersRequest\x1a\x13.shop.v1.OrderBatch0\x01\x12\x46\n\x11UpdateOrderStatus\x12!.shop.v1.UpdateOrderStatusRequest\x1a\x0e.shop.v1.Orderb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshop/v1/order_service.proto\x12\x07shop.v1\x1a\x17shop/v1/resources.proto\"\\\n\x12\x43reateOrderRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12!\n\x05items\x18\x02 \x03(\x0b\x32\x12.shop.v1.OrderItem\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1d\n\x0fGetOrderRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"q\n\x11ListOrdersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.shop.v1.OrderStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"M\n\x12ListOrdersResponse\x12\x1e\n\x06orders\x18\x01 \x03(\x0b\x32\x0e.shop.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x13StreamOrdersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.shop.v1.OrderStatus\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x14\n\x0cresume_token\x18\x04 \x01(\t\"B\n\nOrderBatch\x12\x1e\n\x06orders\x18\x01 \x03(\x0b\x32\x0e.shop.v1.Order\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"L\n\x18UpdateOrderStatusRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.shop.v1.OrderStatus2\xd4\x02\n\x0cOrderService\x12:\n\x0b\x43reateOrder\x12\x1b.shop.v1.CreateOrderRequest\x1a\x0e.shop.v1.Order\x12\x34\n\x08GetOrder\x12\x18.shop.v1.GetOrderRequest\x1a\x0e.shop.v1.Order\x12\x45\n\nListOrders\x12\x1a.shop.v1.ListOrdersRequest\x1a\x1b.shop.v1.ListOrdersResponse\x12\x43\n\x0cStreamOrders\x12\x1c.shop.v1.StreamOrdersRequest\x1a\x13.shop.v1.OrderBatch0\x01\x12\x46\n\x11UpdateOrderStatus\x12!.shop.v1.UpdateOrderStatusRequest\x1a\x0e.shop.v1.Orderb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,11 +41,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTORDERSRESPONSE']._serialized_start=305
   _globals['_LISTORDERSRESPONSE']._serialized_end=382
   _globals['_STREAMORDERSREQUEST']._serialized_start=384
-  _globals['_STREAMORDERSREQUEST']._serialized_end=480
-  _globals['_ORDERBATCH']._serialized_start=482
-  _globals['_ORDERBATCH']._serialized_end=526
-  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_start=528
-  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_end=604
-  _globals['_ORDERSERVICE']._serialized_start=607
-  _globals['_ORDERSERVICE']._serialized_end=947
+  _globals['_STREAMORDERSREQUEST']._serialized_end=502
+  _globals['_ORDERBATCH']._serialized_start=504
+  _globals['_ORDERBATCH']._serialized_end=570
+  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_start=572
+  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_end=648
+  _globals['_ORDERSERVICE']._serialized_start=651
+  _globals['_ORDERSERVICE']._serialized_end=991
 # @@protoc_insertion_point(module_scope)

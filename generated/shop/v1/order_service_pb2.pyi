@@ -125,19 +125,25 @@ class StreamOrdersRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.int
     status: _resources_pb2.OrderStatus.ValueType
     batch_size: _builtins.int
+    resume_token: _builtins.str
+    """From an OrderBatch of an earlier export with the same filters: continue after the last
+    order that batch carried. The rest is read from a new snapshot.
+    """
     def __init__(
         self,
         *,
         user_id: _builtins.int = ...,
         status: _resources_pb2.OrderStatus.ValueType = ...,
         batch_size: _builtins.int = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "resume_token", b"resume_token", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -148,16 +154,20 @@ class OrderBatch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORDERS_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Pass it as StreamOrdersRequest.resume_token to continue after this batch."""
     @_builtins.property
     def orders(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Order]: ...
     def __init__(
         self,
         *,
         orders: _abc.Iterable[_resources_pb2.Order] | None = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["orders", b"orders"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["orders", b"orders", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -89,7 +89,7 @@ class OrderServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamOrders(self, request, context):
-        """Exports every matching order with its items, batch_size orders per message.
+        """Exports every matching order with its items, batch_size orders per message; resumable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

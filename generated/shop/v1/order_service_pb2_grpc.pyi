@@ -41,7 +41,7 @@ class OrderServiceStub:
     ListOrders: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.ListOrdersRequest, _order_service_pb2.ListOrdersResponse]
     """Pages in id descending order."""
     StreamOrders: _grpc.UnaryStreamMultiCallable[_order_service_pb2.StreamOrdersRequest, _order_service_pb2.OrderBatch]
-    """Exports every matching order with its items, batch_size orders per message."""
+    """Exports every matching order with its items, batch_size orders per message; resumable."""
     UpdateOrderStatus: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.UpdateOrderStatusRequest, _resources_pb2.Order]
 
 @_typing.type_check_only
@@ -56,7 +56,7 @@ class OrderServiceAsyncStub(OrderServiceStub):
     ListOrders: _aio.UnaryUnaryMultiCallable[_order_service_pb2.ListOrdersRequest, _order_service_pb2.ListOrdersResponse]  # type: ignore[assignment]
     """Pages in id descending order."""
     StreamOrders: _aio.UnaryStreamMultiCallable[_order_service_pb2.StreamOrdersRequest, _order_service_pb2.OrderBatch]  # type: ignore[assignment]
-    """Exports every matching order with its items, batch_size orders per message."""
+    """Exports every matching order with its items, batch_size orders per message; resumable."""
     UpdateOrderStatus: _aio.UnaryUnaryMultiCallable[_order_service_pb2.UpdateOrderStatusRequest, _resources_pb2.Order]  # type: ignore[assignment]
 
 class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -92,7 +92,7 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _order_service_pb2.StreamOrdersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_order_service_pb2.OrderBatch], _abc.AsyncIterator[_order_service_pb2.OrderBatch]]:
-        """Exports every matching order with its items, batch_size orders per message."""
+        """Exports every matching order with its items, batch_size orders per message; resumable."""
 
     @_abc_1.abstractmethod
     def UpdateOrderStatus(
