@@ -47,6 +47,12 @@ class Statement:
         )
         return row
 
+    async def fetch(self, driver: asyncpg.Connection, **params: Any) -> list[Row]:
+        rows: list[Row] = await driver.fetch(
+            self.sql, *(params[n] for n in self.names), record_class=Row
+        )
+        return rows
+
 
 @asynccontextmanager
 async def single_statement(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:

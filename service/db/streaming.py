@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import BigInteger, ColumnElement, Select, cast, extract, literal_column
@@ -24,6 +24,26 @@ class Row(asyncpg.Record):  # type: ignore[misc]
 
 
 Rows = Sequence[Row]
+
+T = TypeVar("T")
+
+
+async def shielded(fetch: Awaitable[T]) -> T:
+    """Await a driver fetch that a cancellation (client gone, deadline passed) lets finish.
+
+    A fetch cut off mid-message would leave the connection's protocol state unknown and cost
+    the connection; let to finish, it costs at most the batch in flight. The cancellation then
+    goes up as usual: the caller's transaction ends, closing any cursor, and the connection goes
+    back to the pool intact.
+    """
+    task = asyncio.ensure_future(fetch)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait((task,))
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what goes up
+        raise
 
 
 def epoch_microseconds(
@@ -48,9 +68,8 @@ async def partitions(
     no SQLAlchemy type processing).
 
     A batch is fetched only when the consumer asks for the next one, so a slow client holds the
-    cursor back instead of the server buffering the result. Each fetch runs shielded: a
-    cancellation (client gone, deadline passed) that arrives mid-fetch lets the fetch in flight
-    finish (one batch), since a fetch cut off mid-message would cost the connection; the
+    cursor back instead of the server buffering the result. Each fetch runs shielded(): a
+    cancellation that arrives mid-fetch lets the fetch in flight (one batch) finish; the
     caller's transaction then ends, closing the cursor, and the connection goes back to the
     pool intact.
     """
@@ -65,14 +84,7 @@ async def partitions(
         await connection.exec_driver_sql("SELECT 1")
     cursor = await driver.cursor(str(compiled), *params, record_class=Row)
     while True:
-        fetch = asyncio.ensure_future(cursor.fetch(batch_size))
-        try:
-            rows: list[Row] = await asyncio.shield(fetch)
-        except asyncio.CancelledError:
-            await asyncio.wait((fetch,))
-            if not fetch.cancelled():
-                fetch.exception()  # retrieved: the cancellation is what goes up
-            raise
+        rows: list[Row] = await shielded(cursor.fetch(batch_size))
         if not rows:
             return
         yield rows

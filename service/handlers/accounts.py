@@ -157,11 +157,7 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         v.raise_if_any()
         # "export" keeps ListTransfers page tokens and other exports' tokens from passing here.
         filters = {"export": "transfers", "account_id": request.account_id}
-        after_id = (
-            self.tokens.decode(request.resume_token, filters, field="resume_token")
-            if request.resume_token
-            else 0
-        )
+        after_id = self.tokens.resume_after(request.resume_token, filters)
         async with read_only_snapshot(self.sessions) as session:
             await AccountRepository(session).get(request.account_id)
             batches = Ledger(session).statement(

@@ -129,11 +129,7 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         v.raise_if_any()
         # "export" keeps ListOrders page tokens and other exports' tokens from passing here.
         filters = {"export": "orders", "user_id": request.user_id, "status": int(request.status)}
-        after_id = (
-            self.tokens.decode(request.resume_token, filters, field="resume_token")
-            if request.resume_token
-            else 0
-        )
+        after_id = self.tokens.resume_after(request.resume_token, filters)
         async with read_only_snapshot(self.sessions) as session:
             batches = OrderRepository(session).export(
                 user_id=request.user_id, status=status, batch_size=batch_size, after_id=after_id

@@ -60,3 +60,8 @@ class PageTokens:
         if data.get("f") != self._fingerprint(filters):
             raise InvalidArgument.single(field, "was issued for a request with other filters")
         return key
+
+    def resume_after(self, token: str, filters: Mapping[str, object]) -> int:
+        """The last key an export already sent, from a stream request's resume_token: 0 (from
+        the start) without one; raises InvalidArgument on resume_token as decode() does."""
+        return self.decode(token, filters, field="resume_token") if token else 0

@@ -168,11 +168,7 @@ class UserServicer(api_grpc.UserServiceServicer):
             "show_deleted": request.show_deleted,
             "active_only": request.active_only,
         }
-        after_id = (
-            self.tokens.decode(request.resume_token, filters, field="resume_token")
-            if request.resume_token
-            else 0
-        )
+        after_id = self.tokens.resume_after(request.resume_token, filters)
         async with read_only_snapshot(self.sessions) as session:
             batches = UserRepository(session).stream(
                 show_deleted=request.show_deleted,

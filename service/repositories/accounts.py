@@ -3,11 +3,10 @@ order, and only through the ledger (repositories/ledger.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
-from typing import Any
 
-from sqlalchemy import BigInteger, Row, any_, bindparam, or_, select
+from sqlalchemy import BigInteger, any_, bindparam, or_, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
@@ -17,15 +16,6 @@ from service.errors import FailedPrecondition, NotFound
 from service.repositories.ledger import Held, Ledger, Posted
 
 IS_CUSTOMER = Account.kind == AccountKind.CUSTOMER.value
-
-TRANSFER_COLUMNS = (
-    Transfer.id,
-    Transfer.from_account_id,
-    Transfer.to_account_id,
-    Transfer.amount,
-    Transfer.request_id,
-    Transfer.created_at,
-)
 
 ACCOUNTS = Account.__table__
 # Built once (see lock_held); on the table, so the ORM adds nothing to the execution.
@@ -129,19 +119,3 @@ class AccountRepository:
     @staticmethod
     def _touches(account_id: int) -> ColumnElement[bool]:
         return or_(Transfer.from_account_id == account_id, Transfer.to_account_id == account_id)
-
-    async def stream_transfers(
-        self, account_id: int, *, batch_size: int
-    ) -> AsyncIterator[Sequence[Row[*tuple[Any, ...]]]]:
-        stmt = (
-            select(*TRANSFER_COLUMNS)
-            .where(self._touches(account_id))
-            .order_by(Transfer.id)
-            .execution_options(yield_per=batch_size)
-        )
-        result = await self.session.stream(stmt)
-        try:
-            async for partition in result.partitions():
-                yield partition
-        finally:
-            await result.close()

@@ -1,36 +1,22 @@
-"""Orders with their items: create, load with explicit eager loads, keyset pages, streams."""
+"""Orders with their items: create, load with explicit eager loads, keyset pages, exports."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from sqlalchemy import (
-    BigInteger,
-    Row,
-    Select,
-    String,
-    any_,
-    bindparam,
-    cast,
-    func,
-    literal_column,
-    null,
-    select,
-)
-from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
+from sqlalchemy import BigInteger, Select, any_, bindparam, null, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload, undefer
 from sqlalchemy.orm.strategy_options import _AbstractLoad  # what undefer() returns
-from sqlalchemy.sql.elements import Label
 
+from service.db.driver import Statement
 from service.db.models import ORDER_CURRENCY, Order, OrderItem, OrderStatus
 from service.db.schema_state import features_of
-from service.db.streaming import Row as DriverRow
-from service.db.streaming import Rows, epoch_microseconds, partitions
+from service.db.streaming import Rows, epoch_microseconds, partitions, shielded
 from service.errors import FailedPrecondition, NotFound
 
 AnySelect = TypeVar("AnySelect", bound=Select[*tuple[Any, ...]])
@@ -46,8 +32,9 @@ EXPORT_COLUMNS = (
     epoch_microseconds(Order.updated_at).label("updated_at"),
 )
 # The items of a batch of orders, in one statement: grouped by order in the batch's (id) order,
-# each order's in item id order (as Order.items is loaded for GetOrder).
-EXPORT_ITEMS = (
+# each order's in item id order (as Order.items is loaded for GetOrder). Compiled once, run on
+# the driver.
+EXPORT_ITEMS = Statement.compile(
     select(OrderItem.order_id, OrderItem.sku, OrderItem.quantity, OrderItem.unit_price)
     .where(OrderItem.order_id == any_(bindparam("order_ids", type_=ARRAY(BigInteger))))
     .order_by(OrderItem.order_id, OrderItem.id)
@@ -68,33 +55,6 @@ class OrderPartition:
 
     orders: Rows
     items: Rows
-
-
-async def _shielded(fetch: Awaitable[list[DriverRow]]) -> list[DriverRow]:
-    """Await a driver fetch that a cancellation lets finish (as db.streaming.partitions does):
-    a statement cut off mid-message would cost the connection."""
-    task = asyncio.ensure_future(fetch)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait((task,))
-        if not task.cancelled():
-            task.exception()  # retrieved: the cancellation is what goes up
-        raise
-
-
-def _items_json() -> Label[Any]:
-    """The order's items as one JSON array per order row: no query per order in a stream."""
-    item = func.json_build_array(
-        OrderItem.sku, OrderItem.quantity, cast(OrderItem.unit_price, String)
-    )
-    return func.coalesce(
-        select(func.json_agg(aggregate_order_by(item, OrderItem.id)))
-        .where(OrderItem.order_id == Order.id)
-        .scalar_subquery(),
-        # A json literal: COALESCE cannot mix json with a varchar bind parameter.
-        literal_column("'[]'::json"),
-    ).label("items")
 
 
 def order_column_options(session: AsyncSession) -> list[_AbstractLoad]:
@@ -180,29 +140,6 @@ class OrderRepository:
         )
         return (await self.session.scalars(self._filtered(stmt, user_id, status))).all()
 
-    async def stream(
-        self, *, user_id: int, status: OrderStatus | None, batch_size: int
-    ) -> AsyncIterator[Sequence[Row[*tuple[Any, ...]]]]:
-        """Matching orders as Core rows with their items as JSON, batch_size per partition."""
-        rolled_out = [Order.currency] if self.features.read_order_currency else []
-        stmt = select(
-            Order.id,
-            Order.user_id,
-            Order.status,
-            Order.total,
-            Order.created_at,
-            Order.updated_at,
-            *rolled_out,
-            _items_json(),
-        ).order_by(Order.id)
-        stmt = self._filtered(stmt, user_id, status)
-        result = await self.session.stream(stmt.execution_options(yield_per=batch_size))
-        try:
-            async for partition in result.partitions():
-                yield partition
-        finally:
-            await result.close()
-
     def export(
         self, *, user_id: int, status: OrderStatus | None, batch_size: int, after_id: int = 0
     ) -> AsyncIterator[OrderPartition]:
@@ -217,10 +154,9 @@ class OrderRepository:
         """Each batch of orders with all its items, read by one statement per batch on the
         export's connection (so from its snapshot), straight from the driver like the cursor."""
         connection = await self.session.connection()
-        compiled = EXPORT_ITEMS.compile(dialect=connection.dialect)
         driver = (await connection.get_raw_connection()).driver_connection
         assert driver is not None
         async for orders in batches:
             order_ids = [order.id for order in orders]
-            items = await _shielded(driver.fetch(str(compiled), order_ids, record_class=DriverRow))
+            items = await shielded(EXPORT_ITEMS.fetch(driver, order_ids=order_ids))
             yield OrderPartition(orders, items)

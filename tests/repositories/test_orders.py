@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
 from typing import Any
 
@@ -12,29 +11,30 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.db.models import OrderStatus
 from service.errors import FailedPrecondition, NotFound
-from service.repositories.orders import ItemFields, OrderRepository
+from service.repositories.orders import ItemFields, OrderPartition, OrderRepository
 from tests.factories import Factory
 
 
-def items_of(row: Any) -> list[list[Any]]:
-    """The items column as Python lists, whether the driver decoded the JSON or not."""
-    return json.loads(row.items) if isinstance(row.items, str) else row.items
-
-
-async def stream_rows(sessions: async_sessionmaker[AsyncSession], **kw: Any) -> list[list[Any]]:
-    """Every partition the stream yields, as lists of rows."""
+async def export(sessions: async_sessionmaker[AsyncSession], **kw: Any) -> list[OrderPartition]:
+    """Every partition the export yields."""
     params = {"user_id": 0, "status": None, "batch_size": 500} | kw
     async with sessions() as session:
-        return [list(p) async for p in OrderRepository(session).stream(**params)]
+        return [p async for p in OrderRepository(session).export(**params)]
 
 
-async def test_stream_items_are_in_item_id_order_not_insertion_order(
+def items_of(partition: OrderPartition) -> list[tuple[int, str, int, str]]:
+    """The partition's item rows in the order it sent them: (order_id, sku, quantity,
+    unit_price as text, so its scale counts too)."""
+    return [(i.order_id, i.sku, i.quantity, str(i.unit_price)) for i in partition.items]
+
+
+async def test_export_items_are_in_item_id_order_not_insertion_order(
     factory: Factory, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     user = await factory.user()
     order = await factory.order(user, items=[("FIRST", 1, "1.00")])
     async with engine.begin() as conn:
-        # Inserted out of id order, so only an ORDER BY in the aggregate puts them in id order.
+        # Inserted out of id order, so only the ORDER BY item id puts them in id order.
         for item_id, sku in ((1_000_030, "THIRTY"), (1_000_010, "TEN"), (1_000_020, "TWENTY")):
             await conn.execute(
                 text(
@@ -44,41 +44,44 @@ async def test_stream_items_are_in_item_id_order_not_insertion_order(
                 {"id": item_id, "order_id": order.id, "sku": sku},
             )
 
-    (partition,) = await stream_rows(sessions)
+    (partition,) = await export(sessions)
 
-    (row,) = partition
+    (row,) = partition.orders
     assert row.id == order.id
-    assert items_of(row) == [
-        ["FIRST", 1, "1.00"],
-        ["TEN", 2, "0.10"],
-        ["TWENTY", 2, "0.10"],
-        ["THIRTY", 2, "0.10"],
+    assert items_of(partition) == [
+        (order.id, "FIRST", 1, "1.00"),
+        (order.id, "TEN", 2, "0.10"),
+        (order.id, "TWENTY", 2, "0.10"),
+        (order.id, "THIRTY", 2, "0.10"),
     ]
 
 
-async def test_stream_items_belong_to_their_own_order_and_empty_orders_get_an_empty_list(
+async def test_export_items_belong_to_their_own_order_and_empty_orders_get_none(
     factory: Factory, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     user = await factory.user()
     one = await factory.order(user, items=[("A", 3, "0.10"), ("B", 1, "19.99")])
-    two = await factory.order(user, items=[("C", 1, "9999999999999999.99")])
     empty = await factory.order(user, items=[("GONE", 1, "1.00")])
+    two = await factory.order(user, items=[("C", 1, "9999999999999999.99")])
     async with engine.begin() as conn:
         await conn.execute(text("DELETE FROM order_items WHERE order_id = :id"), {"id": empty.id})
 
-    (partition,) = await stream_rows(sessions)
+    (partition,) = await export(sessions)
 
-    by_id = {row.id: row for row in partition}
-    assert [row.id for row in partition] == [one.id, two.id, empty.id]
-    assert items_of(by_id[one.id]) == [["A", 3, "0.10"], ["B", 1, "19.99"]]
-    assert items_of(by_id[two.id]) == [["C", 1, "9999999999999999.99"]]
-    assert items_of(by_id[empty.id]) == []
+    by_id = {row.id: row for row in partition.orders}
+    assert [row.id for row in partition.orders] == [one.id, empty.id, two.id]
+    # Grouped by order in the batch's order; the empty order, between the two, has no rows.
+    assert items_of(partition) == [
+        (one.id, "A", 3, "0.10"),
+        (one.id, "B", 1, "19.99"),
+        (two.id, "C", 1, "9999999999999999.99"),
+    ]
     assert by_id[one.id].total == Decimal("20.29")
     assert by_id[one.id].status == "pending"
     assert by_id[one.id].user_id == user.id
 
 
-async def test_stream_partitions_follow_batch_size_and_filters(
+async def test_export_partitions_follow_batch_size_filters_and_after_id(
     factory: Factory, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     ada, bob = await factory.user(), await factory.user()
@@ -86,20 +89,27 @@ async def test_stream_partitions_follow_batch_size_and_filters(
     bob_paid = [(await factory.order(bob, status=OrderStatus.PAID)).id for _ in range(3)]
     bob_pending = (await factory.order(bob)).id
 
-    partitions = await stream_rows(sessions, batch_size=2)
+    def ids(partitions: list[OrderPartition]) -> list[list[int]]:
+        # Each partition carries the items of its own orders, and only those (one item each).
+        for p in partitions:
+            assert [i.order_id for i in p.items] == [o.id for o in p.orders]
+        return [[o.id for o in p.orders] for p in partitions]
+
+    partitions = ids(await export(sessions, batch_size=2))
     assert [len(p) for p in partitions] == [2, 2, 2, 2, 1]
-    assert [r.id for p in partitions for r in p] == sorted([*ada_ids, *bob_paid, bob_pending])
+    assert [i for p in partitions for i in p] == sorted([*ada_ids, *bob_paid, bob_pending])
 
-    only_ada = await stream_rows(sessions, user_id=ada.id, batch_size=4)
-    assert [[r.id for r in p] for p in only_ada] == [ada_ids[:4], ada_ids[4:]]
+    only_ada = ids(await export(sessions, user_id=ada.id, batch_size=4))
+    assert only_ada == [ada_ids[:4], ada_ids[4:]]
 
-    paid = await stream_rows(sessions, status=OrderStatus.PAID)
-    assert [r.id for p in paid for r in p] == bob_paid
+    assert ids(await export(sessions, status=OrderStatus.PAID)) == [bob_paid]
 
-    bob_and_pending = await stream_rows(sessions, user_id=bob.id, status=OrderStatus.PENDING)
-    assert [r.id for p in bob_and_pending for r in p] == [bob_pending]
+    bob_and_pending = await export(sessions, user_id=bob.id, status=OrderStatus.PENDING)
+    assert ids(bob_and_pending) == [[bob_pending]]
 
-    assert await stream_rows(sessions, status=OrderStatus.DELIVERED) == []
+    assert await export(sessions, status=OrderStatus.DELIVERED) == []
+
+    assert ids(await export(sessions, user_id=ada.id, after_id=ada_ids[2])) == [ada_ids[3:]]
 
 
 async def test_add_computes_an_exact_total_and_keeps_item_order(
