@@ -113,6 +113,20 @@ class ServerProcess:
                 total += proc.memory_info().rss
         return total
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of the server and its children so far."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0
+        total = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
     def log_tail(self, lines: int = 30) -> str:
         text = Path(self.log.name).read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])

@@ -64,8 +64,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def section_table(section: Section) -> list[str]:
-    header = ["Measured", "In flight", "Rate", "p50 ms", "p99 ms", "Errors"]
-    header += ["Baseline", "Baseline rate", "Ratio", "Target"]
+    header = ["Measured", "In flight", "Rate", "p50 ms", "p99 ms", "Errors", "CPU ms/call"]
+    header += ["Baseline", "Baseline rate", "Baseline CPU ms/call", "Ratio", "Target"]
     rows = []
     for c in section.comparisons:
         s, b = c.subject, c.baseline
@@ -77,8 +77,10 @@ def section_table(section: Section) -> list[str]:
                 _num(s.p50_ms, 2),
                 _num(s.p99_ms, 2),
                 f"{s.errors} ({s.details})" if s.errors else "0",
+                _num(s.server_cpu_ms, 2),
                 b.name if b else "-",
                 _rate(b),
+                _num(b.server_cpu_ms if b else None, 2),
                 _ratio(c),
                 _target(c),
             ]

@@ -26,6 +26,9 @@ class Measurement:
     p99_ms: float | None = None
     errors: int = 0
     details: str = ""
+    # CPU time the server process (and its workers) spent per call, in ms: unlike the rate, it
+    # hardly moves when other work shares the machine.
+    server_cpu_ms: float | None = None
 
 
 @dataclass

@@ -44,6 +44,7 @@ async def stream_users(server: ServerProcess, batch_size: int) -> tuple[Measurem
     out = ctx.Queue()
     client = ctx.Process(target=_client_main, args=(server.target, batch_size, out), daemon=True)
     before = peak = server.rss()
+    cpu_before = server.cpu_seconds()
     client.start()
     while client.is_alive() and out.empty():
         peak = max(peak, server.rss())
@@ -51,13 +52,15 @@ async def stream_users(server: ServerProcess, batch_size: int) -> tuple[Measurem
     rows, first, elapsed = await asyncio.to_thread(out.get, True, 600)
     await asyncio.to_thread(client.join)
     growth = (peak - before) / MB
+    cpu_us = (server.cpu_seconds() - cpu_before) * 1e6 / max(rows, 1)
     measurement = Measurement(
         "StreamUsers",
         rows / elapsed,
         "rows/s",
         details=(
             f"{rows:,} rows in {elapsed:.2f} s, batch_size {batch_size}, "
-            f"first batch after {first * 1000:.1f} ms, server RSS +{growth:.1f} MB"
+            f"first batch after {first * 1000:.1f} ms, server RSS +{growth:.1f} MB, "
+            f"server CPU {cpu_us:.2f} µs per row"
         ),
     )
     return measurement, growth

@@ -35,10 +35,11 @@ class Run:
         return self.postgres.dsn(self.database)
 
     async def load(
-        self, target: str, workload: str, in_flight: int, name: str, **params: object
+        self, server: ServerProcess, workload: str, in_flight: int, name: str, **params: object
     ) -> Measurement:
+        """req/s of `workload` against `server`, with the server's CPU time per call."""
         spec = LoadSpec(
-            target=target,
+            target=server.target,
             workload=workload,
             in_flight=in_flight,
             duration=self.sizes.point_seconds,
@@ -46,7 +47,12 @@ class Run:
             processes=self.sizes.client_processes,
             params=params,
         )
+        cpu_before = server.cpu_seconds()
         m = await asyncio.to_thread(run_load, spec, name)
+        # CPU over warm-up and window alike, over the calls the steady rate gives for both.
+        calls = m.value * (spec.warmup + spec.duration)
+        if calls > 0:
+            m.server_cpu_ms = (server.cpu_seconds() - cpu_before) * 1000 / calls
         errors = f", {m.errors} errors ({m.details})" if m.errors else ""
         self.progress(
             "load",
@@ -61,7 +67,7 @@ class Run:
             with ServerProcess.echo() as server:
                 await server.wait_ready()
                 for n in self.sizes.in_flight:
-                    self.echo[n] = await self.load(server.target, "echo", n, "echo")
+                    self.echo[n] = await self.load(server, "echo", n, "echo")
         return self.echo
 
 
@@ -79,21 +85,21 @@ async def stream(run: Run) -> list[Section]:
     return [section]
 
 
-async def _unary_rows(run: Run, target: str, suffix: str) -> list[Comparison]:
+async def _unary_rows(run: Run, server: ServerProcess, suffix: str) -> list[Comparison]:
     echo = await run.echo_baseline()
     rows = []
     for n in run.sizes.in_flight:
-        m = await run.load(target, "GetUser", n, f"GetUser{suffix}", max_id=run.max_user_id)
+        m = await run.load(server, "GetUser", n, f"GetUser{suffix}", max_id=run.max_user_id)
         rows.append(Comparison(m, echo[n], target=0.6))
     for n in run.sizes.in_flight:
-        m = await run.load(target, "CreateUser", n, f"CreateUser{suffix}")
+        m = await run.load(server, "CreateUser", n, f"CreateUser{suffix}")
         rows.append(Comparison(m, echo[n]))
     return rows
 
 
 async def unary(run: Run) -> list[Section]:
     section = Section("unary", "GetUser and CreateUser beside a bare grpc.aio echo", issue=4)
-    section.comparisons = await _unary_rows(run, run.service.target, "")
+    section.comparisons = await _unary_rows(run, run.service, "")
     section.notes.append(
         "CreateUser has no target in issue 4; its ratio to echo is shown for information."
     )
@@ -117,7 +123,7 @@ async def workers(run: Run) -> list[Section]:
         await server.wait_ready()
         # The port answers as soon as one worker listens; give the other time to join.
         await asyncio.sleep(2.0)
-        section.comparisons = await _unary_rows(run, server.target, " (2 workers)")
+        section.comparisons = await _unary_rows(run, server, " (2 workers)")
     section.notes.append("The echo baseline is the same single-process echo server.")
     return [section]
 
@@ -140,14 +146,14 @@ async def transfer(run: Run) -> list[Section]:
         pgbench.details = f"`pgbench {pgbench.details}` after `pgbench -i -s {s.pgbench_scale}`"
         run.progress("transfer", f"pgbench: {pgbench.value:,.0f} tps")
     spread = await run.load(
-        run.service.target,
+        run.service,
         "Transfer",
         s.transfer_clients,
         f"Transfer, {len(accounts)} accounts",
         accounts=accounts,
     )
     hot = await run.load(
-        run.service.target,
+        run.service,
         "Transfer",
         s.transfer_clients,
         f"Transfer, {s.hot_accounts} hot accounts",
