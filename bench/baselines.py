@@ -1,13 +1,18 @@
 """The baselines, measured without the service: an asyncpg server-side cursor, the raw upsert
-statement, raw COPY, and pgbench's tpcb-like transaction."""
+statement, raw COPY, pgbench's tpcb-like transaction, and the Transfer's own statements from raw
+asyncpg."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import tempfile
 import time
+import uuid
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -148,4 +153,78 @@ async def pgbench_tpcb(pgbench: str, dsn: str, clients: int, seconds: int) -> Me
         p99_ms=percentile(latencies, 0.99) * 1000,
         errors=int(failed.group(1)) if failed else 0,
         details=" ".join(argv[1:11]),
+    )
+
+
+class _Sql:
+    """A SQLAlchemy statement as asyncpg runs it: $n placeholders, the values bound in the
+    statement itself as defaults, the rest by name."""
+
+    def __init__(self, stmt: Any) -> None:
+        from sqlalchemy.dialects.postgresql.asyncpg import dialect
+
+        compiled = stmt.compile(dialect=dialect())
+        self.sql = str(compiled)
+        self.names = tuple(compiled.positiontup or ())
+        self.defaults = dict(compiled.params)
+
+    def args(self, values: dict[str, Any]) -> list[Any]:
+        return [values[n] if n in values else self.defaults[n] for n in self.names]
+
+
+async def raw_transfers(
+    dsn: str, accounts: list[int], clients: int, seconds: float, warmup: float
+) -> Measurement:
+    """Transfers/s of the service's own statements for a Transfer (the idempotency claim, the
+    row locks, the posting in its savepoint, the stored response; BEGIN and COMMIT) sent by
+    raw asyncpg from one Python event loop over `clients` connections: the service minus gRPC,
+    protobuf and SQLAlchemy, to place its gap to pgbench."""
+    from service.repositories.accounts import LOCK_HELD
+    from service.repositories.idempotency import CLAIM, COMPLETE
+    from service.repositories.ledger import POST
+
+    claim, lock, post, complete = _Sql(CLAIM), _Sql(LOCK_HELD), _Sql(POST), _Sql(COMPLETE)
+    conns = [await asyncpg.connect(dsn) for _ in range(clients)]
+    latencies: list[float] = []
+    counted = 0
+    begin = time.perf_counter() + warmup
+    end = begin + seconds
+
+    async def client(conn: asyncpg.Connection, rng: random.Random) -> None:
+        nonlocal counted
+        while (started := time.perf_counter()) < end:
+            source, target = rng.sample(accounts, 2)
+            rid = f"raw-{uuid.uuid4().hex}"
+            values = {"request_id": rid, "request_hash": b"h", "key": rid, "response": b"r"}
+            values |= {"source": source, "target": target, "amount": Decimal("1.00"), "rid": rid}
+            values["ids"] = sorted((source, target))
+            async with conn.transaction():
+                await conn.fetchval(claim.sql, *claim.args(values))
+                await conn.fetch(lock.sql, *lock.args(values))
+                async with conn.transaction():  # SAVEPOINT ... RELEASE
+                    await conn.fetch(post.sql, *post.args(values))
+                await conn.execute(complete.sql, *complete.args(values))
+            done = time.perf_counter()
+            if begin <= started and done <= end:
+                counted += 1
+                latencies.append(done - started)
+
+    cpu_started = time.process_time()
+    try:
+        await asyncio.gather(*(client(c, random.Random(i)) for i, c in enumerate(conns)))
+    finally:
+        for conn in conns:
+            await conn.close()
+    cpu = time.process_time() - cpu_started
+    latencies.sort()
+    return Measurement(
+        "raw asyncpg, same statements",
+        counted / seconds,
+        "transfers/s",
+        in_flight=clients,
+        p50_ms=percentile(latencies, 0.50) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        details=f"{clients} connections from one event loop, {seconds:g} s",
+        # This process's CPU per transfer, over the warm-up and window (as Run.load counts it).
+        server_cpu_ms=cpu * 1000 / max(1.0, counted / seconds * (warmup + seconds)),
     )

@@ -161,13 +161,23 @@ async def transfer(run: Run) -> list[Section]:
     )
     for m in (spread, hot):
         m.unit = "transfers/s"
+    run.progress("transfer", "the same statements from raw asyncpg")
+    raw = await baselines.raw_transfers(
+        run.dsn, accounts, s.transfer_clients, s.point_seconds, s.warmup_seconds
+    )
+    run.progress("transfer", f"raw asyncpg: {raw.value:,.0f} transfers/s")
     section.comparisons = [
         Comparison(spread, pgbench, target=0.5),
         Comparison(hot, pgbench),
+        Comparison(raw, pgbench),
+        Comparison(spread, raw),
     ]
     section.notes.append(
         "The target applies at low contention (many accounts); the hot-account row shows "
-        "the cost of contention and has no target."
+        "the cost of contention and has no target. The raw asyncpg rows place the gap: the "
+        "service's own statements for a Transfer (idempotency claim, row locks, posting in a "
+        "savepoint, stored response, BEGIN and COMMIT: 8 round trips) sent from one Python "
+        "event loop without gRPC, protobuf or SQLAlchemy, beside pgbench and beside the service."
     )
     return [section]
 
