@@ -54,6 +54,42 @@ async def cursor_scan(dsn: str, prefetch: int) -> Measurement:
     )
 
 
+async def sqlalchemy_stream(url: str, batch_size: int) -> Measurement:
+    """Rows/s of the same export through SQLAlchemy Core: AsyncConnection.stream with
+    yield_per and partitions(), in the same kind of transaction. Not a target: it shows what
+    reading through SQLAlchemy's result layer would cost, beside the cursor the service uses."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            await conn.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
+            rows = 0
+            started = time.perf_counter()
+            cpu_started = time.process_time()
+            stmt = text(EXPORT_SQL).execution_options(yield_per=batch_size)
+            result = await conn.stream(stmt)
+            async for partition in result.partitions():
+                rows += len(partition)
+            elapsed = time.perf_counter() - started
+            cpu_us = (time.process_time() - cpu_started) * 1e6 / max(rows, 1)
+            await conn.rollback()
+    finally:
+        await engine.dispose()
+    return Measurement(
+        "SQLAlchemy Core stream",
+        rows / elapsed,
+        "rows/s",
+        details=(
+            f"{rows:,} rows in {elapsed:.2f} s, yield_per {batch_size}, "
+            f"client CPU {cpu_us:.2f} µs per row"
+        ),
+    )
+
+
 def upsert_sql(rows: int) -> str:
     """UpsertUsers' statement: one multi-row INSERT … ON CONFLICT (email) DO UPDATE."""
     values = ", ".join(

@@ -79,7 +79,17 @@ async def stream(run: Run) -> list[Section]:
     run.progress("stream", "StreamUsers")
     subject, growth = await streaming.stream_users(run.service, run.sizes.stream_batch)
     run.progress("stream", f"StreamUsers: {subject.value:,.0f} rows/s, RSS +{growth:.1f} MB")
+    run.progress("stream", "SQLAlchemy Core stream")
+    url = run.postgres.service_url(run.database)
+    core = await baselines.sqlalchemy_stream(url, run.sizes.stream_batch)
+    run.progress("stream", f"SQLAlchemy Core stream: {core.value:,.0f} rows/s")
     section.comparisons.append(Comparison(subject, cursor, target=0.7))
+    section.comparisons.append(Comparison(core, cursor))
+    section.notes.append(
+        "The SQLAlchemy Core row reads the same rows through AsyncConnection.stream with "
+        "yield_per and partitions(), converting nothing: the result layer the exports skip by "
+        "reading the cursor's rows from the driver (service/db/streaming.py)."
+    )
     check = f"StreamUsers server RSS growth {growth:.1f} MB (target <= {RSS_LIMIT_MB:g} MB)"
     section.checks.append((check, growth <= RSS_LIMIT_MB))
     return [section]
