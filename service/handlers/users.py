@@ -17,6 +17,7 @@ from service.db.transaction import read_only_snapshot, transaction
 from service.handlers.context import Context
 from service.handlers.paging import PageTokens
 from service.handlers.users_convert import user_row_to_proto, user_rows_to_batch, user_to_proto
+from service.handlers.users_import import StagedUser, import_batches, stage_all
 from service.handlers.validation import Violations
 from service.repositories.users import UserFields, UserRepository, UserRows
 
@@ -205,27 +206,31 @@ class UserServicer(api_grpc.UserServiceServicer):
     ) -> api.ImportUsersResponse:
         """COPY every streamed batch into a staging table, then merge: all or nothing.
 
+        The next messages are received and checked while the earlier ones are copied. The merge
+        is a plain INSERT when every email is new; otherwise, once duplicates are ruled out,
+        an upsert that refuses soft-deleted users.
+
         The one write not retried inside the service: the stream is consumed once. A deadlock
         here is UNAVAILABLE with nothing applied, and the client sends the stream again."""
         async with transaction(self.sessions) as session:
             users = UserRepository(session)
-            staged = False
-            batch_no = 0
-            async for batch in request_iterator:
-                v = Violations()
-                rows = _rows(v, f"batch[{batch_no}].users", list(batch.users))
-                v.raise_if_any()
-                if rows:
-                    await users.copy_into_staging(rows, first=not staged)
-                    staged = True
-                batch_no += 1
+            staged = 0
+
+            async def stage(records: list[StagedUser]) -> None:
+                nonlocal staged
+                await users.copy_into_staging(records, first=not staged)
+                staged += len(records)
+
+            await stage_all(import_batches(request_iterator, _rows), stage)
             if not staged:
                 return api.ImportUsersResponse(imported=0)
-            duplicates = await users.staged_duplicates()
-            if duplicates:
-                v = Violations()
-                for email in duplicates:
-                    v.add("users.email", f"{email} appears more than once in the import")
-                v.raise_if_any()
-            imported = await users.merge_staging()
+            imported = await users.insert_staged()
+            if imported is None:  # an email is taken or repeated
+                duplicates = await users.staged_duplicates()
+                if duplicates:
+                    v = Violations()
+                    for email in duplicates:
+                        v.add("users.email", f"{email} appears more than once in the import")
+                    v.raise_if_any()
+                imported = await users.merge_staging(staged)
         return api.ImportUsersResponse(imported=imported)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from decimal import Decimal
 
 from service.errors import FieldViolation, InvalidArgument
@@ -13,11 +14,41 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_BATCH_SIZE = 500
 MAX_BATCH_SIZE = 5000
 MAX_ID = 2**63 - 1
+MAX_EMAIL_LENGTH = 320
+MAX_NAME_LENGTH = 100
 
-_EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+")
+_EMAIL_CHAR = r"[^@\s\x00-\x1f\x7f]"
+_EMAIL_PATTERN = rf"{_EMAIL_CHAR}{{1,64}}@{_EMAIL_CHAR}+\.{_EMAIL_CHAR}+"
+_EMAIL = re.compile(_EMAIL_PATTERN)
+# Many emails joined by newlines (which no email may hold), each one matched as by _EMAIL. Atomic
+# and possessive, so a failure costs one pass instead of backtracking into earlier emails (whose
+# dots could otherwise be re-split in exponentially many ways).
+_EMAILS = re.compile(rf"(?:(?>{_EMAIL_PATTERN})\n)*+(?>{_EMAIL_PATTERN})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
+
+
+def all_emails(values: Sequence[str]) -> bool:
+    """Whether Violations.email accepts every value: a whole column checked at once (one regex
+    over the values joined by newlines), for batches whose rows are nearly always valid."""
+    if not values:
+        return True
+    joined = "\n".join(values)
+    return (
+        max(map(len, values)) <= MAX_EMAIL_LENGTH
+        and joined.count("\n") == len(values) - 1
+        and _EMAILS.fullmatch(joined) is not None
+    )
+
+
+def all_names(stripped: Sequence[str], max_length: int = MAX_NAME_LENGTH) -> bool:
+    """Whether Violations.name accepts every value, given the values already stripped."""
+    return (
+        all(stripped)
+        and max(map(len, stripped), default=0) <= max_length
+        and _CONTROL.search("".join(stripped)) is None
+    )
 
 
 class Violations:
@@ -34,11 +65,11 @@ class Violations:
             raise InvalidArgument(self.items)
 
     def email(self, field: str, value: str) -> str:
-        if len(value) > 320 or not _EMAIL.fullmatch(value):
+        if len(value) > MAX_EMAIL_LENGTH or not _EMAIL.fullmatch(value):
             self.add(field, "must be an email address such as ada@example.com")
         return value.lower()
 
-    def name(self, field: str, value: str, max_length: int = 100) -> str:
+    def name(self, field: str, value: str, max_length: int = MAX_NAME_LENGTH) -> str:
         value = value.strip()
         if not value:
             self.add(field, "must not be empty")

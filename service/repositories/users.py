@@ -222,8 +222,7 @@ class UserRepository:
         "updated_at = now() WHERE users.deleted_at IS NULL"
     )
     _STAGED_DUPLICATES = text(
-        "SELECT email FROM users_import GROUP BY email HAVING count(*) > 1 "
-        "ORDER BY email LIMIT 10"
+        "SELECT email FROM users_import GROUP BY email HAVING count(*) > 1 ORDER BY email LIMIT 10"
     )
     _STAGED_DELETED = text(
         "SELECT u.email FROM users_import i JOIN users u USING (email) "

@@ -893,6 +893,91 @@ async def test_import_users_refuses_soft_deleted_users(user_stub, factory: Facto
     assert rows["gone@example.com"].first_name == "Gone"
 
 
+async def test_import_users_names_deleted_users_among_updates_and_changes_nothing(
+    user_stub, factory: Factory, engine
+) -> None:
+    await factory.user(email="live@example.com", first_name="Live")
+    await factory.user(email="gone@example.com", first_name="Gone", deleted=True)
+    failure = await rpc_fails(
+        user_stub.ImportUsers(
+            requests(
+                [upsert_user("new@example.com"), upsert_user("live@example.com", "Changed")],
+                [upsert_user("Gone@Example.com", "Back")],
+            )
+        )
+    )
+    assert failure.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert failure.reason == "USER_DELETED"
+    assert failure.metadata["emails"] == "gone@example.com"
+    rows = await db_users(engine)
+    assert set(rows) == {"live@example.com", "gone@example.com"}
+    assert rows["live@example.com"].first_name == "Live"
+    assert rows["gone@example.com"].first_name == "Gone"
+
+
+async def test_import_users_duplicate_of_an_existing_user_is_invalid(
+    user_stub, factory: Factory, engine
+) -> None:
+    # Duplicates are reported before anything else, existing or soft-deleted users included.
+    await factory.user(email="ada@example.com", first_name="Ada")
+    await factory.user(email="gone@example.com", deleted=True)
+    failure = await rpc_fails(
+        user_stub.ImportUsers(
+            requests(
+                [upsert_user("ada@example.com", "New"), upsert_user("gone@example.com")],
+                [upsert_user("b@example.com"), upsert_user("Ada@Example.com", "Newer")],
+                [upsert_user("GONE@example.com")],
+            )
+        )
+    )
+    assert failure.code == INVALID
+    assert set(failure.violations) == {"users.email"}
+    # Both are named, in email order (the field repeats, so the last one is kept here).
+    assert failure.violations["users.email"] == (
+        "gone@example.com appears more than once in the import"
+    )
+    rows = await db_users(engine)
+    assert set(rows) == {"ada@example.com", "gone@example.com"}
+    assert rows["ada@example.com"].first_name == "Ada"
+
+
+async def test_import_users_long_stream_of_new_users(user_stub, engine) -> None:
+    # Enough messages for the server to read ahead of its COPYs and stage several at once.
+    batches = [
+        [upsert_user(f"N{b}-{i}@Example.com", " First ", f"Last{i}") for i in range(700)]
+        for b in range(30)
+    ]
+    batches[3][5] = upsert_user("inactive@example.com", is_active=False)
+    reply = await user_stub.ImportUsers(requests(*batches))
+    assert reply.imported == 30 * 700
+    rows = await db_users(engine)
+    assert len(rows) == 30 * 700
+    assert rows["n29-699@example.com"].first_name == "First"
+    assert rows["n0-0@example.com"].is_active is True
+    assert rows["inactive@example.com"].is_active is False
+
+
+async def test_import_users_updates_only(user_stub, factory: Factory, engine) -> None:
+    existing = [await factory.user(email=f"u{i}@example.com", last_name="Old") for i in range(3)]
+    reply = await user_stub.ImportUsers(
+        requests([upsert_user(f"u{i}@example.com", "U", "New") for i in range(3)])
+    )
+    assert reply.imported == 3
+    rows = await db_users(engine)
+    assert {(rows[u.email].id, rows[u.email].last_name) for u in existing} == {
+        (u.id, "New") for u in existing
+    }
+
+
+async def test_import_users_bad_row_late_in_a_long_stream_writes_nothing(user_stub, engine) -> None:
+    batches = [[upsert_user(f"ok{b}-{i}@example.com") for i in range(500)] for b in range(20)]
+    batches.append([upsert_user("last@example.com", first="")])
+    failure = await rpc_fails(user_stub.ImportUsers(requests(*batches)))
+    assert failure.code == INVALID
+    assert set(failure.violations) == {"batch[20].users[0].first_name"}
+    assert await user_count(engine) == 0
+
+
 async def test_import_users_cancelled_mid_stream_writes_nothing(
     user_stub, engine, statements
 ) -> None:

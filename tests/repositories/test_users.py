@@ -23,6 +23,11 @@ def fields(email: str, first: str = "Ada", last: str = "Lovelace", active: bool 
     return UserFields(email=email, first_name=first, last_name=last, is_active=active)
 
 
+def staged(email: str, first: str = "Ada", last: str = "Lovelace") -> tuple[str, str, str, bool]:
+    """A row of the import's staging table, as copy_into_staging takes it."""
+    return (email, first, last, True)
+
+
 # --- the full_name hybrid ----------------------------------------------------------------------
 
 
@@ -263,8 +268,8 @@ async def test_copy_stage_and_merge(sessions, factory: Factory) -> None:
     existing = await factory.user(email="ada@example.com", last_name="Old")
     async with sessions() as session, session.begin():
         repo = UserRepository(session)
-        await repo.copy_into_staging([fields("a@example.com"), fields("b@example.com")], first=True)
-        await repo.copy_into_staging([fields("ada@example.com", last="New")], first=False)
+        await repo.copy_into_staging([staged("a@example.com"), staged("b@example.com")], first=True)
+        await repo.copy_into_staging([staged("ada@example.com", last="New")], first=False)
         assert await repo.staged_duplicates() == []
         assert await repo.merge_staging() == 3
     async with sessions() as session:
@@ -277,8 +282,8 @@ async def test_copy_stage_and_merge(sessions, factory: Factory) -> None:
 async def test_staged_duplicates_are_reported(sessions) -> None:
     async with sessions() as session, session.begin():
         repo = UserRepository(session)
-        await repo.copy_into_staging([fields("d@example.com"), fields("e@example.com")], first=True)
-        await repo.copy_into_staging([fields("d@example.com")], first=False)
+        await repo.copy_into_staging([staged("d@example.com"), staged("e@example.com")], first=True)
+        await repo.copy_into_staging([staged("d@example.com")], first=False)
         assert await repo.staged_duplicates() == ["d@example.com"]
         await session.rollback()
 
@@ -287,7 +292,7 @@ async def test_merge_refuses_deleted_users(sessions, factory: Factory) -> None:
     await factory.user(email="gone@example.com", deleted=True)
     async with sessions() as session, session.begin():
         repo = UserRepository(session)
-        await repo.copy_into_staging([fields("gone@example.com")], first=True)
+        await repo.copy_into_staging([staged("gone@example.com")], first=True)
         with pytest.raises(FailedPrecondition) as caught:
             await repo.merge_staging()
         await session.rollback()
