@@ -30,8 +30,9 @@ def _commit() -> str:
         )
     except OSError:
         return "unknown"
+    # The report and plots this run writes into docs/ are not changes to what was measured.
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"],
         cwd=ROOT,
         capture_output=True,
         text=True,
