@@ -215,9 +215,9 @@ async def raw_transfers(
     row locks, the posting in its savepoint, the stored response; BEGIN and COMMIT) sent by
     raw asyncpg from one Python event loop over `clients` connections: the service minus gRPC,
     protobuf and SQLAlchemy, to place its gap to pgbench."""
-    from service.repositories.accounts import LOCK_HELD
     from service.repositories.idempotency import CLAIM, COMPLETE
     from service.repositories.ledger import POST
+    from service.repositories.transfers import LOCK_HELD
 
     claim, lock, post, complete = _Sql(CLAIM), _Sql(LOCK_HELD), _Sql(POST), _Sql(COMPLETE)
     conns = [await asyncpg.connect(dsn) for _ in range(clients)]

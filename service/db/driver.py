@@ -1,57 +1,90 @@
-"""One read statement on a pooled connection's asyncpg driver, below SQLAlchemy's execution layer.
+"""Work on a pooled connection's asyncpg driver, below SQLAlchemy's execution layer.
 
-GetUser's whole unit of work is one indexed read. Through an AsyncSession it paid, per call,
-for a Session and its SessionTransaction, a Connection, a greenlet hop per await and an
-execution context, about a third of the server's CPU per call (docs/benchmark-profiles.md).
-Here SQLAlchemy still owns the pool (its size, timeout, pre-ping and recycling) and compiles
-the statement once; the driver runs it from its own prepared-statement cache.
+For the hottest unary paths: GetUser's one indexed read and Transfer's few statements. Through
+an AsyncSession each statement paid for a greenlet hop and an execution context, and each call
+for a Session, its SessionTransaction and a Connection: about a third of GetUser's server CPU
+and most of Transfer's (docs/benchmark-profiles.md). Here SQLAlchemy still owns the pool (its
+size, timeout, pre-ping and recycling) and compiles each statement once; the driver runs them
+from its own prepared-statement cache.
 
-What SQLAlchemy's execution layer did on failure is done here too: a connection whose
-statement was interrupted (cancelled by the client or the deadline) or that lost its server is
-invalidated, not handed to the next caller mid-protocol.
+What SQLAlchemy's execution layer did on failure is done here too: a connection that broke is
+invalidated, not handed to the next caller; a statement cut off by a cancellation is
+cancelled server-side and its transaction rolled back before the connection goes back.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
-from sqlalchemy import Select
+from sqlalchemy import ClauseElement
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.compiler import SQLCompiler
 
-from service.db.streaming import Row
+from service.db.deadlines import milliseconds_left
+from service.db.streaming import Row, shielded
 from service.db.transaction import AUTOCOMMIT_READS
+from service.errors import Unavailable
 
 
 @dataclass(frozen=True, slots=True)
 class Statement:
-    """A select compiled once for asyncpg: its SQL with $n placeholders and the bound names in
-    placeholder order."""
+    """A statement compiled once for asyncpg: its SQL with $n placeholders, the bound names in
+    placeholder order, and the values bound in the statement itself (literals the caller does
+    not pass)."""
 
     sql: str
     names: tuple[str, ...]
+    defaults: dict[str, Any]
 
     @classmethod
-    def compile(cls, stmt: Select[*tuple[Any, ...]]) -> Statement:
+    def compile(cls, stmt: ClauseElement) -> Statement:
         compiled = stmt.compile(dialect=asyncpg_dialect())  # type: ignore[no-untyped-call]
-        return cls(str(compiled), tuple(compiled.positiontup or ()))
+        assert isinstance(compiled, SQLCompiler)
+        names = tuple(compiled.positiontup or ())
+        return cls(str(compiled), names, dict(compiled.params))
+
+    def args(self, params: dict[str, Any]) -> list[Any]:
+        return [params[n] if n in params else self.defaults[n] for n in self.names]
+
+    async def fetchval(self, driver: asyncpg.Connection, **params: Any) -> Any:
+        return await driver.fetchval(self.sql, *self.args(params))
+
+    async def execute(self, driver: asyncpg.Connection, **params: Any) -> None:
+        await driver.execute(self.sql, *self.args(params))
 
     async def fetchrow(self, driver: asyncpg.Connection, **params: Any) -> Row | None:
-        row: Row | None = await driver.fetchrow(
-            self.sql, *(params[n] for n in self.names), record_class=Row
-        )
+        row: Row | None = await driver.fetchrow(self.sql, *self.args(params), record_class=Row)
         return row
 
     async def fetch(self, driver: asyncpg.Connection, **params: Any) -> list[Row]:
-        rows: list[Row] = await driver.fetch(
-            self.sql, *(params[n] for n in self.names), record_class=Row
-        )
+        rows: list[Row] = await driver.fetch(self.sql, *self.args(params), record_class=Row)
         return rows
+
+
+@asynccontextmanager
+async def checked_out(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """A connection from the engine's pool, as its asyncpg connection; back to the pool at the
+    end, or discarded if it broke or was left inside a transaction."""
+    fairy = await engine.raw_connection()
+    driver = fairy.driver_connection
+    assert driver is not None  # a connection checked out of the pool is open
+    try:
+        yield driver
+    except BaseException as exc:
+        if isinstance(exc, _BROKEN) or driver.is_closed() or driver.is_in_transaction():
+            fairy.invalidate(exc if isinstance(exc, Exception) else None)
+        if driver.is_closed() and isinstance(exc, Exception):
+            # The server went away under the statement (asyncpg says "connection is closed",
+            # with no SQLSTATE): the client may retry, as for any outage.
+            raise Unavailable("the database is unavailable; retry later") from exc
+        raise
+    finally:
+        fairy.close()
 
 
 @asynccontextmanager
@@ -60,29 +93,46 @@ async def single_statement(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connect
     statement is its own transaction: no BEGIN and COMMIT round trips). Behind pgbouncer in
     transaction mode (the engine's AUTOCOMMIT_READS is off) it runs in a read-only transaction
     instead, so its prepare and execute reach the same server connection."""
-    fairy = await engine.raw_connection()
-    driver = fairy.driver_connection
-    assert driver is not None  # a connection checked out of the pool is open
-    try:
+    async with checked_out(engine) as driver:
         if engine.get_execution_options().get(AUTOCOMMIT_READS, True):
             yield driver
         else:
             async with driver.transaction(readonly=True):
                 yield driver
-    except BaseException as exc:
-        if isinstance(exc, _INTERRUPTED) or driver.is_closed():
-            # Cancelled mid-statement, or the connection broke: never hand it out again.
-            fairy.invalidate(exc if isinstance(exc, Exception) else None)
-        raise
-    finally:
-        fairy.close()
+
+
+@asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """A unit of work on a pooled connection's driver: BEGIN, the calling RPC's deadline as
+    statement_timeout (service/db/deadlines.py), COMMIT when the block ends normally and
+    ROLLBACK when it raises.
+
+    A cancellation (the client went away) mid-statement makes asyncpg send PostgreSQL a cancel
+    request for it; the ROLLBACK, shielded from the cancellation, waits for that to land, so
+    a statement stuck on a lock stops at once instead of holding its locks until it gets them.
+    Should the ROLLBACK fail, or the connection be broken, checked_out() discards it and
+    PostgreSQL rolls the transaction back as the connection closes."""
+    async with checked_out(engine) as driver:
+        tx = driver.transaction()
+        await tx.start()
+        try:
+            timeout_ms = milliseconds_left()
+            if timeout_ms is not None:
+                # An int, not a bound parameter: SET takes no parameters.
+                await driver.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
+            yield driver
+        except BaseException as exc:
+            if not isinstance(exc, _BROKEN) and not driver.is_closed():
+                await shielded(tx.rollback())
+            raise
+        await tx.commit()
 
 
 # Errors after which the connection's protocol state is unknown. An error the server answered
 # with (a constraint, a statement_timeout) leaves the connection usable, as do the caller's own
-# exceptions raised inside the block.
-_INTERRUPTED = (
-    asyncio.CancelledError,
+# exceptions raised inside the block and a cancellation (asyncpg cancels the statement in
+# flight server-side, and the connection's next statement waits until that is done).
+_BROKEN = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,

@@ -47,11 +47,15 @@ DEFAULT_POLICY = RetryPolicy()
 
 
 def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error (SQLAlchemy's asyncpg adapter copies it onto exc.orig)."""
-    if not isinstance(exc, DBAPIError) or exc.orig is None:
-        return None
-    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig.__cause__, "sqlstate", None)
-    return str(code) if code else None
+    """The SQLSTATE of a database error: raised by asyncpg itself (work on the driver, as in
+    service/db/driver.py) or wrapped by SQLAlchemy, which keeps asyncpg's error as exc.orig or
+    as its cause."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else None
+    for candidate in (exc, orig, orig.__cause__ if orig is not None else None):
+        code = getattr(candidate, "sqlstate", None)
+        if isinstance(code, str) and code:
+            return code
+    return None
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -67,19 +71,31 @@ async def transactional(
     """Run `work` in a fresh session and transaction, committed at the end; run it again from
     scratch on a serialization failure or deadlock. When every attempt fails, the last error
     propagates (the error interceptor answers UNAVAILABLE: nothing was applied)."""
-    for attempt in range(1, policy.attempts + 1):
+
+    async def attempt() -> T:
+        async with transaction(sessions) as session:
+            return await work(session)
+
+    return await retried(attempt, policy=policy)
+
+
+async def retried(
+    attempt: Callable[[], Awaitable[T]], *, policy: RetryPolicy = DEFAULT_POLICY
+) -> T:
+    """Run `attempt` (a whole transaction) again from scratch on a serialization failure or
+    deadlock, at most policy.attempts times in all."""
+    for number in range(1, policy.attempts + 1):
         try:
-            async with transaction(sessions) as session:
-                return await work(session)
-        except DBAPIError as exc:
-            if not is_retryable(exc) or attempt == policy.attempts:
+            return await attempt()
+        except Exception as exc:
+            if not is_retryable(exc) or number == policy.attempts:
                 raise
             log.info(
                 "retrying the transaction after SQLSTATE %s (attempt %d of %d)",
                 sqlstate(exc),
-                attempt,
+                number,
                 policy.attempts,
-                extra={"sqlstate": sqlstate(exc), "attempt": attempt},
+                extra={"sqlstate": sqlstate(exc), "attempt": number},
             )
-            await asyncio.sleep(policy.delay(attempt))
+            await asyncio.sleep(policy.delay(number))
     raise AssertionError("unreachable: the last attempt returns or raises")

@@ -6,12 +6,18 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
+import asyncpg  # type: ignore[import-untyped]
 from google.protobuf.message import Message
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from service.db.retry import transactional
+from service.db.driver import transaction as driver_transaction
+from service.db.retry import retried, transactional
 from service.errors import AlreadyExists
-from service.repositories.idempotency import IdempotencyRepository
+from service.repositories.idempotency import (
+    DriverIdempotencyKeys,
+    IdempotencyRepository,
+    StoredRequest,
+)
 
 M = TypeVar("M", bound=Message)
 
@@ -30,6 +36,15 @@ def request_fingerprint(method: str, request: IdempotentRequest) -> bytes:
     ).digest()
 
 
+class Keys(Protocol):
+    """Where idempotency keys are claimed and completed: repositories/idempotency.py, on a
+    session's transaction or on a driver's."""
+
+    async def claim(self, request_id: str, request_hash: bytes) -> StoredRequest | None: ...
+
+    async def complete(self, request_id: str, response: bytes) -> None: ...
+
+
 async def idempotent(
     sessions: async_sessionmaker[AsyncSession],
     *,
@@ -44,22 +59,54 @@ async def idempotent(
     same request returns that response and applies nothing; a repeat with another request (or
     method) is ALREADY_EXISTS / REQUEST_ID_REUSED. On a deadlock or serialization failure the
     claim, the reads and the write all run again, so a retry is applied once too."""
-    request_id = request.request_id
     fingerprint = request_fingerprint(method, request)
 
     async def attempt(session: AsyncSession) -> M:
         keys = IdempotencyRepository(session)
-        stored = await keys.claim(request_id, fingerprint)
-        if stored is not None:
-            if stored.request_hash != fingerprint or stored.response is None:
-                raise AlreadyExists(
-                    f"request_id {request_id} was used for a different request",
-                    reason="REQUEST_ID_REUSED",
-                    request_id=request_id,
-                )
-            return response_type.FromString(stored.response)
-        response = await work(session)
-        await keys.complete(request_id, response.SerializeToString())
-        return response
+        return await _once(
+            keys, request.request_id, fingerprint, response_type, lambda: work(session)
+        )
 
     return await transactional(sessions, attempt)
+
+
+async def idempotent_on_driver(
+    engine: AsyncEngine,
+    *,
+    method: str,
+    request: IdempotentRequest,
+    response_type: type[M],
+    work: Callable[[asyncpg.Connection], Awaitable[M]],
+) -> M:
+    """idempotent(), with the unit of work on a pooled connection's driver (db/driver.py)."""
+    fingerprint = request_fingerprint(method, request)
+
+    async def attempt() -> M:
+        async with driver_transaction(engine) as driver:
+            keys = DriverIdempotencyKeys(driver)
+            return await _once(
+                keys, request.request_id, fingerprint, response_type, lambda: work(driver)
+            )
+
+    return await retried(attempt)
+
+
+async def _once(
+    keys: Keys,
+    request_id: str,
+    fingerprint: bytes,
+    response_type: type[M],
+    work: Callable[[], Awaitable[M]],
+) -> M:
+    stored = await keys.claim(request_id, fingerprint)
+    if stored is not None:
+        if stored.request_hash != fingerprint or stored.response is None:
+            raise AlreadyExists(
+                f"request_id {request_id} was used for a different request",
+                reason="REQUEST_ID_REUSED",
+                request_id=request_id,
+            )
+        return response_type.FromString(stored.response)
+    response = await work()
+    await keys.complete(request_id, response.SerializeToString())
+    return response

@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 from sqlalchemy import exc as sa_exc
 
 from service import errors
-from service.db.retry import is_retryable
+from service.db.retry import is_retryable, sqlstate
 from service.handlers.context import Context
 from service.interceptors.decoding import decode_in_handler
 from service.interceptors.request_id import current_request_id, new_request_id
@@ -69,15 +69,6 @@ QUERY_CANCELED = "57014"  # query_canceled: statement_timeout or a cancel reques
 _UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a driver error, raw (asyncpg) or wrapped by SQLAlchemy (in .orig)."""
-    for candidate in (exc, getattr(exc, "orig", None)):
-        state = getattr(candidate, "sqlstate", None)
-        if isinstance(state, str):
-            return state
-    return None
-
-
 def as_domain_error(exc: BaseException) -> errors.DomainError | None:
     """Domain errors as they are; lost database connections and pool timeouts as Unavailable."""
     if isinstance(exc, errors.DomainError):
@@ -91,7 +82,7 @@ def as_domain_error(exc: BaseException) -> errors.DomainError | None:
         )
     if isinstance(exc, sa_exc.TimeoutError):
         return errors.Unavailable("no database connection is free; retry later")
-    if _sqlstate(exc) == QUERY_CANCELED:
+    if sqlstate(exc) == QUERY_CANCELED:
         # statement_timeout, which service/db/deadlines.py sets from the call's deadline.
         return errors.DeadlineExceeded("the deadline passed while the database was working")
     if isinstance(exc, sa_exc.DBAPIError) and (
@@ -99,7 +90,7 @@ def as_domain_error(exc: BaseException) -> errors.DomainError | None:
         or isinstance(exc, sa_exc.InterfaceError | sa_exc.OperationalError)
     ):
         return errors.Unavailable("the database is unavailable; retry later")
-    state = _sqlstate(exc)
+    state = sqlstate(exc)
     if state is not None and state.startswith(_UNAVAILABLE_SQLSTATES):
         return errors.Unavailable("the database is unavailable; retry later")
     if isinstance(exc, ConnectionError | OSError):

@@ -6,28 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, any_, bindparam, or_, select
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.db.models import Account, AccountKind, Transfer
-from service.errors import FailedPrecondition, NotFound
-from service.repositories.ledger import Held, Ledger, Posted
+from service.errors import NotFound
+from service.repositories.ledger import Ledger
 
 IS_CUSTOMER = Account.kind == AccountKind.CUSTOMER.value
-
-ACCOUNTS = Account.__table__
-# Built once (see lock_held); on the table, so the ORM adds nothing to the execution.
-LOCK_HELD = (
-    select(ACCOUNTS.c.id, ACCOUNTS.c.kind, ACCOUNTS.c.currency, ACCOUNTS.c.balance)
-    .where(
-        ACCOUNTS.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))),
-        ACCOUNTS.c.kind == AccountKind.CUSTOMER.value,
-    )
-    .order_by(ACCOUNTS.c.id)
-    .with_for_update()
-)
 
 
 class AccountRepository:
@@ -82,27 +69,6 @@ class AccountRepository:
         external = await ledger.external(account.currency)
         await ledger.post(account, external, amount, request_id)
         return account
-
-    async def lock_held(self, *account_ids: int) -> dict[int, Held]:
-        """lock() for posting alone: the same rows and order, only the columns the ledger needs,
-        as plain values (no ORM identity map, no instances to track)."""
-        rows = await self.session.execute(LOCK_HELD, {"ids": list(account_ids)})
-        accounts = {row.id: Held(row.id, row.kind, row.currency, row.balance) for row in rows}
-        for account_id in account_ids:
-            if account_id not in accounts:
-                raise NotFound("account", account_id)
-        return accounts
-
-    async def transfer(self, from_id: int, to_id: int, amount: Decimal, request_id: str) -> Posted:
-        accounts = await self.lock_held(from_id, to_id)
-        source, target = accounts[from_id], accounts[to_id]
-        if source.currency != target.currency:
-            raise FailedPrecondition(
-                f"accounts {from_id} ({source.currency}) and {to_id} ({target.currency}) "
-                "hold different currencies",
-                reason="CURRENCY_MISMATCH",
-            )
-        return await Ledger(self.session).post(source, target, amount, request_id)
 
     async def transfers_page(
         self, account_id: int, *, before_id: int, limit: int

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.db.driver import Statement
 from service.db.models import IdempotencyKey
 
 # Built once, on the table rather than the entity: every idempotent write runs these, and Core
@@ -37,6 +39,8 @@ class StoredRequest:
 
 
 class IdempotencyRepository:
+    """The keys, on a session's transaction."""
+
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
@@ -60,3 +64,27 @@ class IdempotencyRepository:
             delete(IdempotencyKey).where(IdempotencyKey.created_at < older_than)
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+_CLAIM = Statement.compile(CLAIM)
+_STORED = Statement.compile(STORED)
+_COMPLETE = Statement.compile(COMPLETE)
+
+
+class DriverIdempotencyKeys:
+    """The same keys, on a driver transaction (service/db/driver.py)."""
+
+    def __init__(self, driver: asyncpg.Connection) -> None:
+        self.driver = driver
+
+    async def claim(self, request_id: str, request_hash: bytes) -> StoredRequest | None:
+        """IdempotencyRepository.claim: insert the key, or return what an earlier committed
+        request stored under it (waiting for a concurrent one to commit or roll back)."""
+        if await _CLAIM.fetchval(self.driver, request_id=request_id, request_hash=request_hash):
+            return None
+        row = await _STORED.fetchrow(self.driver, request_id=request_id)
+        assert row is not None, "a key that conflicted exists"
+        return StoredRequest(row.request_hash, row.response)
+
+    async def complete(self, request_id: str, response: bytes) -> None:
+        await _COMPLETE.execute(self.driver, key=request_id, response=response)

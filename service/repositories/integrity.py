@@ -1,12 +1,16 @@
-"""The one place that reads which constraint an IntegrityError broke."""
+"""The one place that reads which constraint an integrity error broke."""
 
 from __future__ import annotations
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError
 
 
-def violated_constraint(exc: IntegrityError) -> str | None:
-    """The constraint name from asyncpg's error (SQLAlchemy wraps it in exc.orig)."""
-    cause = exc.orig.__cause__ if exc.orig is not None else None
-    name = getattr(cause, "constraint_name", None) or getattr(exc.orig, "constraint_name", None)
-    return str(name) if name else None
+def violated_constraint(exc: BaseException) -> str | None:
+    """The constraint name of an integrity error: asyncpg's own (work on the driver), or
+    wrapped by SQLAlchemy in exc.orig (with asyncpg's error as its cause)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else None
+    for candidate in (exc, orig, orig.__cause__ if orig is not None else None):
+        name = getattr(candidate, "constraint_name", None)
+        if name:
+            return str(name)
+    return None

@@ -3,10 +3,11 @@ a debit and a credit that sum to zero, and the cached balances move with them.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import or_, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -16,7 +17,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from service.db.models import EXTERNAL_INDEX_WHERE, Account, AccountKind, Transfer
 from service.db.streaming import Rows, epoch_microseconds, partitions
-from service.errors import AlreadyExists, FailedPrecondition
+from service.errors import AlreadyExists, DomainError, FailedPrecondition
 from service.repositories.integrity import violated_constraint
 
 BALANCE_NOT_NEGATIVE = "ck_accounts_balance_not_negative"
@@ -119,6 +120,46 @@ def _cached(account: Holder) -> bool:
     return account.kind == AccountKind.CUSTOMER
 
 
+def check_postable(source: Holder, target: Holder, amount: Decimal) -> None:
+    """INSUFFICIENT_FUNDS or BALANCE_LIMIT_EXCEEDED before POST would meet the schema's limits
+    (the caller holds both customer accounts locked, so their balances are current)."""
+    if _cached(source) and source.balance < amount:
+        raise insufficient_funds(source, amount)
+    if _cached(target) and target.balance + amount > MAX_BALANCE:
+        raise over_limit(target, amount)
+
+
+def posting_error(
+    exc: BaseException, source: Holder, amount: Decimal, request_id: str
+) -> DomainError | None:
+    """What a constraint POST broke means to the client; None for any other error."""
+    constraint = violated_constraint(exc)
+    if constraint == BALANCE_NOT_NEGATIVE:
+        return insufficient_funds(source, amount)
+    if constraint == TRANSFER_REQUEST_ID_UNIQUE:
+        # Its idempotency key was purged, but the journal keeps every request_id.
+        return AlreadyExists(
+            f"request_id {request_id} was used for a different request",
+            reason="REQUEST_ID_REUSED",
+            request_id=request_id,
+        )
+    return None
+
+
+def posted(
+    rows: Sequence[Any], source: Holder, target: Holder, amount: Decimal, request_id: str
+) -> Posted:
+    """The transfer POST wrote, from its rows (each carries the journal's id and created_at)."""
+    return Posted(
+        id=rows[0].id,
+        from_account_id=source.id,
+        to_account_id=target.id,
+        amount=amount,
+        request_id=request_id,
+        created_at=rows[0].created_at,
+    )
+
+
 class Ledger:
     """Posts transfers and reads an account's statement. The caller has locked the customer
     accounts involved in a posting, in id order. The external account is never locked or
@@ -161,10 +202,7 @@ class Ledger:
         The schema's CHECK guards the step: should a caller's funds check ever be bypassed, the
         statement fails whole and the client gets INSUFFICIENT_FUNDS, not INTERNAL. ORM accounts
         passed in are given their new balance, as committed state (nothing left to flush)."""
-        if _cached(source) and source.balance < amount:
-            raise insufficient_funds(source, amount)
-        if _cached(target) and target.balance + amount > MAX_BALANCE:
-            raise over_limit(target, amount)
+        check_postable(source, target, amount)
         params = {"source": source.id, "target": target.id, "amount": amount, "rid": request_id}
         try:
             # A savepoint guards the balance step (as the seed does): should the schema's CHECK
@@ -172,30 +210,16 @@ class Ledger:
             async with self.session.begin_nested():
                 rows = (await self.session.execute(POST, params)).all()
         except IntegrityError as exc:
-            constraint = violated_constraint(exc)
-            if constraint == BALANCE_NOT_NEGATIVE:
-                raise insufficient_funds(source, amount) from exc
-            if constraint == TRANSFER_REQUEST_ID_UNIQUE:
-                # Its idempotency key was purged, but the journal keeps every request_id.
-                raise AlreadyExists(
-                    f"request_id {request_id} was used for a different request",
-                    reason="REQUEST_ID_REUSED",
-                    request_id=request_id,
-                ) from exc
-            raise
+            error = posting_error(exc, source, amount, request_id)
+            if error is None:
+                raise
+            raise error from exc
         for row in rows:
             for holder in (source, target):
                 if isinstance(holder, Account) and holder.id == row.account_id:
                     set_committed_value(holder, "balance", row.balance)
                     set_committed_value(holder, "updated_at", row.updated_at)
-        return Posted(
-            id=rows[0].id,
-            from_account_id=source.id,
-            to_account_id=target.id,
-            amount=amount,
-            request_id=request_id,
-            created_at=rows[0].created_at,
-        )
+        return posted(rows, source, target, amount, request_id)
 
     def statement(
         self, account_id: int, *, batch_size: int, after_id: int = 0

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import field_mask_pb2
+from shop.v1 import account_service_pb2 as accounts_api
+from shop.v1 import account_service_pb2_grpc, user_service_pb2_grpc
 from shop.v1 import resources_pb2 as pb
 from shop.v1 import user_service_pb2 as api
-from shop.v1 import user_service_pb2_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -53,6 +54,39 @@ async def test_a_call_blocked_on_a_row_lock_ends_at_its_deadline_and_stops_waiti
     # The pool is healthy: the same row can be written now.
     renamed = await user_stub.UpdateUser(rename(user.id, "Unblocked"), timeout=5.0)
     assert renamed.first_name == "Unblocked"
+
+
+async def test_a_transfer_blocked_on_a_row_lock_ends_at_its_deadline_and_applies_nothing(
+    server: RunningServer,
+    account_stub: account_service_pb2_grpc.AccountServiceStub,
+    engine: AsyncEngine,
+    factory: Factory,
+    invalidations: list[BaseException | None],
+) -> None:
+    """The same for Transfer, whose unit of work runs on the driver (service/db/driver.py)."""
+    source = await factory.account(balance="10.00")
+    target = await factory.account(balance="0.00")
+    request = accounts_api.TransferRequest(
+        from_account_id=source.id, to_account_id=target.id, amount="1.00", request_id="dl-1"
+    )
+    async with engine.connect() as holder:
+        await holder.begin()
+        await holder.execute(
+            text("SELECT 1 FROM accounts WHERE id = :id FOR UPDATE"), {"id": target.id}
+        )
+        failure = await rpc_fails(account_stub.Transfer(request, timeout=1.0))
+        assert failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await eventually(lambda: _no_lock_waiters(engine))
+        assert await eventually(lambda: _pool_idle(server)), server.engine.pool.status()
+        assert "idle in transaction (aborted)" not in await session_states(engine)
+        assert invalidations == []  # statement_timeout ended it; the connection was kept
+        await holder.rollback()
+
+    # Nothing was applied, the key included: the same request now goes through, once.
+    done = await account_stub.Transfer(request, timeout=5.0)
+    assert await account_stub.Transfer(request, timeout=5.0) == done
+    account = await account_stub.GetAccount(accounts_api.GetAccountRequest(id=source.id))
+    assert account.balance == "9.00"
 
 
 async def test_a_deadline_ends_an_export_and_frees_its_connection(
