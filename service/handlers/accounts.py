@@ -164,10 +164,11 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         # "export" keeps ListTransfers page tokens and other exports' tokens from passing here.
         filters = {"export": "transfers", "account_id": request.account_id}
         after_id = self.tokens.resume_after(request.resume_token, filters)
+        resume_token = self.tokens.encoder(filters)
         async with read_only_snapshot(self.sessions) as session:
             await AccountRepository(session).get(request.account_id)
             batches = Ledger(session).statement(
                 request.account_id, batch_size=batch_size, after_id=after_id
             )
             async for rows in batches:
-                yield transfer_rows_to_batch(rows, self.tokens.encode(rows[-1].id, filters))
+                yield transfer_rows_to_batch(rows, resume_token(rows[-1].id))

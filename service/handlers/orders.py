@@ -130,12 +130,13 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         # "export" keeps ListOrders page tokens and other exports' tokens from passing here.
         filters = {"export": "orders", "user_id": request.user_id, "status": int(request.status)}
         after_id = self.tokens.resume_after(request.resume_token, filters)
+        resume_token = self.tokens.encoder(filters)
         async with read_only_snapshot(self.sessions) as session:
             batches = OrderRepository(session).export(
                 user_id=request.user_id, status=status, batch_size=batch_size, after_id=after_id
             )
             async for partition in batches:
-                token = self.tokens.encode(partition.orders[-1].id, filters)
+                token = resume_token(partition.orders[-1].id)
                 yield order_rows_to_batch(partition, token)
 
     async def UpdateOrderStatus(

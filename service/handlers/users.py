@@ -170,6 +170,7 @@ class UserServicer(api_grpc.UserServiceServicer):
             "active_only": request.active_only,
         }
         after_id = self.tokens.resume_after(request.resume_token, filters)
+        resume_token = self.tokens.encoder(filters)
         async with read_only_snapshot(self.sessions) as session:
             batches = UserRepository(session).stream(
                 show_deleted=request.show_deleted,
@@ -178,7 +179,7 @@ class UserServicer(api_grpc.UserServiceServicer):
                 after_id=after_id,
             )
             async for rows in batches:
-                yield user_rows_to_batch(rows, self.tokens.encode(rows[-1].id, filters))
+                yield user_rows_to_batch(rows, resume_token(rows[-1].id))
 
     async def UpsertUsers(
         self, request: api.UpsertUsersRequest, context: Context
