@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import grpc
@@ -100,32 +100,28 @@ class ServerProcess:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"server not ready:\n{self.log_tail()}") from None
 
-    def rss(self) -> int:
-        """Resident bytes of the server and its children (SHOP_WORKERS forks them)."""
+    def _processes(self) -> list[psutil.Process]:
+        """The server and its children (SHOP_WORKERS starts them); empty once it has exited."""
         try:
             root = psutil.Process(self.proc.pid)
-            procs = [root, *root.children(recursive=True)]
+            return [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return 0
-        total = 0
-        for proc in procs:
+            return []
+
+    def _total(self, measure: Callable[[psutil.Process], float]) -> float:
+        total = 0.0
+        for proc in self._processes():
             with contextlib.suppress(psutil.NoSuchProcess):
-                total += proc.memory_info().rss
+                total += measure(proc)
         return total
+
+    def rss(self) -> int:
+        """Resident bytes of the server and its children."""
+        return int(self._total(lambda proc: proc.memory_info().rss))
 
     def cpu_seconds(self) -> float:
         """User and system CPU time of the server and its children so far."""
-        try:
-            root = psutil.Process(self.proc.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0.0
-        total = 0.0
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                times = proc.cpu_times()
-                total += times.user + times.system
-        return total
+        return self._total(lambda proc: proc.cpu_times().user + proc.cpu_times().system)
 
     def log_tail(self, lines: int = 30) -> str:
         text = Path(self.log.name).read_text(errors="replace")
