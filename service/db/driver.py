@@ -97,7 +97,7 @@ async def single_statement(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connect
         if engine.get_execution_options().get(AUTOCOMMIT_READS, True):
             yield driver
         else:
-            async with driver.transaction(readonly=True):
+            async with _block(driver, readonly=True):
                 yield driver
 
 
@@ -105,27 +105,42 @@ async def single_statement(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connect
 async def transaction(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
     """A unit of work on a pooled connection's driver: BEGIN, the calling RPC's deadline as
     statement_timeout (service/db/deadlines.py), COMMIT when the block ends normally and
-    ROLLBACK when it raises.
+    ROLLBACK when it raises (see _block for cancellations)."""
+    async with checked_out(engine) as driver, _block(driver):
+        timeout_ms = milliseconds_left()
+        if timeout_ms is not None:
+            # An int, not a bound parameter: SET takes no parameters.
+            await driver.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
+        yield driver
+
+
+@asynccontextmanager
+async def _block(driver: asyncpg.Connection, *, readonly: bool = False) -> AsyncIterator[None]:
+    """A transaction block that never leaves its connection inside a transaction.
 
     A cancellation (the client went away) mid-statement makes asyncpg send PostgreSQL a cancel
     request for it; the ROLLBACK, shielded from the cancellation, waits for that to land, so
     a statement stuck on a lock stops at once instead of holding its locks until it gets them.
-    Should the ROLLBACK fail, or the connection be broken, checked_out() discards it and
-    PostgreSQL rolls the transaction back as the connection closes."""
-    async with checked_out(engine) as driver:
-        tx = driver.transaction()
+    When there is no clean way back (BEGIN or COMMIT itself cut off, the ROLLBACK failing),
+    the connection is closed: checked_out() discards it, and PostgreSQL rolls back whatever
+    the transaction did as the connection goes."""
+    tx = driver.transaction(readonly=readonly)
+    ended = False  # committed or rolled back, as far as asyncpg and PostgreSQL both know
+    try:
         await tx.start()
         try:
-            timeout_ms = milliseconds_left()
-            if timeout_ms is not None:
-                # An int, not a bound parameter: SET takes no parameters.
-                await driver.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
-            yield driver
+            yield
         except BaseException as exc:
             if not isinstance(exc, _BROKEN) and not driver.is_closed():
                 await shielded(tx.rollback())
+                ended = True
             raise
         await tx.commit()
+        ended = True
+    except BaseException:
+        if not ended:
+            driver.terminate()
+        raise
 
 
 # Errors after which the connection's protocol state is unknown. An error the server answered

@@ -4,6 +4,7 @@ retries of raw asyncpg errors, and a connection interrupted mid-statement never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -20,6 +21,7 @@ from service.errors import Unavailable
 from service.interceptors.errors import as_domain_error
 
 FAST = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01)
+TURNS = 150
 INSERT = "INSERT INTO users (email, first_name, last_name) VALUES ($1, 'A', 'B')"
 
 
@@ -101,3 +103,36 @@ async def test_a_cancelled_statement_stops_server_side_and_its_work_rolls_back(
     async with transaction(pooled) as driver:  # the same connection serves the next caller
         await driver.execute(INSERT, "next@example.com")
     assert await emails(engine) == ["next@example.com"]
+
+
+async def test_a_cancellation_at_any_point_leaves_no_connection_in_a_transaction(
+    database_url: str, engine: AsyncEngine
+) -> None:
+    """Cut off after 0, 1, 2, ... turns of the event loop: during the checkout, BEGIN, the
+    statements, COMMIT or after. The pool's one connection must never go back inside a
+    transaction, on the server or in asyncpg's own bookkeeping: the next unit of work would
+    run inside it (as a savepoint), and what it "committed" would never be."""
+    one = create_engine(Settings(pool_size=1, max_overflow=0), database_url)
+    try:
+        for turns in range(TURNS):
+
+            async def unit(n: int = turns) -> None:
+                async with transaction(one) as driver:
+                    await driver.execute(INSERT, f"a{n}@example.com")
+                    await driver.execute(INSERT, f"b{n}@example.com")
+
+            task = asyncio.ensure_future(unit())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            async with transaction(one) as driver:
+                await driver.execute(INSERT, f"next{turns}@example.com")
+            # Committed for real: another connection sees it.
+            assert f"next{turns}@example.com" in await emails(engine), f"after {turns} turns"
+    finally:
+        await one.dispose()
+    written = await emails(engine)
+    for turns in range(TURNS):  # each cancelled unit wrote both of its rows or neither
+        assert (f"a{turns}@example.com" in written) == (f"b{turns}@example.com" in written)
