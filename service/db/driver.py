@@ -137,9 +137,9 @@ async def _block(driver: asyncpg.Connection, *, readonly: bool = False) -> Async
             raise
         await tx.commit()
         ended = True
-    except BaseException:
-        if not ended:
-            driver.terminate()
+    except BaseException as exc:
+        if not ended and not isinstance(exc, _BROKEN):
+            driver.terminate()  # a broken connection is checked_out()'s to discard
         raise
 
 
