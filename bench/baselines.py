@@ -12,7 +12,6 @@ import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
@@ -192,22 +191,6 @@ async def pgbench_tpcb(pgbench: str, dsn: str, clients: int, seconds: int) -> Me
     )
 
 
-class _Sql:
-    """A SQLAlchemy statement as asyncpg runs it: $n placeholders, the values bound in the
-    statement itself as defaults, the rest by name."""
-
-    def __init__(self, stmt: Any) -> None:
-        from sqlalchemy.dialects.postgresql.asyncpg import dialect
-
-        compiled = stmt.compile(dialect=dialect())
-        self.sql = str(compiled)
-        self.names = tuple(compiled.positiontup or ())
-        self.defaults = dict(compiled.params)
-
-    def args(self, values: dict[str, Any]) -> list[Any]:
-        return [values[n] if n in values else self.defaults[n] for n in self.names]
-
-
 async def raw_transfers(
     dsn: str, accounts: list[int], clients: int, seconds: float, warmup: float
 ) -> Measurement:
@@ -215,11 +198,12 @@ async def raw_transfers(
     row locks, the posting in its savepoint, the stored response; BEGIN and COMMIT) sent by
     raw asyncpg from one Python event loop over `clients` connections: the service minus gRPC,
     protobuf and SQLAlchemy, to place its gap to pgbench."""
+    from service.db.driver import Statement
     from service.repositories.idempotency import CLAIM, COMPLETE
     from service.repositories.ledger import POST
     from service.repositories.transfers import LOCK_HELD
 
-    claim, lock, post, complete = _Sql(CLAIM), _Sql(LOCK_HELD), _Sql(POST), _Sql(COMPLETE)
+    claim, lock, post, complete = map(Statement.compile, (CLAIM, LOCK_HELD, POST, COMPLETE))
     conns = [await asyncpg.connect(dsn) for _ in range(clients)]
     latencies: list[float] = []
     counted = 0
