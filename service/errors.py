@@ -61,6 +61,10 @@ class Unavailable(DomainError):
 
     reason = "DATABASE_UNAVAILABLE"
 
+    @classmethod
+    def database_down(cls) -> Unavailable:
+        return cls("the database is unavailable; retry later")
+
 
 class Unauthenticated(DomainError):
     """No bearer token, or one the server does not know."""

@@ -81,7 +81,7 @@ async def checked_out(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
         if driver.is_closed() and isinstance(exc, Exception):
             # The server went away under the statement (asyncpg says "connection is closed",
             # with no SQLSTATE): the client may retry, as for any outage.
-            raise Unavailable("the database is unavailable; retry later") from exc
+            raise Unavailable.database_down() from exc
         raise
     finally:
         fairy.close()

@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.db.driver_errors import error_field
 from service.db.transaction import transaction
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,8 @@ DEFAULT_POLICY = RetryPolicy()
 
 
 def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error: raised by asyncpg itself (work on the driver, as in
-    service/db/driver.py) or wrapped by SQLAlchemy, which keeps asyncpg's error as exc.orig or
-    as its cause."""
-    orig = exc.orig if isinstance(exc, DBAPIError) else None
-    for candidate in (exc, orig, orig.__cause__ if orig is not None else None):
-        code = getattr(candidate, "sqlstate", None)
-        if isinstance(code, str) and code:
-            return code
-    return None
+    """The SQLSTATE of a database error, raw asyncpg or wrapped by SQLAlchemy."""
+    return error_field(exc, "sqlstate")
 
 
 def is_retryable(exc: BaseException) -> bool:

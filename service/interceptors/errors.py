@@ -89,12 +89,12 @@ def as_domain_error(exc: BaseException) -> errors.DomainError | None:
         exc.connection_invalidated
         or isinstance(exc, sa_exc.InterfaceError | sa_exc.OperationalError)
     ):
-        return errors.Unavailable("the database is unavailable; retry later")
+        return errors.Unavailable.database_down()
     state = sqlstate(exc)
     if state is not None and state.startswith(_UNAVAILABLE_SQLSTATES):
-        return errors.Unavailable("the database is unavailable; retry later")
+        return errors.Unavailable.database_down()
     if isinstance(exc, ConnectionError | OSError):
-        return errors.Unavailable("the database is unavailable; retry later")
+        return errors.Unavailable.database_down()
     return None
 
 
