@@ -16,32 +16,13 @@ from service.db.retry import transactional
 from service.db.transaction import read_only_snapshot, transaction
 from service.handlers.context import Context
 from service.handlers.paging import PageTokens
+from service.handlers.users_bulk import StagedUser, import_batches, stage_all, user_rows
 from service.handlers.users_convert import user_row_to_proto, user_rows_to_batch, user_to_proto
-from service.handlers.users_import import StagedUser, import_batches, stage_all
 from service.handlers.validation import Violations
-from service.repositories.users import UserFields, UserRepository, UserRows
+from service.repositories.users import UserRepository, UserRows
 
 UPDATABLE_PATHS = frozenset({"first_name", "last_name", "email", "is_active"})
 MAX_UPSERT_BATCH = 1000
-
-
-def _user_fields(v: Violations, field: str, user: api.UpsertUser) -> UserFields:
-    return UserFields(
-        email=v.email(f"{field}.email", user.email),
-        first_name=v.name(f"{field}.first_name", user.first_name),
-        last_name=v.name(f"{field}.last_name", user.last_name),
-        is_active=user.is_active if user.HasField("is_active") else True,
-    )
-
-
-def _rows(v: Violations, field: str, users: list[api.UpsertUser]) -> list[UserFields]:
-    rows = [_user_fields(v, f"{field}[{i}]", u) for i, u in enumerate(users)]
-    seen: set[str] = set()
-    for i, row in enumerate(rows):
-        if row.email in seen:
-            v.add(f"{field}[{i}].email", f"{row.email} appears more than once in the batch")
-        seen.add(row.email)
-    return rows
 
 
 class UserServicer(api_grpc.UserServiceServicer):
@@ -191,7 +172,7 @@ class UserServicer(api_grpc.UserServiceServicer):
         if len(request.users) > MAX_UPSERT_BATCH:
             v.add("users", f"at most {MAX_UPSERT_BATCH} users per call; use ImportUsers for more")
             v.raise_if_any()
-        rows = _rows(v, "users", list(request.users))
+        rows = user_rows(v, "users", list(request.users))
         v.raise_if_any()
 
         async def upsert(session: AsyncSession) -> api.UpsertUsersResponse:
@@ -222,7 +203,7 @@ class UserServicer(api_grpc.UserServiceServicer):
                 await users.copy_into_staging(records, first=not staged)
                 staged += len(records)
 
-            await stage_all(import_batches(request_iterator, _rows), stage)
+            await stage_all(import_batches(request_iterator), stage)
             if not staged:
                 return api.ImportUsersResponse(imported=0)
             imported = await users.insert_staged()

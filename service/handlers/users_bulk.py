@@ -1,5 +1,7 @@
-"""ImportUsers' hot path: each message checked a column at a time and turned into COPY records,
-and the stream read (and checked) ahead while the records before it are copied."""
+"""Batches of users for the bulk writes: UpsertUsers' rows checked one by one (the exact field
+violations), and ImportUsers' hot path, where each message is checked a column at a time and
+turned into COPY records, and the stream is read (and checked) ahead while the records before
+it are copied."""
 
 from __future__ import annotations
 
@@ -16,8 +18,6 @@ from service.repositories.users import UserFields
 
 # A row of the staging table: email (lowercased), first_name, last_name (stripped), is_active.
 StagedUser = tuple[str, str, str, bool]
-# The row-by-row validation of UpsertUsers (handlers/users.py _rows): the exact violations.
-RowValidation = Callable[[Violations, str, list[api.UpsertUser]], list[UserFields]]
 
 # Rows read and checked ahead of the COPY in flight (give or take a message): what queued up
 # meanwhile goes in the next COPY (fewer, larger statements when the client is faster than the
@@ -27,9 +27,30 @@ READ_AHEAD_ROWS = 16_384
 _FIELDS = attrgetter("email", "first_name", "last_name", "is_active")
 
 
+def _user_fields(v: Violations, field: str, user: api.UpsertUser) -> UserFields:
+    return UserFields(
+        email=v.email(f"{field}.email", user.email),
+        first_name=v.name(f"{field}.first_name", user.first_name),
+        last_name=v.name(f"{field}.last_name", user.last_name),
+        is_active=user.is_active if user.HasField("is_active") else True,
+    )
+
+
+def user_rows(v: Violations, field: str, users: list[api.UpsertUser]) -> list[UserFields]:
+    """The batch's rows, each field checked, and an email twice in the batch named; the
+    violations go to v."""
+    rows = [_user_fields(v, f"{field}[{i}]", u) for i, u in enumerate(users)]
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        if row.email in seen:
+            v.add(f"{field}[{i}].email", f"{row.email} appears more than once in the batch")
+        seen.add(row.email)
+    return rows
+
+
 def checked_batch(users: Sequence[api.UpsertUser]) -> list[StagedUser] | None:
     """The batch as staging records when every row is valid and no email repeats in it (the
-    values _rows gives), checked a column at a time; None when any check fails: the caller
+    values user_rows gives), checked a column at a time; None when any check fails: the caller
     then validates row by row, for the exact field violations."""
     if not users:
         return []
@@ -46,26 +67,24 @@ def checked_batch(users: Sequence[api.UpsertUser]) -> list[StagedUser] | None:
     return list(zip(lowered, first_names, last_names, actives, strict=True))
 
 
-def batch_records(
-    field: str, users: Sequence[api.UpsertUser], rows: RowValidation
-) -> list[StagedUser]:
-    """The batch's staging records, or INVALID_ARGUMENT with the violations of `rows`."""
+def batch_records(field: str, users: Sequence[api.UpsertUser]) -> list[StagedUser]:
+    """The batch's staging records, or INVALID_ARGUMENT with the violations of user_rows."""
     records = checked_batch(users)
     if records is None:
         v = Violations()
-        checked = rows(v, field, list(users))
+        checked = user_rows(v, field, list(users))
         v.raise_if_any()
         records = [(r.email, r.first_name, r.last_name, r.is_active) for r in checked]
     return records
 
 
 async def import_batches(
-    requests: AsyncIterator[api.ImportUsersRequest], rows: RowValidation
+    requests: AsyncIterator[api.ImportUsersRequest],
 ) -> AsyncIterator[list[StagedUser]]:
     """Each message's records, checked; field names count messages from 0 (empty ones too)."""
     batch_no = 0
     async for request in requests:
-        yield batch_records(f"batch[{batch_no}].users", request.users, rows)
+        yield batch_records(f"batch[{batch_no}].users", request.users)
         batch_no += 1
 
 

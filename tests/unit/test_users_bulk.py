@@ -11,13 +11,13 @@ import pytest
 from shop.v1 import user_service_pb2 as api
 
 from service.errors import InvalidArgument
-from service.handlers.users import _rows
-from service.handlers.users_import import (
+from service.handlers.users_bulk import (
     StagedUser,
     batch_records,
     checked_batch,
     import_batches,
     stage_all,
+    user_rows,
 )
 from service.handlers.validation import Violations
 
@@ -49,7 +49,7 @@ def _random_user(rng: random.Random, n: int) -> api.UpsertUser:
 
 def _row_by_row(users: list[api.UpsertUser]) -> tuple[list[StagedUser], list[str]]:
     v = Violations()
-    rows = _rows(v, "users", users)
+    rows = user_rows(v, "users", users)
     return [(r.email, r.first_name, r.last_name, r.is_active) for r in rows], [
         f"{item.field}: {item.description}" for item in v.items
     ]
@@ -96,7 +96,7 @@ def test_an_invalid_batch_answers_the_row_by_row_violations() -> None:
         api.UpsertUser(email="A@x.io", first_name="A", last_name="B"),
     ]
     with pytest.raises(InvalidArgument) as caught:
-        batch_records("batch[2].users", users, _rows)
+        batch_records("batch[2].users", users)
     fields = [violation.field for violation in caught.value.violations]
     assert fields == [
         "batch[2].users[1].email",
@@ -208,7 +208,7 @@ async def test_import_batches_names_fields_by_message_number() -> None:
 
     got: list[list[StagedUser]] = []
     with pytest.raises(InvalidArgument) as caught:
-        async for records in import_batches(requests(), _rows):
+        async for records in import_batches(requests()):
             got.append(records)
     assert got == [[("a@x.io", "A", "B", True)], []]
     assert [v.field for v in caught.value.violations] == ["batch[2].users[0].email"]
