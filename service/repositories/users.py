@@ -73,6 +73,16 @@ class UpsertCounts:
     updated: int
 
 
+def _refuse(deleted: list[str]) -> None:
+    """USER_DELETED naming the soft-deleted users of a bulk write (up to 10), if there are any."""
+    if deleted:
+        raise FailedPrecondition(
+            f"users are deleted: {', '.join(deleted[:10])}",
+            reason="USER_DELETED",
+            emails=",".join(deleted[:10]),
+        )
+
+
 def _email_taken(exc: IntegrityError, email: str) -> AlreadyExists | None:
     if violated_constraint(exc) == EMAIL_UNIQUE:
         return AlreadyExists(f"email {email} is taken", reason="EMAIL_TAKEN", email=email)
@@ -172,13 +182,7 @@ class UserRepository:
 
     async def refuse_deleted(self, emails: Sequence[str]) -> None:
         """Bulk writes do not revive soft-deleted users: Undelete is explicit."""
-        deleted = (await self.session.scalars(DELETED_AMONG, {"emails": list(emails)})).all()
-        if deleted:
-            raise FailedPrecondition(
-                f"users are deleted: {', '.join(deleted[:10])}",
-                reason="USER_DELETED",
-                emails=",".join(deleted[:10]),
-            )
+        _refuse(list((await self.session.scalars(DELETED_AMONG, {"emails": list(emails)})).all()))
 
     async def upsert(self, rows: Sequence[UserFields]) -> UpsertCounts:
         """One INSERT ... ON CONFLICT (email) DO UPDATE for the batch, rows sorted by email so
@@ -264,25 +268,16 @@ class UserRepository:
         result = await self.session.scalars(self._STAGED_DUPLICATES)
         return list(result.all())
 
-    async def merge_staging(self, staged: int | None = None) -> int:
+    async def merge_staging(self, staged: int) -> int:
         """Upsert the staged rows with the same semantics as upsert(); returns rows merged.
-        `staged` is how many rows were staged (counted when not given). A soft-deleted user is
-        left alone by the merge (its WHERE), so fewer rows merged than staged says one was in
-        the import: USER_DELETED naming them, and the caller's transaction rolls back (a
-        partial import is not one we give)."""
+        `staged` is how many rows were staged. A soft-deleted user is left alone by the merge
+        (its WHERE), so fewer rows merged than staged says one was in the import: USER_DELETED
+        naming them, and the caller's transaction rolls back (a partial import is not one we
+        give)."""
         result = await self.session.execute(self._MERGE_STAGED)
         merged = int(result.rowcount)  # type: ignore[attr-defined]
-        if staged is None:
-            count = await self.session.scalar(text("SELECT count(*) FROM users_import"))
-            staged = int(count or 0)
         if merged != staged:
-            deleted = (await self.session.scalars(self._STAGED_DELETED)).all()
-            if deleted:
-                raise FailedPrecondition(
-                    f"users are deleted: {', '.join(deleted)}",
-                    reason="USER_DELETED",
-                    emails=",".join(deleted),
-                )
+            _refuse(list((await self.session.scalars(self._STAGED_DELETED)).all()))
             # Deleted and undeleted again by others since the merge: still not applied whole.
             raise FailedPrecondition("a user in the import was deleted", reason="USER_DELETED")
         return merged

@@ -271,7 +271,7 @@ async def test_copy_stage_and_merge(sessions, factory: Factory) -> None:
         await repo.copy_into_staging([staged("a@example.com"), staged("b@example.com")], first=True)
         await repo.copy_into_staging([staged("ada@example.com", last="New")], first=False)
         assert await repo.staged_duplicates() == []
-        assert await repo.merge_staging() == 3
+        assert await repo.merge_staging(staged=3) == 3
     async with sessions() as session:
         emails = (await session.scalars(select(User.email).order_by(User.email))).all()
         ada = await UserRepository(session).get(existing.id)
@@ -294,6 +294,6 @@ async def test_merge_refuses_deleted_users(sessions, factory: Factory) -> None:
         repo = UserRepository(session)
         await repo.copy_into_staging([staged("gone@example.com")], first=True)
         with pytest.raises(FailedPrecondition) as caught:
-            await repo.merge_staging()
+            await repo.merge_staging(staged=1)
         await session.rollback()
     assert caught.value.reason == "USER_DELETED"
