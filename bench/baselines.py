@@ -198,7 +198,7 @@ async def raw_transfers(
     row locks, the posting in its savepoint, the stored response; BEGIN and COMMIT) sent by
     raw asyncpg from one Python event loop over `clients` connections: the service minus gRPC,
     protobuf and SQLAlchemy, to place its gap to pgbench."""
-    from service.db.driver import Statement
+    from service.db.raw import Statement
     from service.repositories.idempotency import CLAIM, COMPLETE
     from service.repositories.ledger import POST
     from service.repositories.transfers import LOCK_HELD

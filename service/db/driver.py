@@ -16,54 +16,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
-from sqlalchemy import ClauseElement
-from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.sql.compiler import SQLCompiler
 
 from service.db.deadlines import milliseconds_left
-from service.db.streaming import Row, shielded
+from service.db.streaming import shielded
 from service.db.transaction import AUTOCOMMIT_READS
 from service.errors import Unavailable
-
-
-@dataclass(frozen=True, slots=True)
-class Statement:
-    """A statement compiled once for asyncpg: its SQL with $n placeholders, the bound names in
-    placeholder order, and the values bound in the statement itself (literals the caller does
-    not pass)."""
-
-    sql: str
-    names: tuple[str, ...]
-    defaults: dict[str, Any]
-
-    @classmethod
-    def compile(cls, stmt: ClauseElement) -> Statement:
-        compiled = stmt.compile(dialect=asyncpg_dialect())  # type: ignore[no-untyped-call]
-        assert isinstance(compiled, SQLCompiler)
-        names = tuple(compiled.positiontup or ())
-        return cls(str(compiled), names, dict(compiled.params))
-
-    def args(self, params: dict[str, Any]) -> list[Any]:
-        return [params[n] if n in params else self.defaults[n] for n in self.names]
-
-    async def fetchval(self, driver: asyncpg.Connection, **params: Any) -> Any:
-        return await driver.fetchval(self.sql, *self.args(params))
-
-    async def execute(self, driver: asyncpg.Connection, **params: Any) -> None:
-        await driver.execute(self.sql, *self.args(params))
-
-    async def fetchrow(self, driver: asyncpg.Connection, **params: Any) -> Row | None:
-        row: Row | None = await driver.fetchrow(self.sql, *self.args(params), record_class=Row)
-        return row
-
-    async def fetch(self, driver: asyncpg.Connection, **params: Any) -> list[Row]:
-        rows: list[Row] = await driver.fetch(self.sql, *self.args(params), record_class=Row)
-        return rows
 
 
 @asynccontextmanager

@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
-import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import BigInteger, ColumnElement, Select, cast, extract, literal_column
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import QueryableAttribute
 
-
-class Row(asyncpg.Record):  # type: ignore[misc]
-    """A row as asyncpg decodes it: a tuple of the statement's columns that also reads them by
-    name (row.id), like SQLAlchemy's Row."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-Rows = Sequence[Row]
+from service.db.raw import Row, Rows, Statement, driver_of
 
 T = TypeVar("T")
 
@@ -73,16 +60,13 @@ async def partitions(
     caller's transaction then ends, closing the cursor, and the connection goes back to the
     pool intact.
     """
-    connection = await session.connection()
-    compiled = stmt.compile(dialect=connection.dialect, compile_kwargs={"render_postcompile": True})
-    params = [compiled.params[name] for name in compiled.positiontup or ()]
-    driver = (await connection.get_raw_connection()).driver_connection
-    assert driver is not None
+    statement = Statement.compile(stmt)
+    driver = await driver_of(session)
     if not driver.is_in_transaction():
         # SQLAlchemy's adapter sends BEGIN (with the session's isolation level and READ ONLY)
         # just before its first statement, and a cursor lives only inside a transaction.
-        await connection.exec_driver_sql("SELECT 1")
-    cursor = await driver.cursor(str(compiled), *params, record_class=Row)
+        await (await session.connection()).exec_driver_sql("SELECT 1")
+    cursor = await driver.cursor(statement.sql, *statement.args({}), record_class=Row)
     while True:
         rows: list[Row] = await shielded(cursor.fetch(batch_size))
         if not rows:

@@ -11,8 +11,8 @@ from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.driver import Statement
 from service.db.models import IdempotencyKey
+from service.db.raw import Statement
 
 # Built once, on the table rather than the entity: every idempotent write runs these, and Core
 # statements on a Table skip the ORM's bulk insert/update machinery (and the cache key of a

@@ -13,10 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload, undefer
 from sqlalchemy.orm.strategy_options import _AbstractLoad  # what undefer() returns
 
-from service.db.driver import Statement
 from service.db.models import ORDER_CURRENCY, Order, OrderItem, OrderStatus
+from service.db.raw import Rows, Statement, driver_of
 from service.db.schema_state import features_of
-from service.db.streaming import Rows, epoch_microseconds, partitions, shielded
+from service.db.streaming import epoch_microseconds, partitions, shielded
 from service.errors import FailedPrecondition, NotFound
 
 AnySelect = TypeVar("AnySelect", bound=Select[*tuple[Any, ...]])
@@ -153,9 +153,7 @@ class OrderRepository:
     async def _with_items(self, batches: AsyncIterator[Rows]) -> AsyncIterator[OrderPartition]:
         """Each batch of orders with all its items, read by one statement per batch on the
         export's connection (so from its snapshot), straight from the driver like the cursor."""
-        connection = await self.session.connection()
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert driver is not None
+        driver = await driver_of(self.session)
         async for orders in batches:
             order_ids = [order.id for order in orders]
             items = await shielded(EXPORT_ITEMS.fetch(driver, order_ids=order_ids))

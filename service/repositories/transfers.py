@@ -10,8 +10,8 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import BigInteger, any_, bindparam, select
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from service.db.driver import Statement
 from service.db.models import Account, AccountKind
+from service.db.raw import Statement
 from service.errors import FailedPrecondition, NotFound
 from service.repositories.ledger import (
     POST,

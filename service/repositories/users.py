@@ -12,9 +12,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from service.db.driver import Statement
 from service.db.models import Order, User
-from service.db.streaming import Row, Rows, epoch_microseconds, partitions
+from service.db.raw import Row, Rows, Statement, driver_of
+from service.db.streaming import epoch_microseconds, partitions
 from service.errors import AlreadyExists, FailedPrecondition, NotFound
 from service.repositories.integrity import violated_constraint
 from service.repositories.orders import order_column_options
@@ -238,13 +238,9 @@ class UserRepository:
     ) -> None:
         """COPY (email, first_name, last_name, is_active) records into the transaction's staging
         table, created with the first batch."""
-        connection = await self.session.connection()
         if first:
-            await connection.execute(self._CREATE_STAGING)
-        raw = await connection.get_raw_connection()
-        driver = raw.driver_connection
-        assert driver is not None
-        await driver.copy_records_to_table(
+            await self.session.execute(self._CREATE_STAGING)
+        await (await driver_of(self.session)).copy_records_to_table(
             "users_import", records=records, columns=self._STAGING_COLUMNS
         )
 
