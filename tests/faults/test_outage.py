@@ -25,11 +25,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import service
-from service.config import Settings
 from service.db.models import Transfer
-from service.server import RunningServer, start_server
 from tests.faults.own_postgres import OwnPostgres
 from tests.faults.traffic import Call, assert_balances_match_transfers, record, record_stream
+from tests.servers import OwnServer, own_server
 
 DEADLINE = 5.0  # every client call; a call that hangs ends DEADLINE_EXCEEDED and fails the test
 RECOVERY = 5.0  # the stated guarantee: calls succeed within 5 s of the database returning
@@ -40,19 +39,9 @@ HEALTH_PROBE = (Path(service.__file__).parent / "health.py").is_file()
 
 
 @pytest_asyncio.fixture
-async def own_server(own_pg_url: str) -> AsyncIterator[RunningServer]:
-    settings = Settings(
-        grpc_host="127.0.0.1", grpc_port=0, pool_size=4, max_overflow=2, pool_timeout=2.0
-    )
-    running = await start_server(settings, own_pg_url)
-    yield running
-    await running.stop(grace=None)
-
-
-@pytest_asyncio.fixture
-async def own_channel(own_server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{own_server.port}") as channel:
-        yield channel
+async def served(own_pg_url: str) -> AsyncIterator[OwnServer]:
+    async with own_server(own_pg_url, pool_size=4, max_overflow=2, pool_timeout=2.0) as server:
+        yield server
 
 
 async def open_accounts(channel: grpc.aio.Channel, count: int) -> list[int]:
@@ -136,12 +125,11 @@ async def start_database(own_pg: OwnPostgres) -> None:
 
 async def test_outage_answers_unavailable_and_recovers_without_losing_a_transfer(
     own_pg: OwnPostgres,
-    own_server: RunningServer,
-    own_channel: grpc.aio.Channel,
+    served: OwnServer,
     own_engine: AsyncEngine,
 ) -> None:
-    account_ids = await open_accounts(own_channel, 4)
-    traffic = Traffic(own_channel, account_ids)
+    account_ids = await open_accounts(served.channel, 4)
+    traffic = Traffic(served.channel, account_ids)
     clients = [asyncio.create_task(traffic.client(seed)) for seed in range(4)]
     try:
         await asyncio.sleep(1.0)
@@ -177,7 +165,7 @@ async def test_outage_answers_unavailable_and_recovers_without_losing_a_transfer
     # No transfer lost or applied twice: every OK transfer is stored once, as answered, and a
     # retry of every transfer request (answered or not) returns one stored result.
     transfers = [c for c in traffic.calls if c.method == "Transfer"]
-    stub = account_service_pb2_grpc.AccountServiceStub(own_channel)
+    stub = account_service_pb2_grpc.AccountServiceStub(served.channel)
     for call in transfers:
         again = await stub.Transfer(call.request, timeout=DEADLINE)
         if call.ok:
@@ -219,16 +207,16 @@ async def wait_for_status(channel: grpc.aio.Channel, status: int, bound: float) 
     reason="needs the background health probe (service/health.py), built by another issue",
 )
 async def test_health_goes_not_serving_during_outage_and_back(
-    own_pg: OwnPostgres, own_server: RunningServer, own_channel: grpc.aio.Channel
+    own_pg: OwnPostgres, served: OwnServer
 ) -> None:
     serving, not_serving = (
         health_pb2.HealthCheckResponse.SERVING,
         health_pb2.HealthCheckResponse.NOT_SERVING,
     )
-    await wait_for_status(own_channel, serving, bound=10.0)
+    await wait_for_status(served.channel, serving, bound=10.0)
     await stop_database(own_pg)
     try:
-        await wait_for_status(own_channel, not_serving, bound=10.0)
+        await wait_for_status(served.channel, not_serving, bound=10.0)
     finally:
         await start_database(own_pg)
-    await wait_for_status(own_channel, serving, bound=10.0)
+    await wait_for_status(served.channel, serving, bound=10.0)

@@ -17,9 +17,8 @@ from shop.v1 import account_service_pb2_grpc, user_service_pb2, user_service_pb2
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.config import Settings
-from service.server import RunningServer, start_server
 from tests.factories import Factory
+from tests.servers import OwnServer, own_server
 
 POOL_TIMEOUT = 0.5
 # "Within about pool_timeout": the pool's wait plus scheduling slack on a shared 2-core machine.
@@ -28,19 +27,9 @@ DEADLINE = 10.0
 
 
 @pytest_asyncio.fixture
-async def tiny_server(database_url: str) -> AsyncIterator[RunningServer]:
-    settings = Settings(
-        grpc_host="127.0.0.1", grpc_port=0, pool_size=1, max_overflow=0, pool_timeout=POOL_TIMEOUT
-    )
-    running = await start_server(settings, database_url)
-    yield running
-    await running.stop(grace=None)
-
-
-@pytest_asyncio.fixture
-async def tiny_channel(tiny_server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{tiny_server.port}") as channel:
-        yield channel
+async def tiny(database_url: str) -> AsyncIterator[OwnServer]:
+    async with own_server(database_url, pool_size=1, pool_timeout=POOL_TIMEOUT) as server:
+        yield server
 
 
 def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
@@ -56,16 +45,15 @@ def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
 
 
 async def test_exhausted_pool_answers_unavailable_with_retry_hint_and_health_stays_up(
-    tiny_server: RunningServer,
-    tiny_channel: grpc.aio.Channel,
+    tiny: OwnServer,
     engine: AsyncEngine,
     factory: Factory,
 ) -> None:
     account = await factory.account(balance="10.00")
     user = await factory.user()
-    accounts = account_service_pb2_grpc.AccountServiceStub(tiny_channel)
-    users = user_service_pb2_grpc.UserServiceStub(tiny_channel)
-    health = health_pb2_grpc.HealthStub(tiny_channel)
+    accounts = account_service_pb2_grpc.AccountServiceStub(tiny.channel)
+    users = user_service_pb2_grpc.UserServiceStub(tiny.channel)
+    health = health_pb2_grpc.HealthStub(tiny.channel)
 
     async with engine.connect() as holder:
         # The test holds the account's row lock; the server's only connection then waits on it.
@@ -81,7 +69,7 @@ async def test_exhausted_pool_answers_unavailable_with_retry_hint_and_health_sta
             )
         )
         bound = time.monotonic() + 5
-        while tiny_server.engine.pool.checkedout() < 1:  # type: ignore[attr-defined]
+        while tiny.running.engine.pool.checkedout() < 1:  # type: ignore[attr-defined]
             assert time.monotonic() < bound, "the deposit never took the pooled connection"
             await asyncio.sleep(0.02)
 
