@@ -20,11 +20,12 @@ from shop.v1 import (
     user_service_pb2,
     user_service_pb2_grpc,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
 from service.db.engine import create_engine, create_probe_engine, create_sessionmaker
 from service.db.schema_state import serving_features, session_info
+from service.db.unit_of_work import Database
 from service.handlers.accounts import AccountServicer
 from service.handlers.orders import OrderServicer
 from service.handlers.paging import PageTokens
@@ -95,16 +96,12 @@ def interceptors(settings: Settings, metrics: RpcMetrics | None = None) -> list[
     return chain
 
 
-def add_shop_services(
-    server: grpc.aio.Server, sessions: async_sessionmaker[AsyncSession], settings: Settings
-) -> None:
+def add_shop_services(server: grpc.aio.Server, db: Database, settings: Settings) -> None:
     tokens = PageTokens(settings.page_token_secret.get_secret_value().encode())
-    user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(sessions, tokens), server)
-    order_service_pb2_grpc.add_OrderServiceServicer_to_server(
-        OrderServicer(sessions, tokens), server
-    )
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(db, tokens), server)
+    order_service_pb2_grpc.add_OrderServiceServicer_to_server(OrderServicer(db, tokens), server)
     account_service_pb2_grpc.add_AccountServiceServicer_to_server(
-        AccountServicer(sessions, tokens), server
+        AccountServicer(db, tokens), server
     )
 
 
@@ -142,7 +139,8 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
         maximum_concurrent_rpcs=max_concurrent_rpcs(settings),
         compression=compression(settings),
     )
-    add_shop_services(server, create_sessionmaker(engine, session_info(features)), settings)
+    db = Database(engine, create_sessionmaker(engine, session_info(features)))
+    add_shop_services(server, db, settings)
     health_service = HealthService(("", *SHOP_SERVICES))
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     reflection.enable_server_reflection(

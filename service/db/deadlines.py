@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import event
@@ -31,6 +33,21 @@ def bind_deadline(time_remaining: float | None) -> None:
         _deadline.set(None)
     else:
         _deadline.set(asyncio.get_running_loop().time() + time_remaining)
+
+
+def current_deadline() -> float | None:
+    """The current RPC's deadline in event-loop time (None: the caller set none)."""
+    return _deadline.get()
+
+
+@contextmanager
+def deadline_bound(deadline: float | None) -> Iterator[None]:
+    """Bind work done in the block (a batch run for several callers) to `deadline`."""
+    token = _deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
 
 
 def milliseconds_left() -> int | None:

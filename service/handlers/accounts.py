@@ -9,11 +9,11 @@ import asyncpg  # type: ignore[import-untyped]
 from shop.v1 import account_service_pb2 as api
 from shop.v1 import account_service_pb2_grpc as api_grpc
 from shop.v1 import resources_pb2 as pb
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.engine import engine_of
 from service.db.models import Account
 from service.db.transaction import read_only_snapshot
+from service.db.unit_of_work import Database
 from service.handlers.accounts_convert import (
     account_to_proto,
     transfer_rows_to_batch,
@@ -32,9 +32,10 @@ from service.repositories.users import UserRepository
 class AccountServicer(api_grpc.AccountServiceServicer):
     """Money accounts, deposits, withdrawals and transfers."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], tokens: PageTokens) -> None:
-        self.sessions = sessions
-        self.engine = engine_of(sessions)
+    def __init__(self, db: Database, tokens: PageTokens) -> None:
+        self.db = db
+        self.sessions = db.sessions
+        self.engine = db.engine
         self.tokens = tokens
 
     async def OpenAccount(self, request: api.OpenAccountRequest, context: Context) -> pb.Account:

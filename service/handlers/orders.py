@@ -8,11 +8,12 @@ from decimal import Decimal
 from shop.v1 import order_service_pb2 as api
 from shop.v1 import order_service_pb2_grpc as api_grpc
 from shop.v1 import resources_pb2 as pb
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import OrderStatus
 from service.db.retry import transactional
 from service.db.transaction import read_only_snapshot
+from service.db.unit_of_work import Database
 from service.handlers.context import Context
 from service.handlers.idempotency import idempotent
 from service.handlers.orders_convert import STATUS_FROM_PROTO, order_rows_to_batch, order_to_proto
@@ -58,8 +59,9 @@ def _items(v: Violations, items: list[pb.OrderItem]) -> list[ItemFields]:
 class OrderServicer(api_grpc.OrderServiceServicer):
     """Orders and their status life cycle."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], tokens: PageTokens) -> None:
-        self.sessions = sessions
+    def __init__(self, db: Database, tokens: PageTokens) -> None:
+        self.db = db
+        self.sessions = db.sessions
         self.tokens = tokens
 
     async def CreateOrder(self, request: api.CreateOrderRequest, context: Context) -> pb.Order:

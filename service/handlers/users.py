@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 from shop.v1 import resources_pb2 as pb
 from shop.v1 import user_service_pb2 as api
 from shop.v1 import user_service_pb2_grpc as api_grpc
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.driver import single_statement
-from service.db.engine import engine_of
 from service.db.models import utcnow
 from service.db.retry import transactional
 from service.db.transaction import read_only_snapshot, transaction
+from service.db.unit_of_work import Database
 from service.handlers.context import Context
 from service.handlers.paging import PageTokens
 from service.handlers.users_bulk import StagedUser, import_batches, stage_all, user_rows
@@ -28,9 +28,10 @@ MAX_UPSERT_BATCH = 1000
 class UserServicer(api_grpc.UserServiceServicer):
     """Customers: CRUD with soft delete, pages, exports and bulk loads."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], tokens: PageTokens) -> None:
-        self.sessions = sessions
-        self.engine = engine_of(sessions)
+    def __init__(self, db: Database, tokens: PageTokens) -> None:
+        self.db = db
+        self.sessions = db.sessions
+        self.engine = db.engine
         self.tokens = tokens
 
     async def CreateUser(self, request: api.CreateUserRequest, context: Context) -> pb.User:

@@ -1,0 +1,144 @@
+"""The one data layer a handler sees: it owns the engine and hands out units of work through a
+few named doors. No handler reaches for a sessionmaker, an engine or a driver connection.
+
+- read(): a session for reads (no explicit transaction; closed at the end).
+- snapshot(): one REPEATABLE READ, READ ONLY transaction, for exports.
+- write(work): work(session) in a transaction, committed, retried on 40001/40P01.
+- idempotent(...): write() once per request_id (handlers/idempotency.py holds the rule).
+- point_reads(read): concurrent point reads answered by one statement per batch.
+- batched(apply): concurrent writes applied together in one transaction per batch (group
+  commit: transfers, deposits, withdrawals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+
+from service.db.coalescer import Coalescer, Outcome
+from service.db.deadlines import current_deadline, deadline_bound
+from service.db.retry import retried, transactional
+from service.db.transaction import AUTOCOMMIT_READS, read_only_snapshot
+from service.errors import DeadlineExceeded
+
+T = TypeVar("T")
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+# Each batch is one transaction on one pooled connection. Two at once let one batch's Python
+# work overlap the other's round trips; more would only queue on the same row locks.
+BATCHES_IN_FLIGHT = 2
+
+
+class Database:
+    """The engine, its sessions, and the doors to them."""
+
+    def __init__(self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.engine = engine
+        self.sessions = sessions
+
+    def read(self) -> AbstractAsyncContextManager[AsyncSession]:
+        return self.sessions()
+
+    def snapshot(self) -> AbstractAsyncContextManager[AsyncSession]:
+        return read_only_snapshot(self.sessions)
+
+    async def write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        return await transactional(self.sessions, work)
+
+    @asynccontextmanager
+    async def statement(self) -> AsyncIterator[AsyncConnection]:
+        """A Core connection for one read statement: autocommit (no BEGIN, no COMMIT), except
+        behind PgBouncer in transaction mode, where a statement's prepare and execute must
+        share a transaction to reach the same server connection."""
+        async with self.engine.connect() as conn:
+            if self.engine.get_execution_options().get(AUTOCOMMIT_READS, True):
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+
+    def point_reads(
+        self,
+        read: Callable[[AsyncConnection, Sequence[In]], Awaitable[Sequence[Outcome[Out]]]],
+        *,
+        max_batch: int = 256,
+    ) -> Coalescer[In, Out]:
+        """Concurrent point reads answered together: read(conn, keys) runs one statement for
+        the batch and returns each key's outcome."""
+
+        async def run(keys: Sequence[In]) -> Sequence[Outcome[Out]]:
+            async with self.statement() as conn:
+                return await read(conn, keys)
+
+        return Coalescer(run, max_batch=max_batch, concurrency=BATCHES_IN_FLIGHT)
+
+    def batched(
+        self,
+        apply: Callable[[AsyncConnection, Sequence[In]], Awaitable[Sequence[Outcome[Out]]]],
+        *,
+        max_batch: int = 256,
+    ) -> BatchedWriter[In, Out]:
+        """Concurrent writes applied together: apply(conn, items) runs in one transaction per
+        batch, committed when it returns, and the whole batch runs again on a serialization
+        failure or deadlock (service/db/retry.py)."""
+        return BatchedWriter(self.engine, apply, max_batch=max_batch)
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued(Generic[In]):
+    item: In
+    deadline: float | None  # event-loop time; None: the caller set none
+
+
+class BatchedWriter(Generic[In, Out]):
+    """Group commit. A caller's deadline travels with its item: an item whose deadline passed
+    before its batch began is answered DEADLINE_EXCEEDED without being applied, and the batch's
+    statement_timeout is the latest deadline among the rest (none if one has none)."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        apply: Callable[[AsyncConnection, Sequence[In]], Awaitable[Sequence[Outcome[Out]]]],
+        *,
+        max_batch: int,
+    ) -> None:
+        self._engine = engine
+        self._apply = apply
+        self._coalescer: Coalescer[_Queued[In], Out] = Coalescer(
+            self._run, max_batch=max_batch, concurrency=BATCHES_IN_FLIGHT
+        )
+
+    async def submit(self, item: In) -> Out:
+        return await self._coalescer.submit(_Queued(item, current_deadline()))
+
+    async def submit_many(self, items: Sequence[In]) -> list[Outcome[Out]]:
+        deadline = current_deadline()
+        return await self._coalescer.submit_many([_Queued(i, deadline) for i in items])
+
+    async def _run(self, queued: Sequence[_Queued[In]]) -> Sequence[Outcome[Out]]:
+        now = asyncio.get_running_loop().time()
+        live = [i for i, q in enumerate(queued) if q.deadline is None or q.deadline > now]
+        outcomes: list[Outcome[Out]] = [
+            DeadlineExceeded("the deadline passed before the transfer was applied")
+        ] * len(queued)
+        if not live:
+            return outcomes
+        deadlines = [queued[i].deadline for i in live]
+        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+        items = [queued[i].item for i in live]
+
+        async def attempt() -> Sequence[Outcome[Out]]:
+            with deadline_bound(latest):
+                async with self._engine.begin() as conn:
+                    return await self._apply(conn, items)
+
+        for i, outcome in zip(live, await retried(attempt), strict=True):
+            outcomes[i] = outcome
+        return outcomes
+
+    async def drain(self) -> None:
+        await self._coalescer.drain()
