@@ -38,6 +38,7 @@ METHOD_ROLES: dict[str, Role] = {
     "/shop.v1.AccountService/Deposit": Role.WRITE,
     "/shop.v1.AccountService/Withdraw": Role.WRITE,
     "/shop.v1.AccountService/Transfer": Role.WRITE,
+    "/shop.v1.AccountService/BatchTransfer": Role.WRITE,
     "/shop.v1.AccountService/ListTransfers": Role.READ,
     "/shop.v1.AccountService/StreamTransfers": Role.READ,
 }

@@ -61,6 +61,11 @@ class AccountServiceStub:
                 request_serializer=shop_dot_v1_dot_account__service__pb2.TransferRequest.SerializeToString,
                 response_deserializer=shop_dot_v1_dot_resources__pb2.Transfer.FromString,
                 _registered_method=True)
+        self.BatchTransfer = channel.unary_unary(
+                '/shop.v1.AccountService/BatchTransfer',
+                request_serializer=shop_dot_v1_dot_account__service__pb2.BatchTransferRequest.SerializeToString,
+                response_deserializer=shop_dot_v1_dot_account__service__pb2.BatchTransferResponse.FromString,
+                _registered_method=True)
         self.ListTransfers = channel.unary_unary(
                 '/shop.v1.AccountService/ListTransfers',
                 request_serializer=shop_dot_v1_dot_account__service__pb2.ListTransfersRequest.SerializeToString,
@@ -108,6 +113,15 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchTransfer(self, request, context):
+        """Up to 1000 transfers (payouts, settlement), each applied or refused on its own and
+        idempotent by its own request_id; one result per request, in order. An invalid item is
+        that item's INVALID_ARGUMENT, not the call's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTransfers(self, request, context):
         """An account's transfers, in or out, id descending.
         """
@@ -149,6 +163,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.Transfer,
                     request_deserializer=shop_dot_v1_dot_account__service__pb2.TransferRequest.FromString,
                     response_serializer=shop_dot_v1_dot_resources__pb2.Transfer.SerializeToString,
+            ),
+            'BatchTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchTransfer,
+                    request_deserializer=shop_dot_v1_dot_account__service__pb2.BatchTransferRequest.FromString,
+                    response_serializer=shop_dot_v1_dot_account__service__pb2.BatchTransferResponse.SerializeToString,
             ),
             'ListTransfers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTransfers,
@@ -297,6 +316,33 @@ class AccountService:
             '/shop.v1.AccountService/Transfer',
             shop_dot_v1_dot_account__service__pb2.TransferRequest.SerializeToString,
             shop_dot_v1_dot_resources__pb2.Transfer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shop.v1.AccountService/BatchTransfer',
+            shop_dot_v1_dot_account__service__pb2.BatchTransferRequest.SerializeToString,
+            shop_dot_v1_dot_account__service__pb2.BatchTransferResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,11 @@ class AccountServiceStub:
     Withdraw: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.WithdrawRequest, _resources_pb2.Account]
     Transfer: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.TransferRequest, _resources_pb2.Transfer]
     """The response type is spelled in full: inside the service "Transfer" names this method."""
+    BatchTransfer: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.BatchTransferRequest, _account_service_pb2.BatchTransferResponse]
+    """Up to 1000 transfers (payouts, settlement), each applied or refused on its own and
+    idempotent by its own request_id; one result per request, in order. An invalid item is
+    that item's INVALID_ARGUMENT, not the call's.
+    """
     ListTransfers: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.ListTransfersRequest, _account_service_pb2.ListTransfersResponse]
     """An account's transfers, in or out, id descending."""
     StreamTransfers: _grpc.UnaryStreamMultiCallable[_account_service_pb2.StreamTransfersRequest, _account_service_pb2.TransferBatch]
@@ -56,6 +61,11 @@ class AccountServiceAsyncStub(AccountServiceStub):
     Withdraw: _aio.UnaryUnaryMultiCallable[_account_service_pb2.WithdrawRequest, _resources_pb2.Account]  # type: ignore[assignment]
     Transfer: _aio.UnaryUnaryMultiCallable[_account_service_pb2.TransferRequest, _resources_pb2.Transfer]  # type: ignore[assignment]
     """The response type is spelled in full: inside the service "Transfer" names this method."""
+    BatchTransfer: _aio.UnaryUnaryMultiCallable[_account_service_pb2.BatchTransferRequest, _account_service_pb2.BatchTransferResponse]  # type: ignore[assignment]
+    """Up to 1000 transfers (payouts, settlement), each applied or refused on its own and
+    idempotent by its own request_id; one result per request, in order. An invalid item is
+    that item's INVALID_ARGUMENT, not the call's.
+    """
     ListTransfers: _aio.UnaryUnaryMultiCallable[_account_service_pb2.ListTransfersRequest, _account_service_pb2.ListTransfersResponse]  # type: ignore[assignment]
     """An account's transfers, in or out, id descending."""
     StreamTransfers: _aio.UnaryStreamMultiCallable[_account_service_pb2.StreamTransfersRequest, _account_service_pb2.TransferBatch]  # type: ignore[assignment]
@@ -99,6 +109,17 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_resources_pb2.Transfer, _abc.Awaitable[_resources_pb2.Transfer]]:
         """The response type is spelled in full: inside the service "Transfer" names this method."""
+
+    @_abc_1.abstractmethod
+    def BatchTransfer(
+        self,
+        request: _account_service_pb2.BatchTransferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_service_pb2.BatchTransferResponse, _abc.Awaitable[_account_service_pb2.BatchTransferResponse]]:
+        """Up to 1000 transfers (payouts, settlement), each applied or refused on its own and
+        idempotent by its own request_id; one result per request, in order. An invalid item is
+        that item's INVALID_ARGUMENT, not the call's.
+        """
 
     @_abc_1.abstractmethod
     def ListTransfers(
