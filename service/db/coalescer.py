@@ -28,14 +28,28 @@ Batch: TypeAlias = Callable[[Sequence[In]], Awaitable[Sequence[Outcome[Out]]]]
 
 class Coalescer(Generic[In, Out]):
     """Runs `batch` over queued requests, at most `max_batch` at a time and `concurrency`
-    batches at once (each on its own connection)."""
+    batches at once (each on its own connection).
 
-    def __init__(self, batch: Batch[In, Out], *, max_batch: int, concurrency: int = 1) -> None:
+    With `cancel_abandoned` (reads, which have nothing to finish for anyone), a request whose
+    caller went away leaves the queue, and a running batch whose callers have all gone away is
+    cancelled: its statement stops server-side instead of running on for no one (a lone
+    GetUser cut off by its deadline, say). Writes leave it off: their batch always finishes."""
+
+    def __init__(
+        self,
+        batch: Batch[In, Out],
+        *,
+        max_batch: int,
+        concurrency: int = 1,
+        cancel_abandoned: bool = False,
+    ) -> None:
         self._batch = batch
         self._max_batch = max_batch
         self._slots = concurrency
+        self._cancel_abandoned = cancel_abandoned
         self._queue: list[tuple[In, asyncio.Future[Out]]] = []
-        self._running: set[asyncio.Task[None]] = set()
+        # Each running batch with its callers' futures.
+        self._running: dict[asyncio.Task[None], list[asyncio.Future[Out]]] = {}
 
     async def submit(self, request: In) -> Out:
         """The request's own outcome. A caller cancelled while waiting does not take its request
@@ -45,7 +59,11 @@ class Coalescer(Generic[In, Out]):
         future.add_done_callback(_retrieved)
         self._queue.append((request, future))
         self._start_batches()
-        return await asyncio.shield(future)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self._abandon([future])
+            raise
 
     async def submit_many(self, requests: Sequence[In]) -> list[Outcome[Out]]:
         """Each request's outcome, in order (a batch RPC's items: they may span batches)."""
@@ -55,18 +73,37 @@ class Coalescer(Generic[In, Out]):
             future.add_done_callback(_retrieved)
         self._queue.extend(zip(requests, futures, strict=True))
         self._start_batches()
-        await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
+        try:
+            await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
+        except asyncio.CancelledError:
+            self._abandon(futures)
+            raise
         return [f.exception() or f.result() for f in futures]
+
+    def _abandon(self, futures: Sequence[asyncio.Future[Out]]) -> None:
+        """The callers of `futures` went away: with cancel_abandoned, drop their queued
+        requests and cancel each running batch that no caller waits for any more."""
+        if not self._cancel_abandoned:
+            return
+        for future in futures:
+            future.cancel()
+        self._queue = [(r, f) for r, f in self._queue if not f.cancelled()]
+        for task, waiting in self._running.items():
+            if all(f.cancelled() for f in waiting):
+                task.cancel()
 
     def _start_batches(self) -> None:
         while self._queue and len(self._running) < self._slots:
             taken, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
             task = asyncio.create_task(self._run(taken))
-            self._running.add(task)
+            self._running[task] = [f for _, f in taken]
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
+        del self._running[task]
+        if not task.cancelled() and task.exception() is not None:
+            # _run answers every caller, whatever the batch raised: this is a bug of its own.
+            log.error("a batch failed outside its callers", exc_info=task.exception())
         self._start_batches()
 
     async def _run(self, taken: list[tuple[In, asyncio.Future[Out]]]) -> None:

@@ -68,13 +68,21 @@ class Database:
         max_batch: int = 256,
     ) -> Coalescer[In, Out]:
         """Concurrent point reads answered together: read(conn, keys) runs one statement for
-        the batch and returns each key's outcome."""
+        the batch and returns each key's outcome. A batch whose callers have all gone away
+        (cancelled, deadline passed) is cancelled, its statement with it."""
 
         async def run(keys: Sequence[In]) -> Sequence[Outcome[Out]]:
-            async with self.statement() as conn:
-                return await read(conn, keys)
+            # The batch's task was started from one caller's context: its deadline is not the
+            # batch's (behind PgBouncer the read's transaction would take it as its
+            # statement_timeout, and fail every caller once that one's had passed). The batch
+            # is bounded by its callers' cancellations instead, as autocommit reads are.
+            with deadline_bound(None):
+                async with self.statement() as conn:
+                    return await read(conn, keys)
 
-        return Coalescer(run, max_batch=max_batch, concurrency=BATCHES_IN_FLIGHT)
+        return Coalescer(
+            run, max_batch=max_batch, concurrency=BATCHES_IN_FLIGHT, cancel_abandoned=True
+        )
 
     def batched(
         self,

@@ -9,7 +9,6 @@ from shop.v1 import user_service_pb2 as api
 from shop.v1 import user_service_pb2_grpc as api_grpc
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.driver import single_statement
 from service.db.models import utcnow
 from service.db.retry import transactional
 from service.db.transaction import read_only_snapshot, transaction
@@ -19,7 +18,7 @@ from service.handlers.paging import PageTokens
 from service.handlers.users_bulk import StagedUser, import_batches, stage_all, user_rows
 from service.handlers.users_convert import user_row_to_proto, user_rows_to_batch, user_to_proto
 from service.handlers.validation import Violations
-from service.repositories.users import UserRepository, UserRows
+from service.repositories.users import UserRepository
 
 UPDATABLE_PATHS = frozenset({"first_name", "last_name", "email", "is_active"})
 MAX_UPSERT_BATCH = 1000
@@ -33,6 +32,8 @@ class UserServicer(api_grpc.UserServiceServicer):
         self.sessions = db.sessions
         self.engine = db.engine
         self.tokens = tokens
+        # GetUser: concurrent calls share one statement (WHERE id = ANY(:ids)) per batch.
+        self._users_by_id = db.point_reads(UserRepository.rows_by_id)
 
     async def CreateUser(self, request: api.CreateUserRequest, context: Context) -> pb.User:
         """Create a user; EMAIL_TAKEN if the email exists (deleted users included)."""
@@ -52,9 +53,7 @@ class UserServicer(api_grpc.UserServiceServicer):
         v = Violations()
         v.id("id", request.id)
         v.raise_if_any()
-        async with single_statement(self.engine) as driver:
-            row = await UserRows(driver).by_id(request.id)
-        return user_row_to_proto(row)
+        return user_row_to_proto(await self._users_by_id.submit(request.id))
 
     async def UpdateUser(self, request: api.UpdateUserRequest, context: Context) -> pb.User:
         """Apply the fields named by update_mask."""

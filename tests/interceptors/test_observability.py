@@ -11,9 +11,9 @@ import pytest
 from shop.v1 import user_service_pb2 as api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.logs import JsonFormatter, RequestIdFilter
-from service.repositories.users import UserRows
 from tests.factories import Factory
 from tests.rpc import failure_of
 
@@ -100,7 +100,7 @@ async def test_internal_error_carries_request_id_and_hides_the_exception(
             "SELECT secret_column FROM users", {}, Exception('relation "x" does not exist')
         )
 
-    monkeypatch.setattr(UserRows, "by_id", broken)  # what GetUser reads with
+    monkeypatch.setattr(AsyncConnection, "execute", broken)  # what GetUser reads with
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await user_stub.GetUser(api.GetUserRequest(id=1), metadata=[("x-request-id", "boom-7")])
 
