@@ -15,6 +15,7 @@ from service.db.models import Account
 from service.db.transaction import read_only_snapshot
 from service.db.unit_of_work import Database
 from service.handlers.accounts_convert import (
+    account_row_to_proto,
     account_to_proto,
     transfer_rows_to_batch,
     transfer_to_proto,
@@ -37,6 +38,8 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         self.sessions = db.sessions
         self.engine = db.engine
         self.tokens = tokens
+        # GetAccount: concurrent calls share one statement (WHERE id = ANY(:ids)) per batch.
+        self._accounts_by_id = db.point_reads(AccountRepository.rows_by_id)
 
     async def OpenAccount(self, request: api.OpenAccountRequest, context: Context) -> pb.Account:
         """A zero-balance account for a live user."""
@@ -64,8 +67,7 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         v = Violations()
         v.id("id", request.id)
         v.raise_if_any()
-        async with self.sessions() as session:
-            return account_to_proto(await AccountRepository(session).get(request.id))
+        return account_row_to_proto(await self._accounts_by_id.submit(request.id))
 
     async def Deposit(self, request: api.DepositRequest, context: Context) -> pb.Account:
         """Add money; returns the account as it stood right after this deposit."""

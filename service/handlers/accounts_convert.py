@@ -24,6 +24,19 @@ def account_to_proto(account: Account) -> pb.Account:
     )
 
 
+def account_row_to_proto(row: Any) -> pb.Account:
+    """A Core row of repositories.accounts.ACCOUNT_COLUMNS -> message (GetAccount's path); the
+    same bytes as account_to_proto's."""
+    return pb.Account(
+        id=row.id,
+        user_id=row.user_id,
+        currency=row.currency,
+        balance=format_money(row.balance),
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+    )
+
+
 def transfer_to_proto(transfer: Any) -> pb.Transfer:
     """A Transfer entity or a Core row with the same column names."""
     return pb.Transfer(

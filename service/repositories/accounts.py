@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import ARRAY, BigInteger, Row, any_, bindparam, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.db.models import Account, AccountKind, Transfer
@@ -15,6 +16,20 @@ from service.errors import NotFound
 from service.repositories.ledger import Ledger
 
 IS_CUSTOMER = Account.kind == AccountKind.CUSTOMER.value
+
+# An account's columns as GetAccount sends them (handlers/accounts_convert.account_row_to_proto).
+ACCOUNT_COLUMNS = (
+    Account.id,
+    Account.user_id,
+    Account.currency,
+    Account.balance,
+    Account.created_at,
+    Account.updated_at,
+)
+# GetAccount's statement: the accounts of a batch of coalesced calls, one array parameter.
+_ACCOUNT_ROWS_BY_ID = select(*ACCOUNT_COLUMNS).where(
+    Account.id == any_(bindparam("ids", type_=ARRAY(BigInteger))), IS_CUSTOMER
+)
 
 
 class AccountRepository:
@@ -28,6 +43,17 @@ class AccountRepository:
         self.session.add(account)
         await self.session.flush()
         return account
+
+    @staticmethod
+    async def rows_by_id(
+        conn: AsyncConnection, account_ids: Sequence[int]
+    ) -> list[Row[*tuple[Any, ...]] | NotFound]:
+        """Each id's row of ACCOUNT_COLUMNS, or NotFound, in the order asked (an id may come
+        more than once): one statement for them all, on a Core connection. Customer accounts
+        only, as get() reads them."""
+        found = await conn.execute(_ACCOUNT_ROWS_BY_ID, {"ids": list(set(account_ids))})
+        rows: dict[int, Row[*tuple[Any, ...]]] = {row.id: row for row in found}
+        return [rows[i] if i in rows else NotFound("account", i) for i in account_ids]
 
     async def get(self, account_id: int) -> Account:
         """A customer account: external accounts are not reachable by id (ACCOUNT_NOT_FOUND)."""
