@@ -1,22 +1,25 @@
-"""Server-side cursors for exports: batches pulled on demand, closed cleanly on cancellation."""
+"""Server-side cursors for exports: SQLAlchemy streaming results, batches pulled on demand,
+closed cleanly on cancellation."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, ColumnElement, Select, cast, extract, literal_column
+from sqlalchemy import BigInteger, ColumnElement, Row, Select, cast, extract, literal_column
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import QueryableAttribute
 
-from service.db.raw import Row, Rows, Statement, driver_of
-
 T = TypeVar("T")
+
+# A batch of an export: SQLAlchemy rows of the columns the statement selects, which unpack as
+# tuples and read a column by name (row.id).
+Rows = Sequence[Row[*tuple[Any, ...]]]
 
 
 async def shielded(fetch: Awaitable[T]) -> T:
-    """Await a driver fetch that a cancellation (client gone, deadline passed) lets finish.
+    """Await a fetch that a cancellation (client gone, deadline passed) lets finish.
 
     A fetch cut off mid-message would leave the connection's protocol state unknown and cost
     the connection; let to finish, it costs at most the batch in flight. The cancellation then
@@ -46,29 +49,24 @@ async def partitions(
     session: AsyncSession, stmt: Select[*tuple[Any, ...]], batch_size: int
 ) -> AsyncIterator[Rows]:
     """The statement's rows, batch_size at a time, from a server-side cursor in the session's
-    transaction.
+    transaction: SQLAlchemy's streaming (stream_results with yield_per) on the session's
+    connection, so the export reads the caller's snapshot.
 
-    The hot path of every export, so the rows come straight from asyncpg's cursor: SQLAlchemy
-    compiles the statement and owns the transaction, but its result layer (a Row built per
-    record, a row buffer, two fetches per batch) cost more per row than asyncpg's decoding
-    (docs/benchmarks.md). Bound values go to the driver as they are (ints, strings, booleans:
-    no SQLAlchemy type processing).
+    The session's connection, not session.stream(): the same transaction, without the ORM's
+    execution layer, which adds nothing to a select of columns and cost ~2 µs more per row
+    (500k users, fetch only: 2.7 µs/row on the connection, 4.7-6.4 through the session).
 
     A batch is fetched only when the consumer asks for the next one, so a slow client holds the
-    cursor back instead of the server buffering the result. Each fetch runs shielded(): a
-    cancellation that arrives mid-fetch lets the fetch in flight (one batch) finish; the
-    caller's transaction then ends, closing the cursor, and the connection goes back to the
-    pool intact.
+    cursor back instead of the server buffering the result. The partitions are result.fetchmany
+    (what AsyncResult.partitions() awaits) run one by one under shielded(): a cancellation that
+    arrives mid-fetch lets the fetch in flight (one batch) finish; the result is then closed,
+    the caller's transaction ends, closing the cursor, and the connection goes back to the pool
+    intact.
     """
-    statement = Statement.compile(stmt)
-    driver = await driver_of(session)
-    if not driver.is_in_transaction():
-        # SQLAlchemy's adapter sends BEGIN (with the session's isolation level and READ ONLY)
-        # just before its first statement, and a cursor lives only inside a transaction.
-        await (await session.connection()).exec_driver_sql("SELECT 1")
-    cursor = await driver.cursor(statement.sql, *statement.args({}), record_class=Row)
-    while True:
-        rows: list[Row] = await shielded(cursor.fetch(batch_size))
-        if not rows:
-            return
-        yield rows
+    connection = await session.connection()
+    result = await shielded(connection.stream(stmt.execution_options(yield_per=batch_size)))
+    try:
+        while rows := await shielded(result.fetchmany(batch_size)):
+            yield rows
+    finally:
+        await result.close()

@@ -16,8 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service.db.models import EXTERNAL_INDEX_WHERE, Account, AccountKind, Transfer
-from service.db.raw import Rows
-from service.db.streaming import epoch_microseconds, partitions
+from service.db.streaming import Rows, epoch_microseconds, partitions
 from service.errors import AlreadyExists, DomainError, FailedPrecondition
 from service.repositories.integrity import violated_constraint
 

@@ -14,9 +14,8 @@ from sqlalchemy.orm import joinedload, selectinload, undefer
 from sqlalchemy.orm.strategy_options import _AbstractLoad  # what undefer() returns
 
 from service.db.models import ORDER_CURRENCY, Order, OrderItem, OrderStatus
-from service.db.raw import Rows, Statement, driver_of
 from service.db.schema_state import features_of
-from service.db.streaming import epoch_microseconds, partitions, shielded
+from service.db.streaming import Rows, epoch_microseconds, partitions, shielded
 from service.errors import FailedPrecondition, NotFound
 
 AnySelect = TypeVar("AnySelect", bound=Select[*tuple[Any, ...]])
@@ -32,9 +31,9 @@ EXPORT_COLUMNS = (
     epoch_microseconds(Order.updated_at).label("updated_at"),
 )
 # The items of a batch of orders, in one statement: grouped by order in the batch's (id) order,
-# each order's in item id order (as Order.items is loaded for GetOrder). Compiled once, run on
-# the driver.
-EXPORT_ITEMS = Statement.compile(
+# each order's in item id order (as Order.items is loaded for GetOrder). One array parameter,
+# so one statement text (cached and prepared once) whatever the batch size.
+EXPORT_ITEMS = (
     select(OrderItem.order_id, OrderItem.sku, OrderItem.quantity, OrderItem.unit_price)
     .where(OrderItem.order_id == any_(bindparam("order_ids", type_=ARRAY(BigInteger))))
     .order_by(OrderItem.order_id, OrderItem.id)
@@ -151,10 +150,9 @@ class OrderRepository:
         return self._with_items(partitions(self.session, stmt, batch_size))
 
     async def _with_items(self, batches: AsyncIterator[Rows]) -> AsyncIterator[OrderPartition]:
-        """Each batch of orders with all its items, read by one statement per batch on the
-        export's connection (so from its snapshot), straight from the driver like the cursor."""
-        driver = await driver_of(self.session)
+        """Each batch of orders with all its items, read by one statement per batch through the
+        session, so on the export's connection and from its snapshot."""
         async for orders in batches:
             order_ids = [order.id for order in orders]
-            items = await shielded(EXPORT_ITEMS.fetch(driver, order_ids=order_ids))
-            yield OrderPartition(orders, items)
+            result = await shielded(self.session.execute(EXPORT_ITEMS, {"order_ids": order_ids}))
+            yield OrderPartition(orders, result.all())
