@@ -6,14 +6,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
-from sqlalchemy import Select, bindparam, select, text
+from sqlalchemy import ARRAY, BigInteger, Row, Select, any_, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import selectinload
 
 from service.db.models import Order, User
-from service.db.raw import Row, Statement, driver_of
+from service.db.raw import driver_of
 from service.db.streaming import Rows, epoch_microseconds, partitions
 from service.errors import AlreadyExists, FailedPrecondition, NotFound
 from service.repositories.integrity import violated_constraint
@@ -34,8 +33,11 @@ USER_COLUMNS = (
     epoch_microseconds(User.deleted_at).label("deleted_at"),
 )
 
-# GetUser's statement, compiled once, run by the driver (service/db/driver.py).
-_USER_ROW_BY_ID = Statement.compile(select(*USER_COLUMNS).where(User.id == bindparam("user_id")))
+# GetUser's statement: the users of a batch of coalesced calls (db/coalescer.py), one array
+# parameter whatever the batch size, so one statement text, compiled and prepared once.
+_USER_ROWS_BY_ID = select(*USER_COLUMNS).where(
+    User.id == any_(bindparam("ids", type_=ARRAY(BigInteger)))
+)
 
 
 # The bulk upsert: the batch arrives as one array per column and is ordered by email in the
@@ -89,23 +91,20 @@ def _email_taken(exc: IntegrityError, email: str) -> AlreadyExists | None:
     return None
 
 
-class UserRows:
-    """Reads that answer with a user's USER_COLUMNS, one statement on the driver connection
-    (GetUser: no session, no ORM, no SQLAlchemy execution layer)."""
-
-    def __init__(self, driver: asyncpg.Connection) -> None:
-        self.driver = driver
-
-    async def by_id(self, user_id: int) -> Row:
-        row = await _USER_ROW_BY_ID.fetchrow(self.driver, user_id=user_id)
-        if row is None:
-            raise NotFound("user", user_id)
-        return row
-
-
 class UserRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+
+    @staticmethod
+    async def rows_by_id(
+        conn: AsyncConnection, user_ids: Sequence[int]
+    ) -> list[Row[*tuple[Any, ...]] | NotFound]:
+        """Each id's row of USER_COLUMNS, or NotFound, in the order asked (an id may come more
+        than once), soft-deleted users included: one statement for them all (GetUser's
+        coalesced reads, on a Core connection: no session, no ORM)."""
+        found = await conn.execute(_USER_ROWS_BY_ID, {"ids": list(set(user_ids))})
+        rows: dict[int, Row[*tuple[Any, ...]]] = {row.id: row for row in found}
+        return [rows[i] if i in rows else NotFound("user", i) for i in user_ids]
 
     async def add(self, email: str, first_name: str, last_name: str) -> User:
         user = User(email=email, first_name=first_name, last_name=last_name)
