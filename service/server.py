@@ -30,6 +30,7 @@ from service.handlers.accounts import AccountServicer
 from service.handlers.orders import OrderServicer
 from service.handlers.paging import PageTokens
 from service.handlers.users import UserServicer
+from service.handlers.users_encode import serialize_user_batch
 from service.health import HealthProbe, HealthService
 from service.interceptors.auth import AuthInterceptor
 from service.interceptors.deadlines import DeadlineInterceptor
@@ -46,8 +47,9 @@ from service.tracing import tracing_interceptors
 
 log = logging.getLogger(__name__)
 
+USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
 SHOP_SERVICES = (
-    user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
+    USER_SERVICE,
     order_service_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name,
     account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
 )
@@ -98,7 +100,21 @@ def interceptors(settings: Settings, metrics: RpcMetrics | None = None) -> list[
 
 def add_shop_services(server: grpc.aio.Server, db: Database, settings: Settings) -> None:
     tokens = PageTokens(settings.page_token_secret.get_secret_value().encode())
-    user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(db, tokens), server)
+    users = UserServicer(db, tokens)
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(users, server)
+    # StreamUsers yields batches the compiled encoder has already serialized (users_encode.py):
+    # the method again, with a serializer that sends their bytes as they are. A registered
+    # method handler takes precedence over the generic handler registered just above.
+    server.add_registered_method_handlers(  # type: ignore[attr-defined]  # not in grpc-stubs
+        USER_SERVICE,
+        {
+            "StreamUsers": grpc.unary_stream_rpc_method_handler(
+                users.StreamUsers,
+                request_deserializer=user_service_pb2.StreamUsersRequest.FromString,
+                response_serializer=serialize_user_batch,
+            )
+        },
+    )
     order_service_pb2_grpc.add_OrderServiceServicer_to_server(OrderServicer(db, tokens), server)
     account_service_pb2_grpc.add_AccountServiceServicer_to_server(
         AccountServicer(db, tokens), server

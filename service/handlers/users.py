@@ -16,7 +16,8 @@ from service.db.unit_of_work import Database
 from service.handlers.context import Context
 from service.handlers.paging import PageTokens
 from service.handlers.users_bulk import StagedUser, import_batches, stage_all, user_rows
-from service.handlers.users_convert import user_row_to_proto, user_rows_to_batch, user_to_proto
+from service.handlers.users_convert import user_row_to_proto, user_to_proto
+from service.handlers.users_encode import encode_user_batch
 from service.handlers.validation import Violations
 from service.repositories.users import UserRepository
 
@@ -160,7 +161,7 @@ class UserServicer(api_grpc.UserServiceServicer):
                 after_id=after_id,
             )
             async for rows in batches:
-                yield user_rows_to_batch(rows, resume_token(rows[-1].id))
+                yield encode_user_batch(rows, resume_token(rows[-1].id))
 
     async def UpsertUsers(
         self, request: api.UpsertUsersRequest, context: Context

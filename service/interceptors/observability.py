@@ -33,9 +33,10 @@ def status_of(context: Context, error: BaseException | None) -> grpc.StatusCode:
 
 
 def rows_in(message: Any) -> int:
-    """Entries of a message's repeated fields: the rows a stream batch carries."""
+    """Entries of a message's repeated fields: the rows a stream batch carries. A batch sent
+    already serialized (handlers/users_encode.EncodedBatch) says how many it holds."""
     if not isinstance(message, Message):
-        return 0
+        return int(getattr(message, "rows", 0))
     return sum(len(value) for field, value in message.ListFields() if field.is_repeated)
 
 

@@ -1,0 +1,18 @@
+"""The one compiled module: StreamUsers' batch encoder (service/handlers/_user_batch.c).
+
+Everything else is declared in pyproject.toml. The extension is optional: where it does not
+compile (no C compiler, another platform) the install goes on without it and
+service/handlers/users_encode.py falls back to upb.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "service.handlers._user_batch",
+            sources=["service/handlers/_user_batch.c"],
+            optional=True,
+        )
+    ]
+)
