@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from decimal import Decimal
+from collections.abc import AsyncIterator
+from typing import cast
 
-import asyncpg  # type: ignore[import-untyped]
+from google.protobuf.message import Message
 from shop.v1 import account_service_pb2 as api
 from shop.v1 import account_service_pb2_grpc as api_grpc
 from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.models import Account
+from service.db.coalescer import Outcome
 from service.db.transaction import read_only_snapshot
 from service.db.unit_of_work import Database
+from service.errors import DomainError, InvalidArgument
 from service.handlers.accounts_convert import (
     account_row_to_proto,
     account_to_proto,
@@ -21,12 +22,14 @@ from service.handlers.accounts_convert import (
     transfer_to_proto,
 )
 from service.handlers.context import Context
-from service.handlers.idempotency import idempotent, idempotent_on_driver
+from service.handlers.idempotency import idempotent
+from service.handlers.money import MoneyWriter
 from service.handlers.paging import PageTokens
+from service.handlers.status import status_message
 from service.handlers.validation import MAX_ID, Violations
 from service.repositories.accounts import AccountRepository
 from service.repositories.ledger import Ledger
-from service.repositories.transfers import Transfers
+from service.repositories.postings import Kind, Posting
 from service.repositories.users import UserRepository
 
 
@@ -38,6 +41,7 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         self.sessions = db.sessions
         self.engine = db.engine
         self.tokens = tokens
+        self.money = MoneyWriter(db)
         # GetAccount: concurrent calls share one statement (WHERE id = ANY(:ids)) per batch.
         self._accounts_by_id = db.point_reads(AccountRepository.rows_by_id)
 
@@ -71,64 +75,45 @@ class AccountServicer(api_grpc.AccountServiceServicer):
 
     async def Deposit(self, request: api.DepositRequest, context: Context) -> pb.Account:
         """Add money; returns the account as it stood right after this deposit."""
-        return await self._post("Deposit", request, AccountRepository.deposit)
+        posting = _single_account(Kind.DEPOSIT, request)
+        return cast(pb.Account, await self.money.post("Deposit", request, posting))
 
     async def Withdraw(self, request: api.WithdrawRequest, context: Context) -> pb.Account:
         """Take money out; INSUFFICIENT_FUNDS rather than a negative balance."""
-        return await self._post("Withdraw", request, AccountRepository.withdraw)
-
-    async def _post(
-        self,
-        method: str,
-        request: api.DepositRequest | api.WithdrawRequest,
-        apply: Callable[[AccountRepository, int, Decimal, str], Awaitable[Account]],
-    ) -> pb.Account:
-        """One idempotent balance change on one account."""
-        v = Violations()
-        v.id("account_id", request.account_id)
-        amount = v.amount("amount", request.amount)
-        v.request_id("request_id", request.request_id)
-        v.raise_if_any()
-
-        async def post(session: AsyncSession) -> pb.Account:
-            repository = AccountRepository(session)
-            account = await apply(repository, request.account_id, amount, request.request_id)
-            return account_to_proto(account)
-
-        return await idempotent(
-            self.sessions,
-            method=method,
-            request=request,
-            response_type=pb.Account,
-            work=post,
-        )
+        posting = _single_account(Kind.WITHDRAW, request)
+        return cast(pb.Account, await self.money.post("Withdraw", request, posting))
 
     async def Transfer(self, request: api.TransferRequest, context: Context) -> pb.Transfer:
         """Move money between two accounts of one currency, atomically."""
         v = Violations()
-        v.id("from_account_id", request.from_account_id)
-        v.id("to_account_id", request.to_account_id)
-        if request.from_account_id == request.to_account_id and request.from_account_id > 0:
-            v.add("to_account_id", "must differ from from_account_id")
-        amount = v.amount("amount", request.amount)
-        v.request_id("request_id", request.request_id)
+        posting = _transfer(v, "", request)
         v.raise_if_any()
+        return cast(pb.Transfer, await self.money.post("Transfer", request, posting))
 
-        async def transfer(driver: asyncpg.Connection) -> pb.Transfer:
-            done = await Transfers(driver).transfer(
-                request.from_account_id, request.to_account_id, amount, request.request_id
+    async def BatchTransfer(
+        self, request: api.BatchTransferRequest, context: Context
+    ) -> api.BatchTransferResponse:
+        """Up to 1000 transfers, each applied or refused on its own, each idempotent by its
+        request_id (a repeat of a unary Transfer's request_id answers as Transfer would)."""
+        if not request.requests or len(request.requests) > MAX_BATCH_TRANSFER:
+            raise InvalidArgument.single(
+                "requests", f"must hold 1 to {MAX_BATCH_TRANSFER} transfers"
             )
-            return transfer_to_proto(done)
-
-        # The hottest write, so on the driver (service/db/driver.py): the same statements,
-        # without the session's per-statement cost.
-        return await idempotent_on_driver(
-            self.engine,
-            method="Transfer",
-            request=request,
-            response_type=pb.Transfer,
-            work=transfer,
-        )
+        results: list[api.TransferResult | None] = []
+        valid: list[tuple[api.TransferRequest, Posting]] = []
+        for index, item in enumerate(request.requests):
+            v = Violations()
+            posting = _transfer(v, f"requests[{index}].", item)
+            if v.items:
+                results.append(api.TransferResult(error=status_message(InvalidArgument(v.items))))
+            else:
+                results.append(None)
+                valid.append((item, posting))
+        outcomes = iter(await self.money.post_many("Transfer", valid))
+        response = api.BatchTransferResponse()
+        for result in results:
+            response.results.append(result if result is not None else _result(next(outcomes)))
+        return response
 
     async def ListTransfers(
         self, request: api.ListTransfersRequest, context: Context
@@ -175,3 +160,43 @@ class AccountServicer(api_grpc.AccountServiceServicer):
             )
             async for rows in batches:
                 yield transfer_rows_to_batch(rows, resume_token(rows[-1].id))
+
+
+MAX_BATCH_TRANSFER = 1000
+
+
+def _transfer(v: Violations, prefix: str, request: api.TransferRequest) -> Posting:
+    v.id(f"{prefix}from_account_id", request.from_account_id)
+    v.id(f"{prefix}to_account_id", request.to_account_id)
+    if request.from_account_id == request.to_account_id and request.from_account_id > 0:
+        v.add(f"{prefix}to_account_id", "must differ from from_account_id")
+    amount = v.amount(f"{prefix}amount", request.amount)
+    v.request_id(f"{prefix}request_id", request.request_id)
+    return Posting(
+        Kind.TRANSFER,
+        request.request_id,
+        request.from_account_id,
+        amount,
+        request.to_account_id,
+    )
+
+
+def _single_account(kind: Kind, request: api.DepositRequest | api.WithdrawRequest) -> Posting:
+    """A deposit's or withdrawal's posting, once the request is valid."""
+    v = Violations()
+    v.id("account_id", request.account_id)
+    amount = v.amount("amount", request.amount)
+    v.request_id("request_id", request.request_id)
+    v.raise_if_any()
+    return Posting(kind, request.request_id, request.account_id, amount)
+
+
+def _result(outcome: Outcome[Message]) -> api.TransferResult:
+    """A batch item's result; a failure that is not the item's own (the database went away,
+    contention outlasted the retries) fails the whole call, which the client may repeat: every
+    item is idempotent."""
+    if isinstance(outcome, DomainError):
+        return api.TransferResult(error=status_message(outcome))
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return api.TransferResult(transfer=cast(pb.Transfer, outcome))

@@ -11,6 +11,7 @@ from shop.v1 import resources_pb2 as pb
 from service.db.models import Account
 from service.handlers.convert import set_timestamp, timestamp
 from service.money import format_money
+from service.repositories.postings import Posted
 
 
 def account_to_proto(account: Account) -> pb.Account:
@@ -21,6 +22,32 @@ def account_to_proto(account: Account) -> pb.Account:
         balance=format_money(account.balance),
         created_at=timestamp(account.created_at),
         updated_at=timestamp(account.updated_at),
+    )
+
+
+def posted_transfer_to_proto(posted: Posted) -> pb.Transfer:
+    """A transfer as a batch applied it (repositories/postings.py)."""
+    return pb.Transfer(
+        id=posted.transfer_id,
+        from_account_id=posted.from_account_id,
+        to_account_id=posted.to_account_id,
+        amount=format_money(posted.amount),
+        request_id=posted.request_id,
+        created_at=timestamp(posted.created_at),
+    )
+
+
+def posted_account_to_proto(posted: Posted) -> pb.Account:
+    """The account a deposit or withdrawal named, as it stood right after it (updated by the
+    batch's transaction, whose timestamp the posting carries)."""
+    account = posted.account
+    return pb.Account(
+        id=account.id,
+        user_id=account.user_id,
+        currency=account.currency,
+        balance=format_money(posted.balance_after),
+        created_at=timestamp(account.created_at),
+        updated_at=timestamp(posted.created_at),
     )
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sqlalchemy import exc as sa_exc
@@ -15,50 +14,15 @@ from sqlalchemy import exc as sa_exc
 from service import errors
 from service.db.retry import is_retryable, sqlstate
 from service.handlers.context import Context
+from service.handlers.status import DOMAIN, packed, status_message
 from service.interceptors.decoding import decode_in_handler
 from service.interceptors.request_id import current_request_id, new_request_id
 from service.interceptors.wrapping import Handler, WrappingInterceptor, wrap_handler
 
 log = logging.getLogger(__name__)
 
-DOMAIN = "shop.v1"
-
-_CODES: list[tuple[type[errors.DomainError], grpc.StatusCode]] = [
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-]
-
-
-def _packed(message: object) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
-    return packed
-
-
 def to_status(error: errors.DomainError) -> grpc.Status:
-    code = next(c for cls, c in _CODES if isinstance(error, cls))
-    details = [
-        _packed(
-            error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
-        )
-    ]
-    if isinstance(error, errors.InvalidArgument):
-        violations = [
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in error.violations
-        ]
-        details.append(_packed(error_details_pb2.BadRequest(field_violations=violations)))
-    if isinstance(error, errors.Unavailable):
-        retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1))
-        details.append(_packed(retry))
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
-    return rpc_status.to_status(status)
+    return rpc_status.to_status(status_message(error))
 
 
 QUERY_CANCELED = "57014"  # query_canceled: statement_timeout or a cancel request
@@ -117,7 +81,7 @@ async def abort_for(exc: BaseException, context: Context) -> None:
     status = status_pb2.Status(
         code=code_pb2.INTERNAL,
         message=f"internal error (request id {request_id})",
-        details=[_packed(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))],
+        details=[packed(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))],
     )
     await abort_with(context, rpc_status.to_status(status))
 

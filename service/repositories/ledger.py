@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import or_, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -27,7 +27,14 @@ TRANSFER_REQUEST_ID_UNIQUE = "uq_transfers_request_id"
 MAX_BALANCE = Decimal("9999999999999999.99")
 
 
-def insufficient_funds(account: Holder, amount: Decimal) -> FailedPrecondition:
+class Numbered(Protocol):
+    """Any account record: an entity, a locked row, a batch's running balance."""
+
+    @property
+    def id(self) -> int: ...
+
+
+def insufficient_funds(account: Numbered, amount: Decimal) -> FailedPrecondition:
     return FailedPrecondition(
         f"account {account.id} has insufficient funds",
         reason="INSUFFICIENT_FUNDS",
@@ -36,7 +43,7 @@ def insufficient_funds(account: Holder, amount: Decimal) -> FailedPrecondition:
     )
 
 
-def over_limit(account: Holder, amount: Decimal) -> FailedPrecondition:
+def over_limit(account: Numbered, amount: Decimal) -> FailedPrecondition:
     return FailedPrecondition(
         f"account {account.id} cannot hold more than {MAX_BALANCE}",
         reason="BALANCE_LIMIT_EXCEEDED",

@@ -1,0 +1,46 @@
+"""A domain error as a google.rpc.Status: its code, a message safe to show, ErrorInfo with the
+reason, BadRequest field violations, RetryInfo for UNAVAILABLE. The error interceptor sends it
+as a call's status; BatchTransfer puts one in each refused item's result."""
+
+from __future__ import annotations
+
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from service import errors
+
+DOMAIN = "shop.v1"
+
+_CODES: list[tuple[type[errors.DomainError], int]] = [
+    (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
+    (errors.NotFound, code_pb2.NOT_FOUND),
+    (errors.AlreadyExists, code_pb2.ALREADY_EXISTS),
+    (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+    (errors.Unavailable, code_pb2.UNAVAILABLE),
+    (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
+    (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
+]
+
+
+def packed(message: Message) -> any_pb2.Any:
+    result = any_pb2.Any()
+    result.Pack(message)
+    return result
+
+
+def status_message(error: errors.DomainError) -> status_pb2.Status:
+    code = next(c for cls, c in _CODES if isinstance(error, cls))
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+    details = [packed(info)]
+    if isinstance(error, errors.InvalidArgument):
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.violations
+        ]
+        details.append(packed(error_details_pb2.BadRequest(field_violations=violations)))
+    if isinstance(error, errors.Unavailable):
+        retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1))
+        details.append(packed(retry))
+    return status_pb2.Status(code=code, message=error.message, details=details)

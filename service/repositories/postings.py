@@ -1,0 +1,348 @@
+"""The ledger, a batch at a time: many transfers, deposits and withdrawals applied in one
+transaction on one Core connection, each with its own outcome.
+
+Per batch, whatever its size: the idempotency claims (one INSERT ... ON CONFLICT DO NOTHING),
+the customer accounts locked (one SELECT ... FOR UPDATE, in id order), and one statement that
+writes everything (balances, journal, both legs of every transfer, audit rows, stored
+responses, released claims). Balances are computed here in batch order, under the locks, so one
+posting's INSUFFICIENT_FUNDS does not fail its neighbours. SQLAlchemy's per-statement cost
+(~0.5 ms of CPU) is paid three times per batch instead of eight times per transfer.
+
+The rules are Ledger.post's (repositories/ledger.py): double entry, no negative customer
+balance, no balance past NUMERIC(18, 2), one currency per transfer, external accounts caching
+no balance and never locked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service.db.models import EXTERNAL_INDEX_WHERE, Account, AccountKind
+from service.errors import AlreadyExists, DomainError, FailedPrecondition, NotFound
+from service.repositories.ledger import MAX_BALANCE, insufficient_funds, over_limit
+
+
+class Kind(StrEnum):
+    TRANSFER = "transfer"
+    DEPOSIT = "deposit"
+    WITHDRAW = "withdraw"
+
+
+@dataclass(frozen=True, slots=True)
+class Posting:
+    """One balance change asked for: a transfer between two customer accounts (account_id is
+    the source, to_account_id the target), or a deposit to / withdrawal from account_id."""
+
+    kind: Kind
+    request_id: str
+    account_id: int
+    amount: Decimal
+    to_account_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What claiming a batch's request_ids found: the ids this transaction now owns (with a
+    transfer id drawn for each), those whose request_id the journal already holds (their key
+    was purged), and the transaction's timestamp (every row it writes carries it)."""
+
+    transfer_ids: dict[str, int]
+    journaled: frozenset[str]
+    now: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    request_hash: bytes
+    response: bytes | None
+
+
+@dataclass(slots=True)
+class Locked:
+    """A customer account held FOR UPDATE; balance is the running balance within the batch."""
+
+    id: int
+    user_id: int
+    currency: str
+    balance: Decimal
+    created_at: datetime
+    kind: str = AccountKind.CUSTOMER.value
+
+
+@dataclass(frozen=True, slots=True)
+class External:
+    id: int
+    currency: str
+    kind: str = AccountKind.EXTERNAL.value
+    balance: Decimal = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """A posting as applied: its transfer row, and the customer account it names as it stood
+    right after it (the target for a deposit, the source otherwise)."""
+
+    transfer_id: int
+    from_account_id: int
+    to_account_id: int
+    amount: Decimal
+    request_id: str
+    created_at: datetime
+    account: Locked
+    balance_after: Decimal
+
+
+@dataclass
+class Writes:
+    """Everything a batch writes, as columns (each becomes one array parameter)."""
+
+    transfers: list[tuple[int, int, int, Decimal, str]] = field(default_factory=list)
+    entries: list[tuple[int, int, Decimal]] = field(default_factory=list)
+    audit: list[tuple[int, Decimal]] = field(default_factory=list)
+    balances: dict[int, Decimal] = field(default_factory=dict)
+
+
+CLAIM = text(
+    """
+WITH asked AS (
+    SELECT request_id, request_hash
+    FROM unnest(CAST(:request_ids AS varchar[]), CAST(:hashes AS bytea[]))
+        AS asked (request_id, request_hash)
+), claimed AS (
+    INSERT INTO idempotency_keys (request_id, request_hash)
+    SELECT request_id, request_hash FROM asked ORDER BY request_id
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id
+)
+SELECT claimed.request_id,
+       nextval(pg_get_serial_sequence('transfers', 'id')) AS transfer_id,
+       EXISTS (SELECT FROM transfers WHERE transfers.request_id = claimed.request_id)
+           AS journaled,
+       now() AS now
+FROM claimed
+"""
+)
+STORED = text(
+    "SELECT request_id, request_hash, response FROM idempotency_keys "
+    "WHERE request_id = ANY(CAST(:request_ids AS varchar[]))"
+)
+LOCK = text(
+    "SELECT id, user_id, currency, balance, created_at FROM accounts "
+    "WHERE id = ANY(CAST(:ids AS bigint[])) AND kind = 'customer' ORDER BY id FOR UPDATE"
+)
+EXTERNALS = text(
+    "SELECT id, currency FROM accounts "
+    "WHERE kind = 'external' AND currency = ANY(CAST(:currencies AS varchar[]))"
+)
+# Data-modifying CTEs all run, in one snapshot, whether or not the final SELECT reads them. The
+# journal's foreign keys are checked at the end of the statement, when the transfers exist.
+APPLY = text(
+    """
+WITH moved AS (
+    UPDATE accounts SET balance = after.balance, updated_at = now()
+    FROM unnest(CAST(:account_ids AS bigint[]), CAST(:balances AS numeric(18, 2)[]))
+        AS after (id, balance)
+    WHERE accounts.id = after.id
+), journal AS (
+    INSERT INTO transfers (id, from_account_id, to_account_id, amount, request_id)
+    SELECT * FROM unnest(CAST(:transfer_ids AS bigint[]), CAST(:from_ids AS bigint[]),
+        CAST(:to_ids AS bigint[]), CAST(:amounts AS numeric(18, 2)[]),
+        CAST(:transfer_request_ids AS varchar[]))
+), entries AS (
+    INSERT INTO ledger_entries (transfer_id, account_id, amount)
+    SELECT * FROM unnest(CAST(:entry_transfer_ids AS bigint[]),
+        CAST(:entry_account_ids AS bigint[]), CAST(:entry_amounts AS numeric(18, 2)[]))
+), audit AS (
+    INSERT INTO audit_log (table_name, row_id, action, changes)
+    SELECT 'accounts', audited.id, 'update',
+           jsonb_build_object('balance', audited.balance::text, 'updated_at', now()::text)
+    FROM unnest(CAST(:audit_ids AS bigint[]), CAST(:audit_balances AS numeric(18, 2)[]))
+        WITH ORDINALITY AS audited (id, balance, n)
+    ORDER BY audited.n
+), stored AS (
+    UPDATE idempotency_keys SET response = answered.response
+    FROM unnest(CAST(:answered_ids AS varchar[]), CAST(:responses AS bytea[]))
+        AS answered (request_id, response)
+    WHERE idempotency_keys.request_id = answered.request_id
+), released AS (
+    DELETE FROM idempotency_keys WHERE request_id = ANY(CAST(:released_ids AS varchar[]))
+)
+SELECT 1
+"""
+)
+
+
+class Postings:
+    """The batch statements, inside the caller's transaction on `conn`."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def claim(self, keys: Sequence[tuple[str, bytes]]) -> Claims:
+        """Insert the request_ids not yet known. A request_id held by a concurrent transaction
+        makes the INSERT wait until that one commits (then it is not ours) or rolls back."""
+        result = await self.conn.execute(
+            CLAIM, {"request_ids": [k for k, _ in keys], "hashes": [h for _, h in keys]}
+        )
+        rows = result.all()
+        return Claims(
+            transfer_ids={row.request_id: row.transfer_id for row in rows},
+            journaled=frozenset(row.request_id for row in rows if row.journaled),
+            now=rows[0].now if rows else None,
+        )
+
+    async def stored(self, request_ids: Sequence[str]) -> dict[str, Stored]:
+        result = await self.conn.execute(STORED, {"request_ids": list(request_ids)})
+        return {row.request_id: Stored(row.request_hash, row.response) for row in result}
+
+    async def lock(self, account_ids: Sequence[int]) -> dict[int, Locked]:
+        """The customer accounts among `account_ids`, locked in ascending id order (so batches
+        that share accounts lock them in the same order and cannot deadlock)."""
+        result = await self.conn.execute(LOCK, {"ids": sorted(set(account_ids))})
+        return {
+            row.id: Locked(row.id, row.user_id, row.currency, row.balance, row.created_at)
+            for row in result
+        }
+
+    async def externals(self, currencies: set[str]) -> dict[str, External]:
+        """Each currency's external account, created on first use."""
+        found = await self._externals(currencies)
+        missing = currencies - found.keys()
+        if missing:
+            # Two first deposits may race here: ON CONFLICT lets the loser read the winner's row.
+            await self.conn.execute(
+                pg_insert(Account)
+                .values([{"kind": AccountKind.EXTERNAL.value, "currency": c} for c in missing])
+                .on_conflict_do_nothing(
+                    index_elements=[Account.currency], index_where=text(EXTERNAL_INDEX_WHERE)
+                )
+            )
+            found = await self._externals(currencies)
+        return found
+
+    async def _externals(self, currencies: set[str]) -> dict[str, External]:
+        result = await self.conn.execute(EXTERNALS, {"currencies": sorted(currencies)})
+        return {row.currency: External(row.id, row.currency) for row in result}
+
+    async def apply(
+        self, writes: Writes, answered: dict[str, bytes], released: Sequence[str]
+    ) -> None:
+        """Write the batch: balances, journal, legs and audit rows, the responses of the
+        postings applied, and the claims of those refused let go (a retry may then succeed)."""
+        await self.conn.execute(
+            APPLY,
+            {
+                "account_ids": list(writes.balances),
+                "balances": list(writes.balances.values()),
+                "transfer_ids": [t[0] for t in writes.transfers],
+                "from_ids": [t[1] for t in writes.transfers],
+                "to_ids": [t[2] for t in writes.transfers],
+                "amounts": [t[3] for t in writes.transfers],
+                "transfer_request_ids": [t[4] for t in writes.transfers],
+                "entry_transfer_ids": [e[0] for e in writes.entries],
+                "entry_account_ids": [e[1] for e in writes.entries],
+                "entry_amounts": [e[2] for e in writes.entries],
+                "audit_ids": [a[0] for a in writes.audit],
+                "audit_balances": [a[1] for a in writes.audit],
+                "answered_ids": list(answered),
+                "responses": list(answered.values()),
+                "released_ids": list(released),
+            },
+        )
+
+
+Holder = Locked | External
+
+
+def plan(
+    postings: Sequence[Posting],
+    claims: Claims,
+    accounts: dict[int, Locked],
+    externals: dict[str, External],
+    writes: Writes,
+) -> list[Posted | DomainError]:
+    """Each claimed posting's outcome, in order, against running balances; what the applied
+    ones write goes to `writes`. The accounts' balances move as postings are applied."""
+    outcomes: list[Posted | DomainError] = []
+    for posting in postings:
+        try:
+            outcomes.append(_post(posting, claims, accounts, externals, writes))
+        except DomainError as error:
+            outcomes.append(error)
+    return outcomes
+
+
+def _post(
+    posting: Posting,
+    claims: Claims,
+    accounts: dict[int, Locked],
+    externals: dict[str, External],
+    writes: Writes,
+) -> Posted:
+    if posting.request_id in claims.journaled:
+        # Its idempotency key was purged, but the journal keeps every request_id.
+        raise AlreadyExists(
+            f"request_id {posting.request_id} was used for a different request",
+            reason="REQUEST_ID_REUSED",
+            request_id=posting.request_id,
+        )
+    source, target = _holders(posting, accounts, externals)
+    amount = posting.amount
+    if isinstance(source, Locked) and source.balance < amount:
+        raise insufficient_funds(source, amount)
+    if isinstance(target, Locked) and target.balance + amount > MAX_BALANCE:
+        raise over_limit(target, amount)
+    transfer_id = claims.transfer_ids[posting.request_id]
+    writes.transfers.append((transfer_id, source.id, target.id, amount, posting.request_id))
+    writes.entries.append((transfer_id, source.id, -amount))
+    writes.entries.append((transfer_id, target.id, amount))
+    for holder, delta in ((source, -amount), (target, amount)):
+        if isinstance(holder, Locked):
+            holder.balance += delta
+            writes.balances[holder.id] = holder.balance
+            writes.audit.append((holder.id, holder.balance))
+    named = target if posting.kind is Kind.DEPOSIT else source
+    assert isinstance(named, Locked)
+    assert claims.now is not None, "a claimed posting has its transaction's timestamp"
+    return Posted(
+        transfer_id,
+        source.id,
+        target.id,
+        amount,
+        posting.request_id,
+        claims.now,
+        named,
+        named.balance,
+    )
+
+
+def _holders(
+    posting: Posting, accounts: dict[int, Locked], externals: dict[str, External]
+) -> tuple[Holder, Holder]:
+    account = _customer(accounts, posting.account_id)
+    if posting.kind is Kind.TRANSFER:
+        target = _customer(accounts, posting.to_account_id)
+        if account.currency != target.currency:
+            raise FailedPrecondition(
+                f"accounts {account.id} ({account.currency}) and {target.id} "
+                f"({target.currency}) hold different currencies",
+                reason="CURRENCY_MISMATCH",
+            )
+        return account, target
+    external = externals[account.currency]
+    return (external, account) if posting.kind is Kind.DEPOSIT else (account, external)
+
+
+def _customer(accounts: dict[int, Locked], account_id: int) -> Locked:
+    account = accounts.get(account_id)
+    if account is None:
+        raise NotFound("account", account_id)
+    return account

@@ -1,0 +1,270 @@
+"""Group commit for money (service/handlers/money.py): concurrent Transfer, Deposit and
+Withdraw calls share transactions, and each still gets its own outcome, through a real server
+and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from decimal import Decimal
+
+import grpc
+import pytest
+from shop.v1 import account_service_pb2 as api
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.db.models import Account, Transfer
+from service.db.retry import SERIALIZATION_FAILURE
+from tests.concurrency.test_retry import wait_for_a_lock_waiter
+from tests.conftest import StatementCounter
+from tests.factories import Factory
+from tests.ledger import assert_ledger_balances, customer_transfers
+from tests.rpc import failure_of
+
+BOUND_SECONDS = 30
+CALLS = 48
+
+
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
+def batches(statements: StatementCounter) -> int:
+    """Transactions the money writer ran: each batch claims its request_ids once."""
+    return sum(1 for s in statements.statements if "INSERT INTO idempotency_keys" in s)
+
+
+async def balances(engine: AsyncEngine, *ids: int) -> dict[int, Decimal]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(Account.id, Account.balance).where(Account.id.in_(ids)))
+        return dict(rows.all())
+
+
+async def test_concurrent_transfers_share_transactions_and_each_gets_its_own_transfer(
+    account_stub, factory: Factory, sessions, engine: AsyncEngine, statements: StatementCounter
+) -> None:
+    a = await factory.account(balance="2000.00")
+    b = await factory.account(balance="0.00")
+    requests = [
+        api.TransferRequest(
+            from_account_id=a.id, to_account_id=b.id, amount=f"{n + 1}.00", request_id=rid()
+        )
+        for n in range(CALLS)
+    ]
+    done = await asyncio.wait_for(
+        asyncio.gather(*(account_stub.Transfer(r) for r in requests)), BOUND_SECONDS
+    )
+
+    assert [t.request_id for t in done] == [r.request_id for r in requests]
+    assert [t.amount for t in done] == [r.amount for r in requests]
+    assert len({t.id for t in done}) == CALLS
+    moved = sum(Decimal(r.amount) for r in requests)
+    assert await balances(engine, a.id, b.id) == {a.id: 2000 - moved, b.id: moved}
+    # Fewer transactions than calls: some batch held more than one transfer.
+    assert 1 <= batches(statements) < CALLS, batches(statements)
+    await assert_ledger_balances(sessions)
+
+
+async def wait_for_lock_waiters(engine: AsyncEngine, count: int) -> None:
+    """Until `count` backends of this database wait on a lock (the bound turns a hang into a
+    failure; it is no timing assertion)."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    for _ in range(500):
+        async with engine.connect() as conn:
+            if (await conn.scalar(query) or 0) >= count:
+                return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {count} backends ever waited on a lock")
+
+
+async def test_a_refused_transfer_does_not_fail_its_neighbours_in_the_same_batch(
+    account_stub, factory: Factory, sessions, engine: AsyncEngine, statements: StatementCounter
+) -> None:
+    """Both of the writer's transactions wait on rows the test holds, so the next five calls
+    queue and run as one batch: the one that would overdraw, the one across currencies and the
+    one to a missing account are refused, the others apply, in the order they came."""
+    a = await factory.account(balance="10.00")
+    b = await factory.account(balance="0.00")
+    usd = await factory.account(currency="USD", balance="5.00")
+    held = [await factory.account(balance="1.00") for _ in range(2)]
+    other = await factory.account(balance="1.00")
+    async with engine.connect() as holder:
+        await holder.execute(
+            select(Account.id).where(Account.id.in_([h.id for h in held])).with_for_update()
+        )
+        blocked = [
+            asyncio.ensure_future(
+                account_stub.Transfer(
+                    api.TransferRequest(
+                        from_account_id=h.id,
+                        to_account_id=other.id,
+                        amount="1.00",
+                        request_id=rid(),
+                    )
+                )
+            )
+            for h in held
+        ]
+        await wait_for_lock_waiters(engine, 2)
+        calls = [
+            api.TransferRequest(from_account_id=a.id, to_account_id=b.id, amount="6.00"),
+            api.TransferRequest(from_account_id=a.id, to_account_id=b.id, amount="6.00"),
+            api.TransferRequest(from_account_id=a.id, to_account_id=usd.id, amount="1.00"),
+            api.TransferRequest(from_account_id=a.id, to_account_id=999_999, amount="1.00"),
+            api.TransferRequest(from_account_id=a.id, to_account_id=b.id, amount="4.00"),
+        ]
+        for call in calls:
+            call.request_id = rid()
+        pending = [asyncio.ensure_future(account_stub.Transfer(c)) for c in calls]
+        await asyncio.sleep(0.3)  # let them all reach the writer's queue
+        await holder.rollback()
+    await asyncio.wait_for(asyncio.gather(*blocked), BOUND_SECONDS)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*pending, return_exceptions=True), BOUND_SECONDS
+    )
+
+    assert batches(statements) == 3  # the two held back, then the five together
+    assert outcomes[0].amount == "6.00"
+    refused = [failure_of(o) for o in outcomes[1:4]]
+    assert [(f.code, f.reason) for f in refused] == [
+        (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS"),
+        (grpc.StatusCode.FAILED_PRECONDITION, "CURRENCY_MISMATCH"),
+        (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+    ]
+    assert outcomes[4].amount == "4.00"
+    assert await balances(engine, a.id, b.id, usd.id) == {
+        a.id: Decimal("0.00"),
+        b.id: Decimal("10.00"),
+        usd.id: Decimal("5.00"),
+    }
+    await assert_ledger_balances(sessions)
+
+
+async def test_a_refused_request_id_is_released_so_the_same_request_succeeds_later(
+    account_stub, factory: Factory, engine: AsyncEngine
+) -> None:
+    a = await factory.account(balance="1.00")
+    b = await factory.account()
+    request = api.TransferRequest(
+        from_account_id=a.id, to_account_id=b.id, amount="5.00", request_id=rid()
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await account_stub.Transfer(request)
+    assert failure_of(refused.value).reason == "INSUFFICIENT_FUNDS"
+    await account_stub.Deposit(api.DepositRequest(account_id=a.id, amount="4.00", request_id=rid()))
+    transfer = await account_stub.Transfer(request)
+    assert transfer.amount == "5.00"
+    assert await balances(engine, a.id, b.id) == {a.id: Decimal("0.00"), b.id: Decimal("5.00")}
+
+
+async def test_deposits_and_withdrawals_ride_the_same_writer(
+    account_stub, factory: Factory, sessions, engine: AsyncEngine, statements: StatementCounter
+) -> None:
+    accounts = [await factory.account(balance="50.00") for _ in range(4)]
+    calls = []
+    for n in range(CALLS):
+        account = accounts[(n // 2) % len(accounts)]
+        if n % 2:
+            calls.append(
+                account_stub.Withdraw(
+                    api.WithdrawRequest(account_id=account.id, amount="1.00", request_id=rid())
+                )
+            )
+        else:
+            calls.append(
+                account_stub.Deposit(
+                    api.DepositRequest(account_id=account.id, amount="2.00", request_id=rid())
+                )
+            )
+    answers = await asyncio.wait_for(asyncio.gather(*calls), BOUND_SECONDS)
+
+    # Each answer is its account as it stood right after that posting.
+    assert all(Decimal(a.balance) >= 0 for a in answers)
+    expected = {a.id: Decimal("50.00") + Decimal(CALLS // len(accounts) // 2) for a in accounts}
+    assert await balances(engine, *expected) == expected
+    assert 1 <= batches(statements) < CALLS
+    await assert_ledger_balances(sessions)
+
+
+async def test_a_caller_cancelled_mid_batch_finds_its_transfer_under_its_request_id(
+    account_stub, factory: Factory, sessions, engine: AsyncEngine
+) -> None:
+    a = await factory.account(balance="10.00")
+    b = await factory.account()
+    request = api.TransferRequest(
+        from_account_id=a.id, to_account_id=b.id, amount="3.00", request_id=rid()
+    )
+    async with engine.connect() as holder:
+        await holder.execute(select(Account.id).where(Account.id == a.id).with_for_update())
+        call = account_stub.Transfer(request)
+        pending = asyncio.ensure_future(call)
+        await wait_for_a_lock_waiter(engine)  # the batch holds the claim and waits for a
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await holder.rollback()
+
+    # The batch went on without its caller: the retry is answered from the stored response.
+    transfer = await asyncio.wait_for(account_stub.Transfer(request), BOUND_SECONDS)
+    assert transfer.amount == "3.00"
+    async with sessions() as session:
+        rows = (await session.scalars(customer_transfers())).all()
+    assert [row.id for row in rows] == [transfer.id]
+    assert await balances(engine, a.id, b.id) == {a.id: Decimal("7.00"), b.id: Decimal("3.00")}
+
+
+async def test_a_batch_that_meets_a_serialization_failure_runs_again_whole(
+    account_stub, factory: Factory, sessions, engine: AsyncEngine, caplog
+) -> None:
+    """A real 40001 from PostgreSQL on the batch's first attempt (a trigger raises it once):
+    the whole batch rolls back and runs again, and every item is applied once."""
+    a = await factory.account(balance="10.00")
+    b = await factory.account()
+    async with engine.begin() as conn:
+        # A sequence, not a table: nextval is not undone by the rollback it causes.
+        await conn.execute(text("CREATE SEQUENCE fail_once"))
+        await conn.execute(
+            text(
+                "CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF nextval('fail_once') = 1 THEN "
+                "  RAISE EXCEPTION 'injected' USING ERRCODE = '40001'; "
+                "END IF; RETURN NEW; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER fail_once BEFORE INSERT ON transfers "
+                "FOR EACH STATEMENT EXECUTE FUNCTION fail_once()"
+            )
+        )
+    caplog.set_level(logging.INFO, logger="service.db.retry")
+    try:
+        response = await account_stub.BatchTransfer(
+            api.BatchTransferRequest(
+                requests=[
+                    api.TransferRequest(
+                        from_account_id=a.id, to_account_id=b.id, amount="1.00", request_id=rid()
+                    )
+                    for _ in range(3)
+                ]
+            )
+        )
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TRIGGER fail_once ON transfers"))
+            await conn.execute(text("DROP FUNCTION fail_once()"))
+            await conn.execute(text("DROP SEQUENCE fail_once"))
+
+    assert [r.WhichOneof("result") for r in response.results] == ["transfer"] * 3
+    retried = [r for r in caplog.records if getattr(r, "sqlstate", None) == SERIALIZATION_FAILURE]
+    assert len(retried) == 1
+    async with sessions() as session:
+        count = await session.scalar(select(func.count()).select_from(Transfer))
+    assert count == 3 + 1  # the three, and the factory's opening deposit
+    assert await balances(engine, a.id, b.id) == {a.id: Decimal("7.00"), b.id: Decimal("3.00")}
+    await assert_ledger_balances(sessions)
