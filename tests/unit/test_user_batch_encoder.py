@@ -95,16 +95,20 @@ def test_resume_token_must_be_text(encode: Encode) -> None:
         encode([EPOCH], b"token")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("compiled", [True, False])
-def test_what_stream_users_yields_serializes_to_upbs_bytes(
-    compiled: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Both paths of users_encode, whichever is built here: the fallback yields the message."""
-    if compiled and not users_encode.COMPILED:
-        pytest.skip("the compiled encoder is not built here")
-    if not compiled:
-        monkeypatch.setattr(users_encode, "_encode", None)
-    rows = [EPOCH, (2, "b@example.com", "Émile", "Zola", False, -1, 10**15, 10**15 + 1)]
-    batch = users_encode.encode_user_batch(rows, "next")
-    assert isinstance(batch, api.UserBatch) is not compiled
-    assert users_encode.serialize_user_batch(batch) == upb(rows, "next")
+ROWS = [EPOCH, (2, "b@example.com", "Émile", "Zola", False, -1, 10**15, 10**15 + 1)]
+
+
+def test_stream_users_yields_encoded_batches(encode: Encode) -> None:
+    """What StreamUsers yields with the compiled encoder, and its response serializer sends."""
+    assert users_encode.COMPILED
+    batch = users_encode.encode_user_batch(ROWS, "next")
+    assert isinstance(batch, users_encode.EncodedBatch)
+    assert users_encode.serialize_user_batch(batch) == upb(ROWS, "next")
+
+
+def test_stream_users_falls_back_to_upb(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the module is not built: messages, serialized by upb."""
+    monkeypatch.setattr(users_encode, "_encode", None)
+    batch = users_encode.encode_user_batch(ROWS, "next")
+    assert batch == user_rows_to_batch(ROWS, "next")
+    assert users_encode.serialize_user_batch(batch) == upb(ROWS, "next")
