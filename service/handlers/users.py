@@ -191,7 +191,8 @@ class UserServicer(api_grpc.UserServiceServicer):
 
         The next messages are received and checked while the earlier ones are copied. The merge
         is a plain INSERT when every email is new; otherwise, once duplicates are ruled out,
-        an upsert that refuses soft-deleted users.
+        an upsert that refuses soft-deleted users. An import large enough to move the statistics
+        ends with ANALYZE users in the same transaction, so the next export is planned on them.
 
         The one write not retried inside the service: the stream is consumed once. A deadlock
         here is UNAVAILABLE with nothing applied, and the client sends the stream again."""
@@ -216,4 +217,5 @@ class UserServicer(api_grpc.UserServiceServicer):
                         v.add("users.email", f"{email} appears more than once in the import")
                     v.raise_if_any()
                 imported = await users.merge_staging(staged)
+            await users.refresh_statistics(imported)
         return api.ImportUsersResponse(imported=imported)
