@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
-from service.db.driver import single_statement, transaction
+from service.db.driver import transaction
 from service.db.engine import create_engine
 from service.db.retry import DEADLOCK_DETECTED, RetryPolicy, retried
 from service.errors import Unavailable
@@ -136,37 +136,3 @@ async def test_a_cancellation_at_any_point_leaves_no_connection_in_a_transaction
     written = await emails(engine)
     for turns in range(TURNS):  # each cancelled unit wrote both of its rows or neither
         assert (f"a{turns}@example.com" in written) == (f"b{turns}@example.com" in written)
-
-
-async def test_a_cancelled_autocommit_read_stops_server_side_and_its_connection_serves_on(
-    database_url: str, engine: AsyncEngine
-) -> None:
-    """GetUser's path (single_statement, no transaction): the cancelled statement does not run
-    on, and the pool's one connection answers the next caller at once."""
-    one = create_engine(Settings(pool_size=1, max_overflow=0), database_url)
-    try:
-        started = asyncio.Event()
-
-        async def slow() -> None:
-            async with single_statement(one) as driver:
-                started.set()
-                await driver.execute("SELECT pg_sleep(30)")
-
-        task = asyncio.ensure_future(slow())
-        await started.wait()
-        await asyncio.sleep(0.1)  # the sleep is running on the server
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        async with single_statement(one) as driver:
-            assert await asyncio.wait_for(driver.fetchval("SELECT 1"), 5) == 1
-        async with engine.connect() as conn:
-            sleeping = await conn.scalar(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE state = 'active' AND query LIKE 'SELECT pg_sleep%'"
-                )
-            )
-        assert sleeping == 0
-    finally:
-        await one.dispose()

@@ -1,0 +1,169 @@
+"""Coalesced point reads (Database.point_reads, GetUser's and GetAccount's path) under
+cancellation: a read whose callers have all gone away stops server-side, and its connection goes
+back to the pool, never inside a transaction. Ported from the driver path's tests
+(tests/db/test_driver.py) when GetUser moved onto SQLAlchemy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+import pytest
+import pytest_asyncio
+from shop.v1 import user_service_pb2 as api
+from shop.v1 import user_service_pb2_grpc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.config import Settings
+from service.db.coalescer import Outcome
+from service.db.engine import create_engine, create_sessionmaker
+from service.db.unit_of_work import Database
+from service.errors import NotFound
+from service.server import RunningServer
+from tests.factories import Factory
+
+TURNS = 60
+BOUND = 5.0  # seconds: a cancelled read that ran on would take 30
+
+
+@pytest_asyncio.fixture(params=[True, False], ids=["autocommit", "pgbouncer-transaction"])
+async def one(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[Database]:
+    """A Database whose pool has one connection: in autocommit, or in a transaction per read
+    as behind PgBouncer (SHOP_PGBOUNCER)."""
+    engine = create_engine(
+        Settings(pool_size=1, max_overflow=0, pgbouncer=not request.param), database_url
+    )
+    yield Database(engine, create_sessionmaker(engine))
+    await engine.dispose()
+
+
+async def sleep_then_echo(conn: AsyncConnection, keys: Sequence[int]) -> list[Outcome[int]]:
+    """A read that takes 30 s on the server unless cancelled; -1 is not found."""
+    await conn.execute(text("SELECT pg_sleep(30)"))
+    return [k if k >= 0 else NotFound("thing", k) for k in keys]
+
+
+async def echo(conn: AsyncConnection, keys: Sequence[int]) -> list[Outcome[int]]:
+    found = set(await conn.scalars(text("SELECT unnest(CAST(:k AS bigint[]))"), {"k": keys}))
+    return [k if k in found and k >= 0 else NotFound("thing", k) for k in keys]
+
+
+async def eventually(check: Callable[[], object], what: str) -> None:
+    bound = time.monotonic() + BOUND
+    while not check():
+        assert time.monotonic() < bound, what
+        await asyncio.sleep(0.01)
+
+
+async def server_states(engine: AsyncEngine, like: str) -> list[str]:
+    """pg_stat_activity states of the other connections whose last query was like `like`."""
+    async with engine.connect() as conn:
+        rows = await conn.scalars(
+            text(
+                "SELECT state FROM pg_stat_activity "
+                "WHERE query LIKE :like AND pid <> pg_backend_pid()"
+            ),
+            {"like": like},
+        )
+        return list(rows)
+
+
+async def test_a_cancelled_read_stops_server_side_and_the_pool_serves_on(
+    one: Database, engine: AsyncEngine
+) -> None:
+    """The caller goes away while its batch runs: the batch, which no one else waits for, is
+    cancelled, PostgreSQL stops its statement, no connection stays checked out or inside a
+    transaction, and the pool's one connection answers the next caller at once."""
+    sleepy = one.point_reads(sleep_then_echo)
+    task = asyncio.ensure_future(sleepy.submit(1))
+    bound = time.monotonic() + BOUND
+    while "active" not in await server_states(engine, "SELECT pg_sleep%"):
+        assert time.monotonic() < bound, "the sleep never started"
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, BOUND)
+    pool = one.engine.pool
+    await eventually(lambda: pool.checkedout() == 0, "a connection stayed checked out")  # type: ignore[attr-defined]
+    # asyncpg's cancel request reaches the server on a connection of its own: soon, not at once.
+    bound = time.monotonic() + BOUND
+    while "active" in (states := await server_states(engine, "SELECT pg_sleep%")):
+        assert time.monotonic() < bound, "the sleep ran on"
+        await asyncio.sleep(0.01)
+    assert "idle in transaction" not in states, states
+    reads = one.point_reads(echo)
+    assert await asyncio.wait_for(reads.submit(7), BOUND) == 7
+
+
+async def test_a_batch_runs_on_for_the_callers_still_waiting(one: Database) -> None:
+    """One caller of a batch goes away, its neighbour does not: the batch finishes and the
+    neighbour gets its answer (the statement is shared, so it is not the caller's to stop)."""
+    reads = one.point_reads(echo)
+    gate = asyncio.Event()
+
+    async def gated(conn: AsyncConnection, keys: Sequence[int]) -> list[Outcome[int]]:
+        await gate.wait()
+        return await echo(conn, keys)
+
+    held = one.point_reads(gated)
+    first = asyncio.ensure_future(held.submit(1))
+    second = asyncio.ensure_future(held.submit(2))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    gate.set()
+    assert await asyncio.wait_for(second, BOUND) == 2
+    assert await reads.submit(3) == 3
+
+
+async def test_a_cancellation_at_any_point_leaves_no_connection_in_a_transaction(
+    one: Database, engine: AsyncEngine
+) -> None:
+    """Cut off after 0, 1, 2, ... turns of the event loop: in the queue, during the checkout,
+    the statement or after. The pool's one connection never goes back checked out or inside a
+    transaction, and serves the next read."""
+    reads = one.point_reads(echo)
+    for turns in range(TURNS):
+        task = asyncio.ensure_future(reads.submit(turns))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        after = 1000 + turns
+        assert await asyncio.wait_for(reads.submit(after), BOUND) == after, f"after {turns} turns"
+    await eventually(lambda: one.engine.pool.checkedout() == 0, "checked out")  # type: ignore[attr-defined]
+    states = await server_states(engine, "SELECT unnest%")
+    assert "idle in transaction" not in states, states
+
+
+async def test_a_cancelled_get_user_leaves_nothing_behind(
+    user_stub: user_service_pb2_grpc.UserServiceStub,
+    server: RunningServer,
+    factory: Factory,
+    engine: AsyncEngine,
+) -> None:
+    """GetUser's deadline passes while its statement waits for a lock: the call answers
+    DEADLINE_EXCEEDED, its statement stops waiting on the server, and the server holds no
+    connection (checked out, waiting, or idle in a transaction) for it."""
+    user = await factory.user()
+    async with engine.connect() as holder:
+        await holder.execute(text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await user_stub.GetUser(api.GetUserRequest(id=user.id), timeout=0.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        pool = server.engine.pool
+        await eventually(lambda: pool.checkedout() == 0, "GetUser kept its connection")  # type: ignore[attr-defined]
+        bound = time.monotonic() + BOUND
+        while "active" in (states := await server_states(engine, "%= ANY%")):
+            assert time.monotonic() < bound, states
+            await asyncio.sleep(0.01)
+        assert "idle in transaction" not in states, states
+        await holder.rollback()
+    again = await user_stub.GetUser(api.GetUserRequest(id=user.id), timeout=BOUND)
+    assert again.id == user.id
