@@ -6,8 +6,11 @@ import itertools
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from shop.v1 import account_service_pb2 as api
+from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.db.engine import engine_of
 from service.db.models import (
     ORDER_CURRENCY,
     Account,
@@ -17,7 +20,9 @@ from service.db.models import (
     Transfer,
     User,
 )
-from service.repositories.ledger import Ledger
+from service.db.unit_of_work import Database
+from service.handlers.money import MoneyWriter
+from service.handlers.money_rules import Kind, Posting
 
 # request_id of the deposit that gives a factory account its opening balance.
 OPENING_PREFIX = "factory-opening-"
@@ -28,6 +33,8 @@ _sequence = itertools.count(1)
 class Factory:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self.sessions = sessions
+        # Opening balances go through the service's own money writer, as a deposit would.
+        self.money = MoneyWriter(Database(engine_of(sessions), sessions))
 
     async def user(
         self,
@@ -81,13 +88,16 @@ class Factory:
         account = Account(user_id=owner.id, currency=currency, balance=Decimal("0.00"))
         async with self.sessions() as session, session.begin():
             session.add(account)
-            await session.flush()
-            if Decimal(balance):
-                ledger = Ledger(session)
-                external = await ledger.external(currency)
-                await ledger.post(
-                    external, account, Decimal(balance), f"{OPENING_PREFIX}{next(_sequence)}"
-                )
+        if Decimal(balance):
+            request = api.DepositRequest(
+                account_id=account.id,
+                amount=balance,
+                request_id=f"{OPENING_PREFIX}{next(_sequence)}",
+            )
+            posting = Posting(Kind.DEPOSIT, request.request_id, account.id, Decimal(balance))
+            opened = await self.money.post("Deposit", request, posting)
+            assert isinstance(opened, pb.Account)
+            account.balance = Decimal(opened.balance)
         return account
 
     async def transfer(self, source: Account, target: Account, amount: str) -> Transfer:

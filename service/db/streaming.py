@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import BigInteger, ColumnElement, Row, Select, cast, extract, literal_column
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import QueryableAttribute
 
 T = TypeVar("T")
@@ -46,7 +46,7 @@ def epoch_microseconds(
 
 
 async def partitions(
-    session: AsyncSession, stmt: Select[*tuple[Any, ...]], batch_size: int
+    source: AsyncSession | AsyncConnection, stmt: Select[*tuple[Any, ...]], batch_size: int
 ) -> AsyncIterator[Rows]:
     """The statement's rows, batch_size at a time, from a server-side cursor in the session's
     transaction: SQLAlchemy's streaming (stream_results with yield_per) on the session's
@@ -63,7 +63,7 @@ async def partitions(
     the caller's transaction ends, closing the cursor, and the connection goes back to the pool
     intact.
     """
-    connection = await session.connection()
+    connection = source if isinstance(source, AsyncConnection) else await source.connection()
     result = await shielded(connection.stream(stmt.execution_options(yield_per=batch_size)))
     try:
         while rows := await shielded(result.fetchmany(batch_size)):

@@ -24,12 +24,12 @@ from service.handlers.accounts_convert import (
 from service.handlers.context import Context
 from service.handlers.idempotency import idempotent
 from service.handlers.money import MoneyWriter
+from service.handlers.money_rules import Kind, Posting
 from service.handlers.paging import PageTokens
 from service.handlers.status import status_message
 from service.handlers.validation import MAX_ID, Violations
 from service.repositories.accounts import AccountRepository
 from service.repositories.ledger import Ledger
-from service.repositories.postings import Kind, Posting
 from service.repositories.users import UserRepository
 
 

@@ -10,8 +10,8 @@ from shop.v1 import resources_pb2 as pb
 
 from service.db.models import Account
 from service.handlers.convert import set_timestamp, timestamp
+from service.handlers.money_rules import Posted
 from service.money import format_money
-from service.repositories.postings import Posted
 
 
 def account_to_proto(account: Account) -> pb.Account:
@@ -26,7 +26,7 @@ def account_to_proto(account: Account) -> pb.Account:
 
 
 def posted_transfer_to_proto(posted: Posted) -> pb.Transfer:
-    """A transfer as a batch applied it (repositories/postings.py)."""
+    """A transfer as a batch applied it (handlers/money.py)."""
     return pb.Transfer(
         id=posted.transfer_id,
         from_account_id=posted.from_account_id,

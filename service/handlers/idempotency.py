@@ -6,18 +6,12 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-import asyncpg  # type: ignore[import-untyped]
 from google.protobuf.message import Message
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db.driver import transaction as driver_transaction
-from service.db.retry import retried, transactional
+from service.db.retry import transactional
 from service.errors import AlreadyExists
-from service.repositories.idempotency import (
-    DriverIdempotencyKeys,
-    IdempotencyRepository,
-    StoredRequest,
-)
+from service.repositories.idempotency import IdempotencyRepository
 
 M = TypeVar("M", bound=Message)
 
@@ -34,15 +28,6 @@ def request_fingerprint(method: str, request: IdempotentRequest) -> bytes:
     return hashlib.sha256(
         method.encode() + b"\0" + request.SerializeToString(deterministic=True)
     ).digest()
-
-
-class Keys(Protocol):
-    """Where idempotency keys are claimed and completed: repositories/idempotency.py, on a
-    session's transaction or on a driver's."""
-
-    async def claim(self, request_id: str, request_hash: bytes) -> StoredRequest | None: ...
-
-    async def complete(self, request_id: str, response: bytes) -> None: ...
 
 
 async def idempotent(
@@ -70,29 +55,8 @@ async def idempotent(
     return await transactional(sessions, attempt)
 
 
-async def idempotent_on_driver(
-    engine: AsyncEngine,
-    *,
-    method: str,
-    request: IdempotentRequest,
-    response_type: type[M],
-    work: Callable[[asyncpg.Connection], Awaitable[M]],
-) -> M:
-    """idempotent(), with the unit of work on a pooled connection's driver (db/driver.py)."""
-    fingerprint = request_fingerprint(method, request)
-
-    async def attempt() -> M:
-        async with driver_transaction(engine) as driver:
-            keys = DriverIdempotencyKeys(driver)
-            return await _once(
-                keys, request.request_id, fingerprint, response_type, lambda: work(driver)
-            )
-
-    return await retried(attempt)
-
-
 async def _once(
-    keys: Keys,
+    keys: IdempotencyRepository,
     request_id: str,
     fingerprint: bytes,
     response_type: type[M],

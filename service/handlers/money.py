@@ -1,5 +1,5 @@
 """Group commit for money: the Transfer, Deposit, Withdraw and BatchTransfer calls of this
-process are applied together, one transaction per batch (repositories/postings.py), each with
+process are applied together, one transaction per batch (repositories/ledger.py), each with
 its own outcome and each idempotent by its request_id.
 
 A batch is what queued while the previous one ran (db/coalescer.py), so one call in flight is a
@@ -22,16 +22,9 @@ from service.db.unit_of_work import Database
 from service.errors import AlreadyExists, DomainError, Unavailable
 from service.handlers.accounts_convert import posted_account_to_proto, posted_transfer_to_proto
 from service.handlers.idempotency import IdempotentRequest, request_fingerprint
-from service.repositories.postings import (
-    Claims,
-    Kind,
-    Posted,
-    Posting,
-    Postings,
-    Stored,
-    Writes,
-    plan,
-)
+from service.handlers.money_rules import Kind, Posted, Posting, plan
+from service.repositories.idempotency import IdempotencyRepository, StoredRequest
+from service.repositories.ledger import Claims, Ledger, Writes
 
 # A batch's size bound: a BatchTransfer of 1000 is one transaction, and unary calls never come
 # near it (the batch is at most what is in flight).
@@ -63,38 +56,38 @@ class MoneyWriter:
         return await self._writer.submit_many([_asked(method, r, p) for r, p in requests])
 
     async def _apply(self, conn: AsyncConnection, batch: Sequence[Asked]) -> list[Outcome[Message]]:
-        postings = Postings(conn)
+        ledger = Ledger(conn)
         # The first posting under a request_id owns it in this batch; a repeat is answered
         # like a repeat in a later batch (below).
         owners: dict[str, Asked] = {}
         for asked in batch:
             owners.setdefault(asked.posting.request_id, asked)
-        claims = await postings.claim(sorted((rid, a.fingerprint) for rid, a in owners.items()))
+        claims = await ledger.claim(sorted((rid, a.fingerprint) for rid, a in owners.items()))
         unclaimed = [rid for rid in owners if rid not in claims.transfer_ids]
-        stored = await postings.stored(unclaimed) if unclaimed else {}
+        stored = await IdempotencyRepository(conn).stored(unclaimed) if unclaimed else {}
 
         todo = [a for rid, a in owners.items() if rid in claims.transfer_ids]
         answers: dict[str, Outcome[Message]] = {}
         if todo:
-            answers = await self._post(postings, todo, claims)
+            answers = await self._post(ledger, todo, claims)
         for rid in unclaimed:
             answers[rid] = _answer(owners[rid], stored.get(rid))
         return [_for(asked, owners, answers) for asked in batch]
 
     async def _post(
-        self, postings: Postings, todo: list[Asked], claims: Claims
+        self, ledger: Ledger, todo: list[Asked], claims: Claims
     ) -> dict[str, Outcome[Message]]:
         wanted = [a.posting for a in todo]
         ids = [p.account_id for p in wanted] + [
             p.to_account_id for p in wanted if p.kind is Kind.TRANSFER
         ]
-        accounts = await postings.lock(ids)
+        accounts = await ledger.lock(ids)
         currencies = {
             accounts[p.account_id].currency
             for p in wanted
             if p.kind is not Kind.TRANSFER and p.account_id in accounts
         }
-        externals = await postings.externals(currencies) if currencies else {}
+        externals = await ledger.externals(currencies) if currencies else {}
         writes = Writes()
         outcomes = plan(wanted, claims, accounts, externals, writes)
         answers: dict[str, Outcome[Message]] = {}
@@ -109,7 +102,7 @@ class MoneyWriter:
                 message = _response(asked.posting, outcome)
                 answers[rid] = message
                 responses[rid] = message.SerializeToString()
-        await postings.apply(writes, responses, released)
+        await ledger.apply(writes, responses, released)
         return answers
 
 
@@ -132,7 +125,7 @@ def _reused(request_id: str) -> AlreadyExists:
     )
 
 
-def _answer(asked: Asked, stored: Stored | None) -> Outcome[Message]:
+def _answer(asked: Asked, stored: StoredRequest | None) -> Outcome[Message]:
     """A request_id claimed before this batch: its stored response if the request is the same,
     else REQUEST_ID_REUSED."""
     rid = asked.posting.request_id

@@ -21,6 +21,7 @@ from service.interceptors.wrapping import Handler, WrappingInterceptor, wrap_han
 
 log = logging.getLogger(__name__)
 
+
 def to_status(error: errors.DomainError) -> grpc.Status:
     return rpc_status.to_status(status_message(error))
 

@@ -1,5 +1,5 @@
-"""Customer accounts and their statements: balances change only under row locks taken in id
-order, and only through the ledger (repositories/ledger.py)."""
+"""Customer accounts and their pages of transfers: balances change only through the ledger
+(repositories/ledger.py), under row locks taken in id order."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from service.db.models import Account, AccountKind, Transfer
 from service.errors import NotFound
-from service.repositories.ledger import Ledger
 
 IS_CUSTOMER = Account.kind == AccountKind.CUSTOMER.value
 
@@ -33,7 +32,7 @@ _ACCOUNT_ROWS_BY_ID = select(*ACCOUNT_COLUMNS).where(
 
 
 class AccountRepository:
-    """Customer accounts: open, read, lock, and move money through the ledger."""
+    """Customer accounts: open, read, page through their transfers."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -62,38 +61,6 @@ class AccountRepository:
         )
         if account is None:
             raise NotFound("account", account_id)
-        return account
-
-    async def lock(self, *account_ids: int) -> dict[int, Account]:
-        """Customer accounts, SELECT ... FOR UPDATE in ascending id order, so A->B and B->A
-        cannot deadlock."""
-        rows = await self.session.scalars(
-            select(Account)
-            .where(Account.id.in_(account_ids), IS_CUSTOMER)
-            .order_by(Account.id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-        accounts = {a.id: a for a in rows}
-        for account_id in account_ids:
-            if account_id not in accounts:
-                raise NotFound("account", account_id)
-        return accounts
-
-    async def deposit(self, account_id: int, amount: Decimal, request_id: str) -> Account:
-        """A transfer from the currency's external account."""
-        account = (await self.lock(account_id))[account_id]
-        ledger = Ledger(self.session)
-        external = await ledger.external(account.currency)
-        await ledger.post(external, account, amount, request_id)
-        return account
-
-    async def withdraw(self, account_id: int, amount: Decimal, request_id: str) -> Account:
-        """A transfer to the currency's external account."""
-        account = (await self.lock(account_id))[account_id]
-        ledger = Ledger(self.session)
-        external = await ledger.external(account.currency)
-        await ledger.post(account, external, amount, request_id)
         return account
 
     async def transfers_page(

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-import asyncpg  # type: ignore[import-untyped]
-from sqlalchemy import Table, bindparam, delete, select, update
+from sqlalchemy import ARRAY, String, Table, any_, bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db.models import IdempotencyKey
-from service.db.raw import Statement
 
 # Built once, on the table rather than the entity: every idempotent write runs these, and Core
 # statements on a Table skip the ORM's bulk insert/update machinery (and the cache key of a
@@ -27,6 +26,9 @@ CLAIM = (
 STORED = select(KEYS.c.request_hash, KEYS.c.response).where(
     KEYS.c.request_id == bindparam("request_id")
 )
+STORED_MANY = select(KEYS.c.request_id, KEYS.c.request_hash, KEYS.c.response).where(
+    KEYS.c.request_id == any_(bindparam("request_ids", type_=ARRAY(String)))
+)
 COMPLETE = (
     update(KEYS).where(KEYS.c.request_id == bindparam("key")).values(response=bindparam("response"))
 )
@@ -39,9 +41,10 @@ class StoredRequest:
 
 
 class IdempotencyRepository:
-    """The keys, on a session's transaction."""
+    """The keys, on the caller's transaction: a session's, or a Core connection's (the money
+    writer's batches, whose claims repositories/ledger.py takes with the transfer ids)."""
 
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession | AsyncConnection) -> None:
         self.session = session
 
     async def claim(self, request_id: str, request_hash: bytes) -> StoredRequest | None:
@@ -55,6 +58,11 @@ class IdempotencyRepository:
         row = (await self.session.execute(STORED, {"request_id": request_id})).one()
         return StoredRequest(row.request_hash, row.response)
 
+    async def stored(self, request_ids: Sequence[str]) -> dict[str, StoredRequest]:
+        """What earlier requests stored under these request_ids (those that exist)."""
+        result = await self.session.execute(STORED_MANY, {"request_ids": list(request_ids)})
+        return {row.request_id: StoredRequest(row.request_hash, row.response) for row in result}
+
     async def complete(self, request_id: str, response: bytes) -> None:
         await self.session.execute(COMPLETE, {"key": request_id, "response": response})
 
@@ -64,27 +72,3 @@ class IdempotencyRepository:
             delete(IdempotencyKey).where(IdempotencyKey.created_at < older_than)
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
-
-
-_CLAIM = Statement.compile(CLAIM)
-_STORED = Statement.compile(STORED)
-_COMPLETE = Statement.compile(COMPLETE)
-
-
-class DriverIdempotencyKeys:
-    """The same keys, on a driver transaction (service/db/driver.py)."""
-
-    def __init__(self, driver: asyncpg.Connection) -> None:
-        self.driver = driver
-
-    async def claim(self, request_id: str, request_hash: bytes) -> StoredRequest | None:
-        """IdempotencyRepository.claim: insert the key, or return what an earlier committed
-        request stored under it (waiting for a concurrent one to commit or roll back)."""
-        if await _CLAIM.fetchval(self.driver, request_id=request_id, request_hash=request_hash):
-            return None
-        row = await _STORED.fetchrow(self.driver, request_id=request_id)
-        assert row is not None, "a key that conflicted exists"
-        return StoredRequest(row.request_hash, row.response)
-
-    async def complete(self, request_id: str, response: bytes) -> None:
-        await _COMPLETE.execute(self.driver, key=request_id, response=response)
