@@ -5,6 +5,7 @@ snapshot holds the same total and a balance equal to the sum of entries for each
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import uuid
 from collections import Counter, defaultdict
@@ -12,14 +13,16 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from shop.v1 import account_service_pb2 as api
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.models import Account, LedgerEntry
 from tests.factories import Factory
 from tests.ledger import assert_ledger_balances, customer_transfers
 from tests.rpc import failure_of
+from tests.servers import own_server
 
 ACCOUNTS = 10
 OPENING = Decimal("100.00")
@@ -54,20 +57,50 @@ async def send(stub, request: api.TransferRequest, history: History):
     return response
 
 
+async def send_batch(stub, requests: list[api.TransferRequest], history: History) -> None:
+    """A BatchTransfer: each item's result counts as a Transfer's would."""
+    response = await stub.BatchTransfer(api.BatchTransferRequest(requests=requests))
+    for request, result in zip(requests, response.results, strict=True):
+        if result.WhichOneof("result") == "transfer":
+            history.outcomes[("ok", None)] += 1
+            history.ok[request.request_id].append((request.amount, result.transfer))
+        else:
+            code = grpc.StatusCode(
+                next(c for c in grpc.StatusCode if c.value[0] == result.error.code)
+            )
+            history.outcomes[(code.name, reason_of(result.error))] += 1
+
+
+def reason_of(status: status_pb2.Status) -> str | None:
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return None
+
+
+def random_transfer(rng: random.Random, ids: list[int]) -> api.TransferRequest:
+    source, target = rng.sample(ids, 2)
+    return api.TransferRequest(
+        from_account_id=source,
+        to_account_id=target,
+        amount=f"{rng.randint(1, 3000) / 100:.2f}",
+        request_id=f"bank-{uuid.uuid4().hex}",
+    )
+
+
 async def client(stub, ids: list[int], seed: int, history: History) -> None:
     rng = random.Random(seed)
     for _ in range(OPERATIONS):
-        source, target = rng.sample(ids, 2)
-        request = api.TransferRequest(
-            from_account_id=source,
-            to_account_id=target,
-            amount=f"{rng.randint(1, 3000) / 100:.2f}",
-            request_id=f"bank-{uuid.uuid4().hex}",
-        )
+        request = random_transfer(rng, ids)
         roll = rng.random()
-        if roll < 0.2:  # the same request, three times at once: applied once
+        if roll < 0.15:  # a batch of three, sent twice at once: each item applied once
+            batch = [request, random_transfer(rng, ids), random_transfer(rng, ids)]
+            await asyncio.gather(*(send_batch(stub, batch, history) for _ in range(2)))
+        elif roll < 0.3:  # the same request, three times at once: applied once
             await asyncio.gather(*(send(stub, request, history) for _ in range(3)))
-        elif roll < 0.35:  # the same request_id with another amount, after a success
+        elif roll < 0.45:  # the same request_id with another amount, after a success
             if await send(stub, request, history) is not None:
                 other = api.TransferRequest()
                 other.CopyFrom(request)
@@ -122,6 +155,40 @@ async def reader(engine: AsyncEngine, ids: list[int], done: asyncio.Event, s: Sn
 
 
 async def test_bank(account_stub, factory: Factory, sessions, engine: AsyncEngine) -> None:
+    await run_bank(account_stub, factory, sessions, engine)
+
+
+async def test_bank_with_pool_overflow_logs_no_error(
+    database_url: str, factory: Factory, sessions, engine: AsyncEngine, caplog
+) -> None:
+    """The same load on a server whose pool must overflow (one pooled connection, overflow
+    ones closed on return): every connection comes and goes under SQLAlchemy's control, so
+    nothing is logged at WARNING or above (no 'Exception closing connection')."""
+    caplog.set_level(logging.WARNING)
+    async with own_server(database_url, pool_size=1, max_overflow=8) as server:
+        caplog.clear()  # the server's start-up warnings are not the load's
+        pool = server.running.engine.sync_engine.pool
+        out, most = 0, 0
+
+        def checkout(*_: object) -> None:
+            nonlocal out, most
+            out += 1
+            most = max(most, out)
+
+        def checkin(*_: object) -> None:
+            nonlocal out
+            out -= 1
+
+        event.listen(pool, "checkout", checkout)
+        event.listen(pool, "checkin", checkin)
+        await run_bank(server.accounts, factory, sessions, engine)
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert noisy == [], [r.getMessage() for r in noisy]
+    assert most > 1, "the pool never overflowed: the test did not test it"
+    assert out == 0
+
+
+async def run_bank(account_stub, factory: Factory, sessions, engine: AsyncEngine) -> None:
     ids = [(await factory.account(balance=str(OPENING))).id for _ in range(ACCOUNTS)]
     total = OPENING * ACCOUNTS
     history, snapshots, done = History(), Snapshots(), asyncio.Event()
