@@ -4,7 +4,7 @@ closed cleanly on cancellation."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import BigInteger, ColumnElement, Row, Select, cast, extract, literal_column
@@ -47,7 +47,7 @@ def epoch_microseconds(
 
 async def partitions(
     source: AsyncSession | AsyncConnection, stmt: Select[*tuple[Any, ...]], batch_size: int
-) -> AsyncIterator[Rows]:
+) -> AsyncGenerator[Rows, None]:
     """The statement's rows, batch_size at a time, from a server-side cursor in the session's
     transaction: SQLAlchemy's streaming (stream_results with yield_per) on the session's
     connection, so the export reads the caller's snapshot.

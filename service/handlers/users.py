@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from shop.v1 import resources_pb2 as pb
 from shop.v1 import user_service_pb2 as api
@@ -160,8 +161,10 @@ class UserServicer(api_grpc.UserServiceServicer):
                 batch_size=batch_size,
                 after_id=after_id,
             )
-            async for rows in batches:
-                yield encode_user_batch(rows, resume_token(rows[-1].id))
+            # Closed here, before the snapshot ends, even when the call ends at a yield.
+            async with aclosing(batches):
+                async for rows in batches:
+                    yield encode_user_batch(rows, resume_token(rows[-1].id))
 
     async def UpsertUsers(
         self, request: api.UpsertUsersRequest, context: Context

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -149,10 +150,14 @@ class OrderRepository:
         stmt = self._filtered(stmt.where(Order.id > after_id), user_id, status)
         return self._with_items(partitions(self.session, stmt, batch_size))
 
-    async def _with_items(self, batches: AsyncIterator[Rows]) -> AsyncIterator[OrderPartition]:
+    async def _with_items(
+        self, batches: AsyncGenerator[Rows, None]
+    ) -> AsyncIterator[OrderPartition]:
         """Each batch of orders with all its items, read by one statement per batch through the
-        session, so on the export's connection and from its snapshot."""
-        async for orders in batches:
-            order_ids = [order.id for order in orders]
-            result = await shielded(self.session.execute(EXPORT_ITEMS, {"order_ids": order_ids}))
-            yield OrderPartition(orders, result.all())
+        session, so on the export's connection and from its snapshot. Closing this closes the
+        orders' stream (its result) at once."""
+        async with aclosing(batches):
+            async for orders in batches:
+                order_ids = [order.id for order in orders]
+                items = await shielded(self.session.execute(EXPORT_ITEMS, {"order_ids": order_ids}))
+                yield OrderPartition(orders, items.all())

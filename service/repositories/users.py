@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,7 +177,7 @@ class UserRepository:
 
     def stream(
         self, *, show_deleted: bool, active_only: bool, batch_size: int, after_id: int = 0
-    ) -> AsyncIterator[Rows]:
+    ) -> AsyncGenerator[Rows, None]:
         """Matching users with id > after_id as rows of USER_COLUMNS, batch_size per
         partition, from a server-side cursor (after_id resumes an export)."""
         stmt = self.export_query(show_deleted=show_deleted, active_only=active_only)
