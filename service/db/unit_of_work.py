@@ -80,9 +80,11 @@ class Database:
                 async with self.statement() as conn:
                     return await read(conn, keys)
 
-        return Coalescer(
-            run, max_batch=max_batch, concurrency=BATCHES_IN_FLIGHT, cancel_abandoned=True
-        )
+        # One batch at a time: a point read is one short statement with no locks to wait for,
+        # and the calls that arrive while it runs make the next batch. Two at once split them
+        # into batches half the size, each paying SQLAlchemy's per-statement cost: GetUser's
+        # server CPU per call was 1.27-1.60 ms at 16 and 64 in flight, against 0.89-1.18 ms.
+        return Coalescer(run, max_batch=max_batch, concurrency=1, cancel_abandoned=True)
 
     def batched(
         self,
