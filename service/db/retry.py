@@ -16,16 +16,12 @@ from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db.driver_errors import error_field
+from service.db.errors import is_retryable, sqlstate
 from service.db.transaction import transaction
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-SERIALIZATION_FAILURE = "40001"
-DEADLOCK_DETECTED = "40P01"
-RETRYABLE_SQLSTATES = frozenset({SERIALIZATION_FAILURE, DEADLOCK_DETECTED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +40,6 @@ class RetryPolicy:
 
 
 DEFAULT_POLICY = RetryPolicy()
-
-
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error, raw asyncpg or wrapped by SQLAlchemy."""
-    return error_field(exc, "sqlstate")
-
-
-def is_retryable(exc: BaseException) -> bool:
-    return sqlstate(exc) in RETRYABLE_SQLSTATES
 
 
 async def transactional(

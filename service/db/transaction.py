@@ -31,6 +31,6 @@ async def read_only_snapshot(
             await session.rollback()
 
 
-# An engine execution option: False where driver.single_statement() must keep a transaction
-# block (behind pgbouncer in transaction mode).
+# An engine execution option: False where a single read must keep a transaction block (behind
+# PgBouncer in transaction mode): Database.statement() reads it.
 AUTOCOMMIT_READS = "shop_autocommit_reads"

@@ -9,10 +9,9 @@ import logging
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from sqlalchemy import exc as sa_exc
 
 from service import errors
-from service.db.retry import is_retryable, sqlstate
+from service.db.errors import as_domain_error as database_error
 from service.handlers.context import Context
 from service.handlers.status import DOMAIN, packed, status_message
 from service.interceptors.decoding import decode_in_handler
@@ -26,41 +25,11 @@ def to_status(error: errors.DomainError) -> grpc.Status:
     return rpc_status.to_status(status_message(error))
 
 
-QUERY_CANCELED = "57014"  # query_canceled: statement_timeout or a cancel request
-# SQLSTATEs that say "this server cannot serve you now", whichever driver class carries them:
-# class 08 (connection exception), 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03
-# cannot_connect_now (starting up, shutting down, in recovery), 53300 too_many_connections.
-# asyncpg raises 57P03 during a restart, which SQLAlchemy wraps as a plain DBAPIError.
-_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
-
-
 def as_domain_error(exc: BaseException) -> errors.DomainError | None:
-    """Domain errors as they are; lost database connections and pool timeouts as Unavailable."""
+    """Domain errors as they are; database errors as service/db/errors.py reads them."""
     if isinstance(exc, errors.DomainError):
         return exc
-    if is_retryable(exc):
-        # Only when service/db/retry.py gave up (or could not replay, as for ImportUsers):
-        # nothing was applied, so the client may safely send the request again.
-        return errors.Unavailable(
-            "the database is busy (serialization failure or deadlock); retry later",
-            reason="DATABASE_CONTENTION",
-        )
-    if isinstance(exc, sa_exc.TimeoutError):
-        return errors.Unavailable("no database connection is free; retry later")
-    if sqlstate(exc) == QUERY_CANCELED:
-        # statement_timeout, which service/db/deadlines.py sets from the call's deadline.
-        return errors.DeadlineExceeded("the deadline passed while the database was working")
-    if isinstance(exc, sa_exc.DBAPIError) and (
-        exc.connection_invalidated
-        or isinstance(exc, sa_exc.InterfaceError | sa_exc.OperationalError)
-    ):
-        return errors.Unavailable.database_down()
-    state = sqlstate(exc)
-    if state is not None and state.startswith(_UNAVAILABLE_SQLSTATES):
-        return errors.Unavailable.database_down()
-    if isinstance(exc, ConnectionError | OSError):
-        return errors.Unavailable.database_down()
-    return None
+    return database_error(exc)
 
 
 async def abort_with(context: Context, status: grpc.Status) -> None:

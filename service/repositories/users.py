@@ -12,12 +12,10 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import selectinload
 
+from service.db.errors import sqlstate, violated_constraint
 from service.db.models import Order, User
-from service.db.raw import driver_of
-from service.db.retry import sqlstate
 from service.db.streaming import Rows, epoch_microseconds, partitions
 from service.errors import AlreadyExists, FailedPrecondition, NotFound
-from service.repositories.integrity import violated_constraint
 from service.repositories.orders import order_column_options
 
 log = logging.getLogger(__name__)
@@ -243,7 +241,12 @@ class UserRepository:
         table, created with the first batch."""
         if first:
             await self.session.execute(self._CREATE_STAGING)
-        await (await driver_of(self.session)).copy_records_to_table(
+        # COPY is the driver's own protocol: reached as the seed does, through the session's
+        # connection (same transaction), which SQLAlchemy checks out and returns itself.
+        connection = await self.session.connection()
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert driver is not None  # a connection in use is open
+        await driver.copy_records_to_table(
             "users_import", records=records, columns=self._STAGING_COLUMNS
         )
 

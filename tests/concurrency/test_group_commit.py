@@ -5,8 +5,10 @@ and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections import Counter
 from decimal import Decimal
 
 import grpc
@@ -15,13 +17,14 @@ from shop.v1 import account_service_pb2 as api
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.db.errors import SERIALIZATION_FAILURE
 from service.db.models import Account, Transfer
-from service.db.retry import SERIALIZATION_FAILURE
 from tests.concurrency.test_retry import wait_for_a_lock_waiter
 from tests.conftest import StatementCounter
 from tests.factories import Factory
 from tests.ledger import assert_ledger_balances, customer_transfers
 from tests.rpc import failure_of
+from tests.servers import own_server
 
 BOUND_SECONDS = 30
 CALLS = 48
@@ -268,3 +271,95 @@ async def test_a_batch_that_meets_a_serialization_failure_runs_again_whole(
     assert count == 3 + 1  # the three, and the factory's opening deposit
     assert await balances(engine, a.id, b.id) == {a.id: Decimal("7.00"), b.id: Decimal("3.00")}
     await assert_ledger_balances(sessions)
+
+
+TURNS = 80
+
+
+async def test_a_caller_cancelled_at_any_point_leaves_its_transfer_whole_and_no_connection_busy(
+    database_url: str, factory: Factory, sessions, engine: AsyncEngine
+) -> None:
+    """Cut off after 0, 1, 2, ... turns of the event loop (the server runs on the test's loop):
+    before the call reaches the writer, while its batch runs, or after. Each transfer is then
+    applied whole or not at all, its retry answers it exactly once, the next call commits for
+    real, and no connection stays checked out or idle in a transaction."""
+    a = await factory.account(balance="100.00")
+    b = await factory.account()
+    async with own_server(database_url, pool_size=1, max_overflow=0) as server:
+        stub = server.accounts
+        requests = []
+        for turns in range(TURNS):
+            request = api.TransferRequest(
+                from_account_id=a.id, to_account_id=b.id, amount="0.01", request_id=f"cx-{turns}"
+            )
+            requests.append(request)
+            call = stub.Transfer(request)
+            task = asyncio.ensure_future(call)
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await task
+            after = api.TransferRequest(
+                from_account_id=b.id, to_account_id=a.id, amount="0.01", request_id=rid()
+            )
+            with contextlib.suppress(grpc.aio.AioRpcError):  # b may hold nothing yet
+                await asyncio.wait_for(stub.Transfer(after), BOUND_SECONDS)
+        answers = [await asyncio.wait_for(stub.Transfer(r), BOUND_SECONDS) for r in requests]
+        pool = server.running.engine.sync_engine.pool
+        assert pool.checkedout() == 0
+
+    assert [t.request_id for t in answers] == [r.request_id for r in requests]
+    async with sessions() as session:
+        rows = (await session.scalars(customer_transfers())).all()
+    per_request = Counter(row.request_id for row in rows if row.request_id.startswith("cx-"))
+    assert per_request == Counter(r.request_id for r in requests)
+    assert {row.id for row in rows if row.request_id.startswith("cx-")} == {t.id for t in answers}
+    async with engine.connect() as conn:
+        idle_in_tx = await conn.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%'"
+            )
+        )
+    assert idle_in_tx == 0
+    assert sum((await balances(engine, a.id, b.id)).values()) == Decimal("100.00")
+    await assert_ledger_balances(sessions)
+
+
+async def test_a_batch_that_deadlocks_on_every_attempt_is_unavailable_and_applies_nothing(
+    account_stub, factory: Factory, sessions, engine: AsyncEngine
+) -> None:
+    a = await factory.account(balance="10.00")
+    b = await factory.account()
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "CREATE FUNCTION always_deadlock() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "RAISE EXCEPTION 'injected' USING ERRCODE = '40P01'; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER always_deadlock BEFORE INSERT ON transfers "
+                "FOR EACH STATEMENT EXECUTE FUNCTION always_deadlock()"
+            )
+        )
+    request = api.TransferRequest(
+        from_account_id=a.id, to_account_id=b.id, amount="1.00", request_id=rid()
+    )
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(account_stub.Transfer(request), BOUND_SECONDS)
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TRIGGER always_deadlock ON transfers"))
+            await conn.execute(text("DROP FUNCTION always_deadlock()"))
+    failure = failure_of(caught.value)
+    assert (failure.code, failure.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "DATABASE_CONTENTION",
+    )
+    assert await balances(engine, a.id, b.id) == {a.id: Decimal("10.00"), b.id: Decimal("0.00")}
+    # Nothing was kept of it, its claim included: the same request now goes through.
+    assert (await account_stub.Transfer(request)).amount == "1.00"

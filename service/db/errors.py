@@ -1,0 +1,76 @@
+"""The one reader of database errors: SQLSTATE and constraint of an error raised by asyncpg or
+wrapped by SQLAlchemy, which ones a retry may cure, and what each means to a client. Used by
+the retry loop (db/retry.py), the repositories (constraint names) and the error interceptor."""
+
+from __future__ import annotations
+
+from sqlalchemy import exc as sa_exc
+
+from service import errors
+
+SERIALIZATION_FAILURE = "40001"
+DEADLOCK_DETECTED = "40P01"
+RETRYABLE_SQLSTATES = frozenset({SERIALIZATION_FAILURE, DEADLOCK_DETECTED})
+QUERY_CANCELED = "57014"  # query_canceled: statement_timeout or a cancel request
+# SQLSTATEs that say "this server cannot serve you now", whichever driver class carries them:
+# class 08 (connection exception), 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03
+# cannot_connect_now (starting up, shutting down, in recovery), 53300 too_many_connections.
+# asyncpg raises 57P03 during a restart, which SQLAlchemy wraps as a plain DBAPIError.
+UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def error_field(exc: BaseException, name: str) -> str | None:
+    """A field of a database error (sqlstate, constraint_name): raised by asyncpg itself or
+    wrapped by SQLAlchemy, which keeps asyncpg's error as exc.orig or as its cause."""
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else None
+    for candidate in (exc, orig, orig.__cause__ if orig is not None else None):
+        value = getattr(candidate, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    return error_field(exc, "sqlstate")
+
+
+def violated_constraint(exc: BaseException) -> str | None:
+    """The constraint an integrity error broke (repositories name theirs)."""
+    return error_field(exc, "constraint_name")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A serialization failure or a deadlock: the transaction did nothing, run it again."""
+    return sqlstate(exc) in RETRYABLE_SQLSTATES
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database went away or cannot serve now: the client may retry later."""
+    if isinstance(exc, sa_exc.DBAPIError) and (
+        exc.connection_invalidated
+        or isinstance(exc, sa_exc.InterfaceError | sa_exc.OperationalError)
+    ):
+        return True
+    state = sqlstate(exc)
+    if state is not None and state.startswith(UNAVAILABLE_SQLSTATES):
+        return True
+    return isinstance(exc, ConnectionError | OSError)
+
+
+def as_domain_error(exc: BaseException) -> errors.DomainError | None:
+    """What a database error means to the client; None for one that is a bug (INTERNAL)."""
+    if is_retryable(exc):
+        # Only when db/retry.py gave up (or could not replay, as for ImportUsers): nothing
+        # was applied, so the client may safely send the request again.
+        return errors.Unavailable(
+            "the database is busy (serialization failure or deadlock); retry later",
+            reason="DATABASE_CONTENTION",
+        )
+    if isinstance(exc, sa_exc.TimeoutError):
+        return errors.Unavailable("no database connection is free; retry later")
+    if sqlstate(exc) == QUERY_CANCELED:
+        # statement_timeout, which db/deadlines.py sets from the call's deadline.
+        return errors.DeadlineExceeded("the deadline passed while the database was working")
+    if is_unavailable(exc):
+        return errors.Unavailable.database_down()
+    return None
