@@ -3,9 +3,9 @@ one task takes whatever queued while the previous batch ran and answers them all
 
 Python's per-statement cost through SQLAlchemy (~0.5 ms of CPU more than the bare driver, and
 ~0.9-1.2 ms in all on this machine) is the ceiling of every unary path; a batch of 16 pays it
-once. There is no timer: a lone caller's batch starts at once (one in flight stays one
-statement), and under load the batch is whatever arrived during the last one, so the batch size
-follows the load by itself. Used by the group commit for money (db/group_commit.py) and the
+once. There is no timer: a lone caller's batch starts on the next turn of the event loop (one
+in flight stays one statement), and under load the batch is whatever arrived during the last
+one, so the batch size follows the load by itself. Used by the group commit for money (handlers/money.py) and the
 coalesced point reads (GetUser, GetAccount)."""
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class Coalescer(Generic[In, Out]):
         self._slots = concurrency
         self._cancel_abandoned = cancel_abandoned
         self._queue: list[tuple[In, asyncio.Future[Out]]] = []
+        self._starting = False  # a batch's task is created and has not taken its requests yet
         # Each running batch with its callers' futures.
         self._running: dict[asyncio.Task[None], list[asyncio.Future[Out]]] = {}
 
@@ -93,11 +94,16 @@ class Coalescer(Generic[In, Out]):
                 task.cancel()
 
     def _start_batches(self) -> None:
-        while self._queue and len(self._running) < self._slots:
-            taken, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-            task = asyncio.create_task(self._run(taken))
-            self._running[task] = [f for _, f in taken]
-            task.add_done_callback(self._finished)
+        """Start a batch if a slot is free and none is already about to start. The batch takes
+        its requests when its task first runs, one turn of the event loop later: the calls
+        that became ready in the same turn (under load, all that queued while the last batch
+        ran) join it, instead of the first caller running alone."""
+        if self._starting or not self._queue or len(self._running) >= self._slots:
+            return
+        self._starting = True
+        task = asyncio.create_task(self._run())
+        self._running[task] = []
+        task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         del self._running[task]
@@ -106,7 +112,15 @@ class Coalescer(Generic[In, Out]):
             log.error("a batch failed outside its callers", exc_info=task.exception())
         self._start_batches()
 
-    async def _run(self, taken: list[tuple[In, asyncio.Future[Out]]]) -> None:
+    async def _run(self) -> None:
+        self._starting = False
+        taken, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[task] = [f for _, f in taken]
+        self._start_batches()  # more than a batch queued: the next slot takes the rest
+        if not taken:
+            return
         try:
             outcomes: Sequence[Outcome[Out]] = await self._batch([r for r, _ in taken])
             if len(outcomes) != len(taken):

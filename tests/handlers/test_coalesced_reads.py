@@ -56,6 +56,8 @@ async def while_locked(engine: AsyncEngine, table: str, calls: list[Awaitable[An
         ):
             assert time.monotonic() < bound, "no batch reached the database"
             await asyncio.sleep(0.01)
+            # pg_stat_activity is read once per transaction unless its snapshot is dropped.
+            await holder.execute(text("SELECT pg_stat_clear_snapshot()"))
         await asyncio.sleep(0.3)  # the others arrive
         await holder.rollback()
     return await asyncio.gather(*started)
