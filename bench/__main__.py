@@ -1,6 +1,6 @@
-"""`python -m bench [--quick] [--only stream,unary,workers,transfer,bulk]`: seeds a database of
-its own, starts the service as a subprocess, runs the selected benchmarks beside their
-baselines, prints the tables and writes docs/benchmarks.md with PNG plots."""
+"""`python -m bench [--quick] [--only stream,unary,workers,transfer,bulk,imported]`: seeds a
+database of its own, starts the service as a subprocess, runs the selected benchmarks beside
+their baselines, prints the tables and writes docs/benchmarks.md with PNG plots."""
 
 from __future__ import annotations
 

@@ -1,16 +1,13 @@
-"""The baselines, measured without the service: an asyncpg server-side cursor, the raw upsert
-statement, raw COPY, pgbench's tpcb-like transaction, and the Transfer's own statements from raw
-asyncpg."""
+"""The baselines, measured without the service: an asyncpg server-side cursor, the same export
+through SQLAlchemy's stream, the raw upsert statement, raw COPY and pgbench's tpcb-like
+transaction. The money writer's batch statements are in bench/batched.py."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import tempfile
 import time
-import uuid
-from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -188,63 +185,4 @@ async def pgbench_tpcb(pgbench: str, dsn: str, clients: int, seconds: int) -> Me
         p99_ms=percentile(latencies, 0.99) * 1000,
         errors=int(failed.group(1)) if failed else 0,
         details=" ".join(argv[1:11]),
-    )
-
-
-async def raw_transfers(
-    dsn: str, accounts: list[int], clients: int, seconds: float, warmup: float
-) -> Measurement:
-    """Transfers/s of the service's own statements for a Transfer (the idempotency claim, the
-    row locks, the posting in its savepoint, the stored response; BEGIN and COMMIT) sent by
-    raw asyncpg from one Python event loop over `clients` connections: the service minus gRPC,
-    protobuf and SQLAlchemy, to place its gap to pgbench."""
-    from service.db.raw import Statement
-    from service.repositories.idempotency import CLAIM, COMPLETE
-    from service.repositories.ledger import POST
-    from service.repositories.transfers import LOCK_HELD
-
-    claim, lock, post, complete = map(Statement.compile, (CLAIM, LOCK_HELD, POST, COMPLETE))
-    conns = [await asyncpg.connect(dsn) for _ in range(clients)]
-    latencies: list[float] = []
-    counted = 0
-    begin = time.perf_counter() + warmup
-    end = begin + seconds
-
-    async def client(conn: asyncpg.Connection, rng: random.Random) -> None:
-        nonlocal counted
-        while (started := time.perf_counter()) < end:
-            source, target = rng.sample(accounts, 2)
-            rid = f"raw-{uuid.uuid4().hex}"
-            values = {"request_id": rid, "request_hash": b"h", "key": rid, "response": b"r"}
-            values |= {"source": source, "target": target, "amount": Decimal("1.00"), "rid": rid}
-            values["ids"] = sorted((source, target))
-            async with conn.transaction():
-                await conn.fetchval(claim.sql, *claim.args(values))
-                await conn.fetch(lock.sql, *lock.args(values))
-                async with conn.transaction():  # SAVEPOINT ... RELEASE
-                    await conn.fetch(post.sql, *post.args(values))
-                await conn.execute(complete.sql, *complete.args(values))
-            done = time.perf_counter()
-            if begin <= started and done <= end:
-                counted += 1
-                latencies.append(done - started)
-
-    cpu_started = time.process_time()
-    try:
-        await asyncio.gather(*(client(c, random.Random(i)) for i, c in enumerate(conns)))
-    finally:
-        for conn in conns:
-            await conn.close()
-    cpu = time.process_time() - cpu_started
-    latencies.sort()
-    return Measurement(
-        "raw asyncpg, same statements",
-        counted / seconds,
-        "transfers/s",
-        in_flight=clients,
-        p50_ms=percentile(latencies, 0.50) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
-        details=f"{clients} connections from one event loop, {seconds:g} s",
-        # This process's CPU per transfer, over the warm-up and window (as Run.load counts it).
-        server_cpu_ms=cpu * 1000 / max(1.0, counted / seconds * (warmup + seconds)),
     )

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from bench.results import Measurement, percentile
-from bench.workloads import WORKLOADS, Params
+from bench.workloads import WORKLOADS, ItemErrors, Params
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,9 @@ async def _drive(spec: LoadSpec, client: int, in_flight: int, start: Any) -> _Sh
                     await call()
                 except grpc.aio.AioRpcError as exc:
                     errors[exc.code().name] += 1
+                    continue
+                except ItemErrors as exc:
+                    errors[exc.name] += 1
                     continue
                 done = time.perf_counter()
                 if begin <= done <= end:

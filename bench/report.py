@@ -51,10 +51,13 @@ def _ratio(c: Comparison) -> str:
 
 
 def _target(c: Comparison) -> str:
-    if c.target is None:
-        return "-"
-    mark = {True: "met", False: "**not met**", None: ""}[c.met]
-    return f">= {c.target:g}x {mark}".strip()
+    marks = {True: "met", False: "**not met**", None: ""}
+    parts = []
+    if c.target is not None:
+        parts.append(f">= {c.target:g}x {marks[c.met]}".strip())
+    if c.stretch is not None:
+        parts.append(f"stretch >= {c.stretch:g}x {marks[c.stretch_met]}".strip())
+    return "; ".join(parts) or "-"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -92,7 +95,7 @@ def summary_table(sections: Sequence[Section]) -> list[str]:
     rows = []
     for section in sections:
         for c in section.comparisons:
-            if c.target is not None:
+            if c.target is not None or c.stretch is not None:
                 where = f" @{c.subject.in_flight}" if c.subject.in_flight else ""
                 rows.append(
                     [
@@ -156,7 +159,8 @@ def render(
             out += [f"Not measured: {section.unavailable}.", ""]
             continue
         out += [*section_table(section), ""]
-        out += [f"- {text}: {'met' if met else '**not met**'}" for text, met in section.checks]
+        marks = {True: "met", False: "**not met**", None: "for information"}
+        out += [f"- {text}: {marks[met]}" for text, met in section.checks]
         out += _details(section)
         out += [f"- {note}" for note in section.notes]
         out.append("")

@@ -39,6 +39,8 @@ class Comparison:
     baseline: Measurement | None = None
     # Minimum subject/baseline ratio the issue asks for; None: shown for information.
     target: float | None = None
+    # A higher ratio the issue hopes for beside (or instead of) the target.
+    stretch: float | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -52,6 +54,13 @@ class Comparison:
         if self.target is None or ratio is None:
             return None
         return ratio >= self.target
+
+    @property
+    def stretch_met(self) -> bool | None:
+        ratio = self.ratio
+        if self.stretch is None or ratio is None:
+            return None
+        return ratio >= self.stretch
 
 
 @dataclass

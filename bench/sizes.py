@@ -17,6 +17,13 @@ class Sizes:
     transfer_accounts: int = 1000
     hot_accounts: int = 10
     transfer_clients: int = 16
+    # BatchTransfer: transfers per call, and calls in flight.
+    batch_transfers: int = 1000
+    batch_in_flight: int = 4
+    # The writer's batch statements on one connection, at these batch sizes, for this long.
+    alchemy_batch_sizes: tuple[int, ...] = (1, 16, 64, 1000)
+    asyncpg_batch_sizes: tuple[int, ...] = (16, 1000)
+    batch_seconds: float = 3.0
     # 16 branches for 16 clients: pgbench at low contention, as issue 3's target assumes.
     pgbench_scale: int = 16
     upsert_batches: int = 60
@@ -24,6 +31,8 @@ class Sizes:
     import_calls: int = 4
     import_rows: int = 50_000
     import_message_rows: int = 1000
+    # One ImportUsers into a new database, then StreamUsers' first batch at once.
+    fresh_import_rows: int = 1_000_000
 
 
 FULL = Sizes()
@@ -36,4 +45,7 @@ QUICK = Sizes(
     upsert_batches=5,
     import_calls=2,
     import_rows=10_000,
+    batch_transfers=200,
+    batch_seconds=1.0,
+    fresh_import_rows=50_000,
 )

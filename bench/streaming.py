@@ -38,8 +38,25 @@ def _client_main(target: str, batch_size: int, out: Any) -> None:
     out.put(asyncio.run(_read_stream(target, batch_size)))
 
 
-async def stream_users(server: ServerProcess, batch_size: int) -> tuple[Measurement, float]:
-    """The stream's rows/s, and the server's peak RSS growth in MB while it ran."""
+async def first_batch(target: str, batch_size: int) -> tuple[float, int]:
+    """Seconds from sending StreamUsers to its first batch, and that batch's rows; the call is
+    cancelled there (the rest is not read)."""
+    options = [("grpc.max_receive_message_length", 64 * MB)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        await channel.channel_ready()
+        stub = user_service_pb2_grpc.UserServiceStub(channel)
+        started = time.perf_counter()
+        call = stub.StreamUsers(user_service_pb2.StreamUsersRequest(batch_size=batch_size))
+        batch = await call.read()
+        elapsed = time.perf_counter() - started
+        call.cancel()
+        rows = 0 if batch is grpc.aio.EOF else len(batch.users)
+        return elapsed, rows
+
+
+async def stream_users(server: ServerProcess, batch_size: int) -> tuple[Measurement, float, float]:
+    """The stream's rows/s, the server's peak RSS growth in MB while it ran, and the seconds to
+    its first batch."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     client = ctx.Process(target=_client_main, args=(server.target, batch_size, out), daemon=True)
@@ -63,4 +80,4 @@ async def stream_users(server: ServerProcess, batch_size: int) -> tuple[Measurem
             f"server CPU {cpu_us:.2f} µs per row"
         ),
     )
-    return measurement, growth
+    return measurement, growth, first

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
 from shop.v1 import (
     account_service_pb2,
     account_service_pb2_grpc,
@@ -82,9 +83,59 @@ def transfer(channel: grpc.aio.Channel, params: Params, client: int) -> Call:
     return call
 
 
+class ItemErrors(Exception):
+    """A BatchTransfer call whose items were not all applied; load.py counts it as an error
+    named for the items' reasons."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__(", ".join(reasons))
+        self.name = "ITEMS:" + "+".join(sorted(set(reasons)))
+
+
+def batch_transfer(channel: grpc.aio.Channel, params: Params, client: int) -> Call:
+    """BatchTransfer of `size` transfers of 1.00 between random distinct accounts, each with a
+    fresh request_id; a call with any item refused raises ItemErrors."""
+    stub = account_service_pb2_grpc.AccountServiceStub(channel)
+    rng = random.Random(client)
+    accounts: list[int] = list(params["accounts"])
+    size = int(params["size"])
+
+    async def call() -> object:
+        requests = []
+        for _ in range(size):
+            source, destination = rng.sample(accounts, 2)
+            requests.append(
+                account_service_pb2.TransferRequest(
+                    from_account_id=source,
+                    to_account_id=destination,
+                    amount="1.00",
+                    request_id=uuid.uuid4().hex,
+                )
+            )
+        response = await stub.BatchTransfer(
+            account_service_pb2.BatchTransferRequest(requests=requests)
+        )
+        refused = [_reason(r.error) for r in response.results if r.WhichOneof("result") == "error"]
+        if refused or len(response.results) != size:
+            raise ItemErrors(refused or ["MISSING_RESULTS"])
+        return response
+
+    return call
+
+
+def _reason(status: Any) -> str:
+    """The ErrorInfo reason of a google.rpc.Status, else its code."""
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return f"code {status.code}"
+
+
 WORKLOADS: dict[str, Callable[[grpc.aio.Channel, Params, int], Call]] = {
     "echo": echo_call,
     "GetUser": get_user,
     "CreateUser": create_user,
     "Transfer": transfer,
+    "BatchTransfer": batch_transfer,
 }

@@ -1,0 +1,260 @@
+"""A baseline for the money writer: its batch's statements, sent back to back from one
+connection with no gRPC and no protobuf. Per batch, in one transaction: the idempotency claims
+(which draw the transfer ids), the accounts locked in id order, and one statement that writes
+balances, journal, both legs, audit rows and stored responses.
+
+The statements are plain SQL copied from service/repositories/ledger.py (no service import, so
+the bench survives the service's refactors); when the writer's statements change, change them
+here too. They run on raw asyncpg (the driver alone) or on one SQLAlchemy AsyncConnection
+(`execute(text(...))`, the writer's path minus everything around it), at a given batch size.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Protocol
+
+import asyncpg
+
+from bench.results import Measurement, percentile
+
+CLAIM = """
+WITH asked AS (
+    SELECT request_id, request_hash
+    FROM unnest(CAST(:request_ids AS varchar[]), CAST(:hashes AS bytea[]))
+        AS asked (request_id, request_hash)
+), claimed AS (
+    INSERT INTO idempotency_keys (request_id, request_hash)
+    SELECT request_id, request_hash FROM asked ORDER BY request_id
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id
+)
+SELECT claimed.request_id,
+       nextval(pg_get_serial_sequence('transfers', 'id')) AS transfer_id,
+       EXISTS (SELECT FROM transfers WHERE transfers.request_id = claimed.request_id)
+           AS journaled
+FROM claimed
+"""
+LOCK = (
+    "SELECT id, balance FROM accounts "
+    "WHERE id = ANY(CAST(:ids AS bigint[])) AND kind = 'customer' ORDER BY id FOR UPDATE"
+)
+APPLY = """
+WITH moved AS (
+    UPDATE accounts SET balance = after.balance, updated_at = now()
+    FROM unnest(CAST(:account_ids AS bigint[]), CAST(:balances AS numeric(18, 2)[]))
+        AS after (id, balance)
+    WHERE accounts.id = after.id
+), journal AS (
+    INSERT INTO transfers (id, from_account_id, to_account_id, amount, request_id)
+    SELECT * FROM unnest(CAST(:transfer_ids AS bigint[]), CAST(:from_ids AS bigint[]),
+        CAST(:to_ids AS bigint[]), CAST(:amounts AS numeric(18, 2)[]),
+        CAST(:transfer_request_ids AS varchar[]))
+), entries AS (
+    INSERT INTO ledger_entries (transfer_id, account_id, amount)
+    SELECT * FROM unnest(CAST(:entry_transfer_ids AS bigint[]),
+        CAST(:entry_account_ids AS bigint[]), CAST(:entry_amounts AS numeric(18, 2)[]))
+), audit AS (
+    INSERT INTO audit_log (table_name, row_id, action, changes)
+    SELECT 'accounts', audited.id, 'update',
+           jsonb_build_object('balance', audited.balance::text, 'updated_at', now()::text)
+    FROM unnest(CAST(:audit_ids AS bigint[]), CAST(:audit_balances AS numeric(18, 2)[]))
+        WITH ORDINALITY AS audited (id, balance, n)
+    ORDER BY audited.n
+), stored AS (
+    UPDATE idempotency_keys SET response = answered.response
+    FROM unnest(CAST(:answered_ids AS varchar[]), CAST(:responses AS bytea[]))
+        AS answered (request_id, response)
+    WHERE idempotency_keys.request_id = answered.request_id
+)
+SELECT 1
+"""
+
+# About the size of a serialized Transfer, as the writer stores it for idempotent replays.
+RESPONSE = b"r" * 64
+AMOUNT = Decimal("1.00")
+_BIND = re.compile(r"(?<![:\w]):(\w+)")
+
+
+@dataclass(frozen=True)
+class Sql:
+    """One statement with :name binds, and its asyncpg form with $n and the names in order."""
+
+    named: str
+    numbered: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, named: str) -> Sql:
+        names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            if match.group(1) not in names:
+                names.append(match.group(1))
+            return f"${names.index(match.group(1)) + 1}"
+
+        return cls(named, _BIND.sub(number, named), tuple(names))
+
+
+STATEMENTS = {
+    name: Sql.of(sql) for name, sql in (("claim", CLAIM), ("lock", LOCK), ("apply", APPLY))
+}
+
+
+class Runner(Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[None]: ...
+
+    async def rows(self, sql: Sql, params: dict[str, Any]) -> Sequence[Sequence[Any]]: ...
+
+
+class AsyncpgRunner:
+    """The statements on the driver alone (prepared and cached by asyncpg)."""
+
+    label = "raw asyncpg"
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        return self.conn.transaction()  # type: ignore[no-any-return]
+
+    async def rows(self, sql: Sql, params: dict[str, Any]) -> Sequence[Sequence[Any]]:
+        return await self.conn.fetch(sql.numbered, *(params[n] for n in sql.names))  # type: ignore[no-any-return]
+
+
+class AlchemyRunner:
+    """The statements as `text()` on one SQLAlchemy AsyncConnection, as the writer runs them."""
+
+    label = "SQLAlchemy AsyncConnection"
+
+    def __init__(self, conn: Any) -> None:
+        from sqlalchemy import text
+
+        self.conn = conn
+        self.texts = {sql.named: text(sql.named) for sql in STATEMENTS.values()}
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        async with self.conn.begin():
+            yield
+
+    async def rows(self, sql: Sql, params: dict[str, Any]) -> Sequence[Sequence[Any]]:
+        return (await self.conn.execute(self.texts[sql.named], params)).all()  # type: ignore[no-any-return]
+
+
+async def one_batch(runner: Runner, accounts: list[int], size: int, rng: random.Random) -> int:
+    """`size` transfers of 1.00 between random distinct accounts in one transaction; returns
+    how many were applied (all of them: fresh request_ids, funded accounts)."""
+    pairs = [rng.sample(accounts, 2) for _ in range(size)]
+    rids = [f"raw-{uuid.uuid4().hex}" for _ in range(size)]
+    async with runner.transaction():
+        claimed = await runner.rows(
+            STATEMENTS["claim"], {"request_ids": rids, "hashes": [RESPONSE[:32]] * size}
+        )
+        ids = {row[0]: row[1] for row in claimed}
+        ids_locked = sorted({a for pair in pairs for a in pair})
+        locked = await runner.rows(STATEMENTS["lock"], {"ids": ids_locked})
+        balances = {row[0]: row[1] for row in locked}
+        transfers, entries, audit = [], [], []
+        for rid, (source, target) in zip(rids, pairs, strict=True):
+            tid = ids[rid]
+            transfers.append((tid, source, target, AMOUNT, rid))
+            entries += [(tid, source, -AMOUNT), (tid, target, AMOUNT)]
+            for account, delta in ((source, -AMOUNT), (target, AMOUNT)):
+                balances[account] += delta
+                audit.append((account, balances[account]))
+        await runner.rows(STATEMENTS["apply"], _apply_params(transfers, entries, audit, balances))
+    return len(transfers)
+
+
+def _apply_params(
+    transfers: list[tuple[Any, ...]],
+    entries: list[tuple[Any, ...]],
+    audit: list[tuple[Any, ...]],
+    balances: dict[int, Decimal],
+) -> dict[str, Any]:
+    columns = list(zip(*transfers, strict=True))
+    legs = list(zip(*entries, strict=True))
+    audited = list(zip(*audit, strict=True))
+    return {
+        "account_ids": list(balances),
+        "balances": list(balances.values()),
+        "transfer_ids": list(columns[0]),
+        "from_ids": list(columns[1]),
+        "to_ids": list(columns[2]),
+        "amounts": list(columns[3]),
+        "transfer_request_ids": list(columns[4]),
+        "entry_transfer_ids": list(legs[0]),
+        "entry_account_ids": list(legs[1]),
+        "entry_amounts": list(legs[2]),
+        "audit_ids": list(audited[0]),
+        "audit_balances": list(audited[1]),
+        "answered_ids": list(columns[4]),
+        "responses": [RESPONSE] * len(transfers),
+    }
+
+
+async def _drive(
+    runner: Runner, accounts: list[int], size: int, seconds: float, warmup: float
+) -> tuple[int, list[float], float]:
+    """Batches back to back: transfers completed inside the window, batch latencies, and this
+    process's CPU seconds over warm-up and window."""
+    rng = random.Random(size)
+    latencies: list[float] = []
+    counted = 0
+    begin = time.perf_counter() + warmup
+    end = begin + seconds
+    cpu_started = time.process_time()
+    while (started := time.perf_counter()) < end:
+        applied = await one_batch(runner, accounts, size, rng)
+        done = time.perf_counter()
+        if begin <= done <= end:
+            counted += applied
+            latencies.append(done - started)
+    return counted, sorted(latencies), time.process_time() - cpu_started
+
+
+async def batched_transfers(
+    kind: str, dsn: str, url: str, accounts: list[int], size: int, seconds: float, warmup: float
+) -> Measurement:
+    """Transfers/s of the writer's batch statements, `size` transfers per batch, on one
+    connection: `kind` "asyncpg" (dsn) or "sqlalchemy" (url)."""
+    if kind == "asyncpg":
+        conn = await asyncpg.connect(dsn)
+        try:
+            runner: AsyncpgRunner | AlchemyRunner = AsyncpgRunner(conn)
+            counted, latencies, cpu = await _drive(runner, accounts, size, seconds, warmup)
+        finally:
+            await conn.close()
+    else:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as sa_conn:
+                runner = AlchemyRunner(sa_conn)
+                counted, latencies, cpu = await _drive(runner, accounts, size, seconds, warmup)
+        finally:
+            await engine.dispose()
+    rate = counted / seconds
+    return Measurement(
+        f"{runner.label}, batch statements, {size} per batch",
+        rate,
+        "transfers/s",
+        in_flight=1,
+        p50_ms=percentile(latencies, 0.50) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        details=(
+            f"one connection, batches of {size} back to back for {seconds:g} s; "
+            f"p50/p99 per batch; CPU column: this process's per transfer"
+        ),
+        # This process's CPU per transfer, over the warm-up and window (as Run.load counts it).
+        server_cpu_ms=cpu * 1000 / max(1.0, rate * (warmup + seconds)),
+    )
