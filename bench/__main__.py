@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         prof = Path(tmp) / "service.prof" if args.profile else None
         sections, version = asyncio.run(run_suites(sizes, args.only, progress, prof))
         extras = plots.unary_plots(sections, args.output)
+        extras += plots.transfer_plot(sections, args.output)
         if prof is not None:
             extras.append(profiles.write_summary(prof, args.output / "bench-profile.txt"))
     notes = report.general_notes(load_before, os.getloadavg(), quick=args.quick)

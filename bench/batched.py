@@ -80,6 +80,9 @@ SELECT 1
 # About the size of a serialized Transfer, as the writer stores it for idempotent replays.
 RESPONSE = b"r" * 64
 AMOUNT = Decimal("1.00")
+RAW = "raw asyncpg"
+STATEMENTS_LABEL = "batch statements"
+ALCHEMY = "SQLAlchemy AsyncConnection"
 _BIND = re.compile(r"(?<![:\w]):(\w+)")
 
 
@@ -117,7 +120,7 @@ class Runner(Protocol):
 class AsyncpgRunner:
     """The statements on the driver alone (prepared and cached by asyncpg)."""
 
-    label = "raw asyncpg"
+    label = RAW
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
@@ -132,7 +135,7 @@ class AsyncpgRunner:
 class AlchemyRunner:
     """The statements as `text()` on one SQLAlchemy AsyncConnection, as the writer runs them."""
 
-    label = "SQLAlchemy AsyncConnection"
+    label = ALCHEMY
 
     def __init__(self, conn: Any) -> None:
         from sqlalchemy import text
@@ -203,22 +206,27 @@ def _apply_params(
 
 async def _drive(
     runner: Runner, accounts: list[int], size: int, seconds: float, warmup: float
-) -> tuple[int, list[float], float]:
-    """Batches back to back: transfers completed inside the window, batch latencies, and this
-    process's CPU seconds over warm-up and window."""
+) -> tuple[int, float, list[float], float]:
+    """Batches back to back. Counts whole batches: from the first one started after the
+    warm-up to the first one ending after `seconds` more. Returns the transfers counted, the
+    seconds they took, batch latencies, and this process's CPU seconds over it all."""
     rng = random.Random(size)
     latencies: list[float] = []
     counted = 0
-    begin = time.perf_counter() + warmup
-    end = begin + seconds
     cpu_started = time.process_time()
-    while (started := time.perf_counter()) < end:
+    begin = time.perf_counter() + warmup
+    window_start = done = 0.0
+    while True:
+        started = time.perf_counter()
         applied = await one_batch(runner, accounts, size, rng)
         done = time.perf_counter()
-        if begin <= done <= end:
+        if started >= begin:
+            window_start = window_start or started
             counted += applied
             latencies.append(done - started)
-    return counted, sorted(latencies), time.process_time() - cpu_started
+            if done - window_start >= seconds:
+                break
+    return counted, done - window_start, sorted(latencies), time.process_time() - cpu_started
 
 
 async def batched_transfers(
@@ -230,7 +238,7 @@ async def batched_transfers(
         conn = await asyncpg.connect(dsn)
         try:
             runner: AsyncpgRunner | AlchemyRunner = AsyncpgRunner(conn)
-            counted, latencies, cpu = await _drive(runner, accounts, size, seconds, warmup)
+            counted, took, latencies, cpu = await _drive(runner, accounts, size, seconds, warmup)
         finally:
             await conn.close()
     else:
@@ -240,21 +248,25 @@ async def batched_transfers(
         try:
             async with engine.connect() as sa_conn:
                 runner = AlchemyRunner(sa_conn)
-                counted, latencies, cpu = await _drive(runner, accounts, size, seconds, warmup)
+                counted, took, latencies, cpu = await _drive(
+                    runner, accounts, size, seconds, warmup
+                )
         finally:
             await engine.dispose()
-    rate = counted / seconds
+    rate = counted / took
     return Measurement(
-        f"{runner.label}, batch statements, {size} per batch",
+        f"{runner.label}, {STATEMENTS_LABEL}, {size} per batch",
         rate,
         "transfers/s",
         in_flight=1,
         p50_ms=percentile(latencies, 0.50) * 1000,
         p99_ms=percentile(latencies, 0.99) * 1000,
         details=(
-            f"one connection, batches of {size} back to back for {seconds:g} s; "
+            f"one connection, batches of {size} back to back, {counted:,} transfers in "
+            f"{took:.2f} s after {warmup:g} s of warm-up; "
             f"p50/p99 per batch; CPU column: this process's per transfer"
         ),
         # This process's CPU per transfer, over the warm-up and window (as Run.load counts it).
-        server_cpu_ms=cpu * 1000 / max(1.0, rate * (warmup + seconds)),
+        server_cpu_ms=cpu * 1000 / max(1.0, rate * (warmup + took)),
+        batch=size,
     )

@@ -70,3 +70,38 @@ def unary_plots(sections: Sequence[Section], out_dir: Path) -> list[str]:
     fig.savefig(out_dir / latency)
     plt.close(fig)
     return [throughput, latency]
+
+
+def transfer_plot(sections: Sequence[Section], out_dir: Path) -> list[str]:
+    """Writes bench-transfer-batches.png: the writer's batch statements by batch size, beside
+    pgbench, Transfer at 16 in flight and BatchTransfer; returns its name."""
+    section = next((s for s in sections if s.key == "transfer" and s.comparisons), None)
+    if section is None:
+        return []
+    curves: dict[str, dict[int, float]] = defaultdict(dict)
+    lines: dict[str, float] = {}
+    for c in section.comparisons:
+        m = c.subject
+        if m.batch is not None:
+            curves[m.name.split(",")[0]][m.batch] = m.value
+        elif m.in_flight and m.in_flight > 1:
+            lines[f"{m.name} @{m.in_flight}"] = m.value
+        if c.baseline is not None and c.baseline.unit == "tps":
+            lines[c.baseline.name] = c.baseline.value
+    if not curves:
+        return []
+    ticks = sorted({b for points in curves.values() for b in points})
+    fig, ax = _axes("The writer's batch statements from one connection", "transfers / s", ticks)
+    ax.set_xlabel("transfers per batch (one transaction)")
+    for name, points in curves.items():
+        x = sorted(points)
+        ax.plot(x, [points[b] for b in x], marker="o", label=name)
+    for i, (name, value) in enumerate(lines.items()):
+        ax.axhline(value, linestyle=("--", ":", "-.")[i % 3], color=f"C{i + 2}", label=name)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    name = "bench-transfer-batches.png"
+    fig.tight_layout()
+    fig.savefig(out_dir / name)
+    plt.close(fig)
+    return [name]

@@ -23,12 +23,27 @@ METHOD = """\
   (including child processes) every 20 ms. The baseline is an asyncpg server-side cursor
   (`conn.cursor(..., prefetch=batch_size)`) over the same query and columns, in a REPEATABLE
   READ read-only transaction, like the service's snapshot. The 1M users are seeded with COPY
-  and `VACUUM (ANALYZE)`.
+  and `VACUUM (ANALYZE)`. The first batch is timed from the call to its first message, on a
+  service that has answered one StreamUsers before (the first one is reported beside it).
+- **StreamUsers after ImportUsers**: a new database, migrated, one ImportUsers call of all
+  the rows, then at once a StreamUsers timed to its first batch: no VACUUM, no manual ANALYZE.
+  The baseline COPYs the same number of rows into the emptied table from one asyncpg
+  connection.
 - **Transfer**: accounts are opened and funded through the API (OpenAccount + Deposit), then
-  16 concurrent callers send transfers of 1.00 between two distinct random accounts, each with
-  a fresh `request_id`. The baseline is `pgbench -b tpcb-like -M prepared -c 16 -j 2` on a
-  database of its own initialised with `pgbench -i` (scale shown in the row), so 16 clients
-  mostly update different branches.
+  16 concurrent callers (and 1) send transfers of 1.00 between two distinct random accounts,
+  each with a fresh `request_id`. The baseline is `pgbench -b tpcb-like -M prepared -c 16 -j 2`
+  on a database of its own initialised with `pgbench -i` (scale shown in the row), so 16
+  clients mostly update different branches; the stretch baseline is the echo at the same
+  number in flight. Transfers per transaction (the writer's mean batch size) count the
+  distinct `created_at` (the transaction's start time) among the transfers the point wrote,
+  warm-up included.
+- **BatchTransfer**: a few calls in flight, each of 1000 transfers like the unary ones;
+  transfers/s is calls/s times 1000, CPU is per transfer, latency per call. A call with any
+  item refused counts as an error.
+- **Batch statements**: the money writer's statements for one batch (claims, locks in id
+  order, one writing statement; plain SQL copied into `bench/batched.py`) sent from one
+  connection in the bench process, batches back to back, on one SQLAlchemy AsyncConnection
+  and on raw asyncpg; their CPU is the bench process's per transfer.
 - **UpsertUsers / ImportUsers** are called one at a time with new emails (all inserts). The
   baselines run from one asyncpg connection: the same multi-row `INSERT … ON CONFLICT (email)
   DO UPDATE … RETURNING xmax = 0` that UpsertUsers sends, and `copy_records_to_table` straight

@@ -29,6 +29,8 @@ class Measurement:
     # CPU time the server process (and its workers) spent per call, in ms: unlike the rate, it
     # hardly moves when other work shares the machine.
     server_cpu_ms: float | None = None
+    # Transfers per transaction, where the measurement fixes it (the batch-statement rows).
+    batch: int | None = None
 
 
 @dataclass
