@@ -64,7 +64,10 @@ async def partitions(
     intact.
     """
     connection = source if isinstance(source, AsyncConnection) else await source.connection()
-    result = await shielded(connection.stream(stmt.execution_options(yield_per=batch_size)))
+    # Not shielded: opening the cursor parses the statement, which waits for the tables' locks;
+    # a shutdown or a deadline must be able to cut that wait short (SQLAlchemy then discards
+    # the connection, interrupted mid-command). Only the fetches of rows run shielded.
+    result = await connection.stream(stmt.execution_options(yield_per=batch_size))
     try:
         while rows := await shielded(result.fetchmany(batch_size)):
             yield rows
