@@ -109,6 +109,9 @@ g -d "{\"account_id\":${from},\"amount\":\"100.00\",\"request_id\":\"dep-${run}\
 g -d "{\"from_account_id\":${from},\"to_account_id\":${to},\"amount\":\"25.50\",\"request_id\":\"tr-${run}\"}" \
     "${address}" shop.v1.AccountService/Transfer
 g -d "{\"account_id\":${to},\"page_size\":10}" "${address}" shop.v1.AccountService/ListTransfers
+# Payouts in one call: each item applied or refused on its own (the second overdraws).
+g -d "{\"requests\":[{\"from_account_id\":${from},\"to_account_id\":${to},\"amount\":\"10.00\",\"request_id\":\"pay-1-${run}\"},{\"from_account_id\":${from},\"to_account_id\":${to},\"amount\":\"900.00\",\"request_id\":\"pay-2-${run}\"}]}" \
+    "${address}" shop.v1.AccountService/BatchTransfer
 g -d "{\"id\":${from}}" "${address}" shop.v1.AccountService/GetAccount
 
 section "Errors carry details"

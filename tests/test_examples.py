@@ -88,7 +88,7 @@ def test_grpcurl_tour(address: str) -> None:
     assert '"next_page_token"' in out
     assert '"inserted": "1"' in out and '"updated": "1"' in out  # UpsertUsers
     assert '"status": "ORDER_STATUS_PAID"' in out
-    assert '"balance": "74.50"' in out
+    assert '"balance": "64.50"' in out
     for code in ("AlreadyExists", "FailedPrecondition", "InvalidArgument", "NotFound"):
         assert f"Code: {code}" in out
     assert '"reason":"INSUFFICIENT_FUNDS"' in out
