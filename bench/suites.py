@@ -134,7 +134,7 @@ async def _unary_rows(run: Run, server: ServerProcess, suffix: str) -> list[Comp
 
 
 async def unary(run: Run) -> list[Section]:
-    section = Section("unary", "GetUser and CreateUser beside a bare grpc.aio echo", issue=4)
+    section = Section("unary", "GetUser and CreateUser beside a bare grpc.aio echo", issue=11)
     section.comparisons = await _unary_rows(run, run.service, "")
     section.notes.append(
         "CreateUser has no target in issue 4; its ratio to echo is shown for information."
