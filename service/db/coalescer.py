@@ -5,8 +5,8 @@ Python's per-statement cost through SQLAlchemy (~0.5 ms of CPU more than the bar
 ~0.9-1.2 ms in all on this machine) is the ceiling of every unary path; a batch of 16 pays it
 once. There is no timer: a lone caller's batch starts on the next turn of the event loop (one
 in flight stays one statement), and under load the batch is whatever arrived during the last
-one, so the batch size follows the load by itself. Used by the group commit for money (handlers/money.py) and the
-coalesced point reads (GetUser, GetAccount)."""
+one, so the batch size follows the load by itself. Used by the group commit for money
+(handlers/money.py) and the coalesced point reads (GetUser, GetAccount)."""
 
 from __future__ import annotations
 
