@@ -55,6 +55,11 @@ SHOP_SERVICES = (
 )
 
 
+# After the grace: how long a batch already running (a money batch waiting on a row lock, say)
+# may go on before it is cancelled and rolled back. Its callers were answered by then.
+BATCH_DRAIN_SECONDS = 5.0
+
+
 @dataclass
 class RunningServer:
     """A started server and what it owns."""
@@ -63,17 +68,21 @@ class RunningServer:
     port: int
     health: HealthService
     engine: AsyncEngine
+    db: Database | None = None
     metrics: MetricsEndpoint | None = None
     probe: HealthProbe | None = None
     streams: ActiveStreams | None = None
 
     async def stop(self, grace: float | None) -> None:
         """NOT_SERVING first; then new calls are refused and streams end at once, while unary
-        calls get `grace` seconds to finish; then the pools close."""
+        calls get `grace` seconds to finish; batches already running finish (a money batch
+        commits for its callers, even those cut off by the grace); then the pools close."""
         await self.health.enter_graceful_shutdown()
         if self.streams is not None:
             self.streams.stop()
         await self.server.stop(grace)
+        if self.db is not None:
+            await self.db.drain(BATCH_DRAIN_SECONDS)
         if self.probe is not None:
             await self.probe.stop()
         await self.engine.dispose()
@@ -186,7 +195,7 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     if endpoint is not None:
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, endpoint.port)
     return RunningServer(
-        server, port, health_service, engine, endpoint, probe=probe, streams=streams
+        server, port, health_service, engine, db, endpoint, probe=probe, streams=streams
     )
 
 

@@ -139,9 +139,20 @@ class Coalescer(Generic[In, Out]):
             else:
                 future.set_result(outcome)
 
-    async def drain(self) -> None:
-        """Wait for the batches running now (shutdown: their callers get their answers)."""
-        await asyncio.gather(*self._running, return_exceptions=True)
+    async def drain(self, seconds: float) -> None:
+        """Let the batches running now finish, for up to `seconds`; then cancel the
+        rest (a batch waiting on a lock that is not let go): its transaction rolls back, and
+        nothing of it is applied. Requests still queued are refused."""
+        for _, future in self._queue:
+            future.cancel()
+        self._queue = []
+        running = list(self._running)
+        if not running:
+            return
+        _, late = await asyncio.wait(running, timeout=seconds)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

@@ -363,3 +363,54 @@ async def test_a_batch_that_deadlocks_on_every_attempt_is_unavailable_and_applie
     assert await balances(engine, a.id, b.id) == {a.id: Decimal("10.00"), b.id: Decimal("0.00")}
     # Nothing was kept of it, its claim included: the same request now goes through.
     assert (await account_stub.Transfer(request)).amount == "1.00"
+
+
+async def test_shutdown_lets_a_running_batch_commit_for_a_caller_cut_off_by_the_grace(
+    database_url: str, factory: Factory, engine: AsyncEngine
+) -> None:
+    a = await factory.account(balance="10.00")
+    b = await factory.account()
+    request = api.TransferRequest(
+        from_account_id=a.id, to_account_id=b.id, amount="2.00", request_id=rid()
+    )
+    async with own_server(database_url) as server, engine.connect() as holder:
+        await holder.execute(select(Account.id).where(Account.id == a.id).with_for_update())
+        call = asyncio.ensure_future(server.accounts.Transfer(request))
+        await wait_for_a_lock_waiter(engine)
+        stopping = asyncio.ensure_future(server.running.stop(grace=0.1))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await asyncio.wait_for(call, BOUND_SECONDS)  # cut off by the grace
+        assert not stopping.done()  # the batch still runs, waiting for our lock
+        await holder.rollback()
+        await asyncio.wait_for(stopping, BOUND_SECONDS)
+    # It committed: the caller's retry (to any server) finds it under its request_id.
+    assert await balances(engine, a.id, b.id) == {a.id: Decimal("8.00"), b.id: Decimal("2.00")}
+
+
+async def test_shutdown_rolls_back_a_batch_that_outlives_the_drain_window(
+    database_url: str, factory: Factory, engine: AsyncEngine, monkeypatch, caplog
+) -> None:
+    monkeypatch.setattr("service.server.BATCH_DRAIN_SECONDS", 0.3)
+    a = await factory.account(balance="10.00")
+    b = await factory.account()
+    request = api.TransferRequest(
+        from_account_id=a.id, to_account_id=b.id, amount="2.00", request_id=rid()
+    )
+    async with own_server(database_url) as server, engine.connect() as holder:
+        await holder.execute(select(Account.id).where(Account.id == a.id).with_for_update())
+        call = asyncio.ensure_future(server.accounts.Transfer(request))
+        await wait_for_a_lock_waiter(engine)
+        caplog.clear()
+        caplog.set_level(logging.WARNING)
+        await asyncio.wait_for(server.running.stop(grace=0.1), BOUND_SECONDS)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+        await holder.rollback()
+    assert await balances(engine, a.id, b.id) == {a.id: Decimal("10.00"), b.id: Decimal("0.00")}
+    async with engine.connect() as conn:
+        keys = await conn.scalar(
+            text("SELECT count(*) FROM idempotency_keys WHERE request_id = :r"),
+            {"r": request.request_id},
+        )
+    assert keys == 0  # nothing of it was kept: the retry applies it once
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
