@@ -121,7 +121,7 @@ def summary_table(sections: Sequence[Section]) -> list[str]:
                     ]
                 )
         for text, met in section.checks:
-            mark = {True: "met", False: "**not met**", None: "-"}[met]
+            mark = {True: "met", False: "**not met**", None: "for information"}[met]
             rows.append([f"#{section.issue}", text, "-", mark])
         if section.unavailable:
             rows.append([f"#{section.issue}", section.title, "-", section.unavailable])
