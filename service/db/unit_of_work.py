@@ -4,6 +4,7 @@ few named doors. No handler reaches for a sessionmaker, an engine or a driver co
 - read(): a session for reads (no explicit transaction; closed at the end).
 - snapshot(): one REPEATABLE READ, READ ONLY transaction, for exports.
 - write(work): work(session) in a transaction, committed, retried on 40001/40P01.
+- transaction(): one transaction, not retried (work that cannot run twice: ImportUsers).
 - idempotent(...): write() once per request_id (handlers/idempotency.py holds the rule).
 - point_reads(read): concurrent point reads answered by one statement per batch.
 - batched(apply): concurrent writes applied together in one transaction per batch (group
@@ -23,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from service.db.coalescer import Coalescer, Outcome
 from service.db.deadlines import current_deadline, deadline_bound
 from service.db.retry import retried, transactional
-from service.db.transaction import AUTOCOMMIT_READS, read_only_snapshot
+from service.db.transaction import AUTOCOMMIT_READS, read_only_snapshot, transaction
 from service.errors import DeadlineExceeded
 
 T = TypeVar("T")
@@ -51,6 +52,11 @@ class Database:
 
     async def write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         return await transactional(self.sessions, work)
+
+    def transaction(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """One transaction, committed at the end and not retried: for work that cannot run
+        twice (ImportUsers reads its client stream once)."""
+        return transaction(self.sessions)
 
     @asynccontextmanager
     async def statement(self) -> AsyncIterator[AsyncConnection]:

@@ -12,7 +12,6 @@ from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.coalescer import Outcome
-from service.db.transaction import read_only_snapshot
 from service.db.unit_of_work import Database
 from service.errors import DomainError, InvalidArgument
 from service.handlers.accounts_convert import (
@@ -38,8 +37,6 @@ class AccountServicer(api_grpc.AccountServiceServicer):
 
     def __init__(self, db: Database, tokens: PageTokens) -> None:
         self.db = db
-        self.sessions = db.sessions
-        self.engine = db.engine
         self.tokens = tokens
         self.money = MoneyWriter(db)
         # GetAccount: concurrent calls share one statement (WHERE id = ANY(:ids)) per batch.
@@ -59,7 +56,7 @@ class AccountServicer(api_grpc.AccountServiceServicer):
             return account_to_proto(account)
 
         return await idempotent(
-            self.sessions,
+            self.db,
             method="OpenAccount",
             request=request,
             response_type=pb.Account,
@@ -127,7 +124,7 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         before_id = (
             self.tokens.decode(request.page_token, filters) if request.page_token else MAX_ID
         )
-        async with self.sessions() as session:
+        async with self.db.read() as session:
             accounts = AccountRepository(session)
             await accounts.get(request.account_id)
             transfers = await accounts.transfers_page(
@@ -153,7 +150,7 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         filters = {"export": "transfers", "account_id": request.account_id}
         after_id = self.tokens.resume_after(request.resume_token, filters)
         resume_token = self.tokens.encoder(filters)
-        async with read_only_snapshot(self.sessions) as session:
+        async with self.db.snapshot() as session:
             await AccountRepository(session).get(request.account_id)
             batches = Ledger(session).statement(
                 request.account_id, batch_size=batch_size, after_id=after_id

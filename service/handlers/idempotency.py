@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.retry import transactional
+from service.db.unit_of_work import Database
 from service.errors import AlreadyExists
 from service.repositories.idempotency import IdempotencyRepository
 
@@ -31,7 +31,7 @@ def request_fingerprint(method: str, request: IdempotentRequest) -> bytes:
 
 
 async def idempotent(
-    sessions: async_sessionmaker[AsyncSession],
+    db: Database,
     *,
     method: str,
     request: IdempotentRequest,
@@ -52,7 +52,7 @@ async def idempotent(
             keys, request.request_id, fingerprint, response_type, lambda: work(session)
         )
 
-    return await transactional(sessions, attempt)
+    return await db.write(attempt)
 
 
 async def _once(

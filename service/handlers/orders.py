@@ -11,8 +11,6 @@ from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import OrderStatus
-from service.db.retry import transactional
-from service.db.transaction import read_only_snapshot
 from service.db.unit_of_work import Database
 from service.handlers.context import Context
 from service.handlers.idempotency import idempotent
@@ -61,7 +59,6 @@ class OrderServicer(api_grpc.OrderServiceServicer):
 
     def __init__(self, db: Database, tokens: PageTokens) -> None:
         self.db = db
-        self.sessions = db.sessions
         self.tokens = tokens
 
     async def CreateOrder(self, request: api.CreateOrderRequest, context: Context) -> pb.Order:
@@ -77,7 +74,7 @@ class OrderServicer(api_grpc.OrderServiceServicer):
             return order_to_proto(await OrderRepository(session).add(request.user_id, items))
 
         return await idempotent(
-            self.sessions,
+            self.db,
             method="CreateOrder",
             request=request,
             response_type=pb.Order,
@@ -89,7 +86,7 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         v = Violations()
         v.id("id", request.id)
         v.raise_if_any()
-        async with self.sessions() as session:
+        async with self.db.read() as session:
             order = await OrderRepository(session).get(request.id)
             return order_to_proto(order, user=order.user)
 
@@ -107,7 +104,7 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         before_id = (
             self.tokens.decode(request.page_token, filters) if request.page_token else MAX_ID
         )
-        async with self.sessions() as session:
+        async with self.db.read() as session:
             orders = await OrderRepository(session).page(
                 before_id=before_id, limit=limit + 1, user_id=request.user_id, status=status
             )
@@ -133,7 +130,7 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         filters = {"export": "orders", "user_id": request.user_id, "status": int(request.status)}
         after_id = self.tokens.resume_after(request.resume_token, filters)
         resume_token = self.tokens.encoder(filters)
-        async with read_only_snapshot(self.sessions) as session:
+        async with self.db.snapshot() as session:
             batches = OrderRepository(session).export(
                 user_id=request.user_id, status=status, batch_size=batch_size, after_id=after_id
             )
@@ -154,4 +151,4 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         async def move(session: AsyncSession) -> pb.Order:
             return order_to_proto(await OrderRepository(session).move(request.id, target))
 
-        return await transactional(self.sessions, move)
+        return await self.db.write(move)

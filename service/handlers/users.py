@@ -11,8 +11,6 @@ from shop.v1 import user_service_pb2_grpc as api_grpc
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import utcnow
-from service.db.retry import transactional
-from service.db.transaction import read_only_snapshot, transaction
 from service.db.unit_of_work import Database
 from service.handlers.context import Context
 from service.handlers.paging import PageTokens
@@ -31,8 +29,6 @@ class UserServicer(api_grpc.UserServiceServicer):
 
     def __init__(self, db: Database, tokens: PageTokens) -> None:
         self.db = db
-        self.sessions = db.sessions
-        self.engine = db.engine
         self.tokens = tokens
         # GetUser: concurrent calls share one statement (WHERE id = ANY(:ids)) per batch.
         self._users_by_id = db.point_reads(UserRepository.rows_by_id)
@@ -48,7 +44,7 @@ class UserServicer(api_grpc.UserServiceServicer):
         async def create(session: AsyncSession) -> pb.User:
             return user_to_proto(await UserRepository(session).add(email, first, last))
 
-        return await transactional(self.sessions, create)
+        return await self.db.write(create)
 
     async def GetUser(self, request: api.GetUserRequest, context: Context) -> pb.User:
         """A user by id, soft-deleted ones included (deleted_at set)."""
@@ -84,7 +80,7 @@ class UserServicer(api_grpc.UserServiceServicer):
             await users.flush(user.email)
             return user_to_proto(user)
 
-        return await transactional(self.sessions, update)
+        return await self.db.write(update)
 
     async def DeleteUser(self, request: api.DeleteUserRequest, context: Context) -> pb.User:
         """Soft delete; deleting a deleted user returns it unchanged."""
@@ -106,7 +102,7 @@ class UserServicer(api_grpc.UserServiceServicer):
                 await session.flush()
             return user_to_proto(user)
 
-        return await transactional(self.sessions, set_deleted)
+        return await self.db.write(set_deleted)
 
     async def ListUsers(
         self, request: api.ListUsersRequest, context: Context
@@ -123,7 +119,7 @@ class UserServicer(api_grpc.UserServiceServicer):
             "include_orders": request.include_orders,
         }
         after_id = self.tokens.decode(request.page_token, filters) if request.page_token else 0
-        async with self.sessions() as session:
+        async with self.db.read() as session:
             users = await UserRepository(session).page(
                 after_id=after_id,
                 limit=limit + 1,
@@ -154,7 +150,7 @@ class UserServicer(api_grpc.UserServiceServicer):
         }
         after_id = self.tokens.resume_after(request.resume_token, filters)
         resume_token = self.tokens.encoder(filters)
-        async with read_only_snapshot(self.sessions) as session:
+        async with self.db.snapshot() as session:
             batches = UserRepository(session).stream(
                 show_deleted=request.show_deleted,
                 active_only=request.active_only,
@@ -183,7 +179,7 @@ class UserServicer(api_grpc.UserServiceServicer):
             counts = await UserRepository(session).upsert(rows)
             return api.UpsertUsersResponse(inserted=counts.inserted, updated=counts.updated)
 
-        return await transactional(self.sessions, upsert)
+        return await self.db.write(upsert)
 
     async def ImportUsers(
         self,
@@ -199,7 +195,7 @@ class UserServicer(api_grpc.UserServiceServicer):
 
         The one write not retried inside the service: the stream is consumed once. A deadlock
         here is UNAVAILABLE with nothing applied, and the client sends the stream again."""
-        async with transaction(self.sessions) as session:
+        async with self.db.transaction() as session:
             users = UserRepository(session)
             staged = 0
 
