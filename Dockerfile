@@ -12,12 +12,17 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+# gcc builds StreamUsers' compiled batch encoder (setup.py); without it the service uses upb.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY service ./service
 COPY generated ./generated
 RUN pip install --upgrade pip \
- && pip install .
+ && pip install . \
+ && python setup.py build_ext --inplace
 
 # ---- runtime: the venv plus the source the service reads at run time ----
 FROM ${PYTHON_IMAGE} AS runtime
@@ -28,7 +33,8 @@ RUN groupadd --system shop \
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 # alembic/ and alembic.ini sit next to service/: `python -m service migrate` finds them there.
-COPY service ./service
+# service/ from the builder: it holds the compiled encoder built in place.
+COPY --from=builder /src/service ./service
 COPY generated ./generated
 COPY alembic ./alembic
 COPY alembic.ini ./
