@@ -50,6 +50,14 @@ class NotFound(DomainError):
 class AlreadyExists(DomainError):
     """EMAIL_TAKEN, REQUEST_ID_REUSED."""
 
+    @classmethod
+    def request_id_reused(cls, request_id: str) -> AlreadyExists:
+        return cls(
+            f"request_id {request_id} was used for a different request",
+            reason="REQUEST_ID_REUSED",
+            request_id=request_id,
+        )
+
 
 class FailedPrecondition(DomainError):
     """INSUFFICIENT_FUNDS, CURRENCY_MISMATCH, INVALID_STATUS_TRANSITION, USER_DELETED,

@@ -65,11 +65,7 @@ async def _once(
     stored = await keys.claim(request_id, fingerprint)
     if stored is not None:
         if stored.request_hash != fingerprint or stored.response is None:
-            raise AlreadyExists(
-                f"request_id {request_id} was used for a different request",
-                reason="REQUEST_ID_REUSED",
-                request_id=request_id,
-            )
+            raise AlreadyExists.request_id_reused(request_id)
         return response_type.FromString(stored.response)
     response = await work()
     await keys.complete(request_id, response.SerializeToString())

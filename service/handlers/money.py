@@ -117,14 +117,6 @@ def _response(posting: Posting, posted: Posted) -> Message:
     return posted_account_to_proto(posted)
 
 
-def _reused(request_id: str) -> AlreadyExists:
-    return AlreadyExists(
-        f"request_id {request_id} was used for a different request",
-        reason="REQUEST_ID_REUSED",
-        request_id=request_id,
-    )
-
-
 def _answer(asked: Asked, stored: StoredRequest | None) -> Outcome[Message]:
     """A request_id claimed before this batch: its stored response if the request is the same,
     else REQUEST_ID_REUSED."""
@@ -133,7 +125,7 @@ def _answer(asked: Asked, stored: StoredRequest | None) -> Outcome[Message]:
         # Purged between our claim and our read (keys live 24 h): nothing was applied here.
         return Unavailable("the request could not be settled; retry it", reason="RETRY")
     if stored.request_hash != asked.fingerprint or stored.response is None:
-        return _reused(rid)
+        return AlreadyExists.request_id_reused(rid)
     return asked.response_type.FromString(stored.response)
 
 
@@ -143,5 +135,5 @@ def _for(
     rid = asked.posting.request_id
     owner = owners[rid]
     if owner is not asked and owner.fingerprint != asked.fingerprint:
-        return _reused(rid)
+        return AlreadyExists.request_id_reused(rid)
     return answers[rid]

@@ -99,11 +99,7 @@ def _post(
 ) -> Posted:
     if posting.request_id in claims.journaled:
         # Its idempotency key was purged, but the journal keeps every request_id.
-        raise AlreadyExists(
-            f"request_id {posting.request_id} was used for a different request",
-            reason="REQUEST_ID_REUSED",
-            request_id=posting.request_id,
-        )
+        raise AlreadyExists.request_id_reused(posting.request_id)
     source, target = _holders(posting, accounts, externals)
     amount = posting.amount
     if isinstance(source, Locked) and source.balance < amount:
