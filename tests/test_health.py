@@ -17,7 +17,8 @@ from sqlalchemy import event
 from service.config import Settings
 from service.db.migrate import upgrade
 from service.server import SHOP_SERVICES, RunningServer, start_server
-from tests.faults.own_postgres import OwnPostgres, available, own_postgres
+from tests import tools
+from tests.faults.own_postgres import OwnPostgres, own_postgres
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -26,8 +27,7 @@ WAIT = 20.0  # bound on any one expected change; the probe runs every 0.2 s here
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[OwnPostgres]:
-    if not available():
-        pytest.skip("initdb/pg_ctl not found (Debian: postgresql-15)")
+    tools.require(tools.POSTGRES_SERVER)
     with own_postgres() as server:
         upgrade(server.url())  # the server refuses to start on a schema behind this build
         yield server

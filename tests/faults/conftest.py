@@ -11,15 +11,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.engine import create_unpooled_engine
 from service.db.migrate import upgrade
-from tests.faults.own_postgres import OwnPostgres, available, own_postgres
+from tests import tools
+from tests.faults.own_postgres import OwnPostgres, own_postgres
 from tests.postgres import fresh_database_on
 
 
 @pytest.fixture(scope="session")
 def own_pg() -> Iterator[OwnPostgres]:
     """This run's own PostgreSQL (not the shared one): the outage tests stop and start it."""
-    if not available():
-        pytest.skip("initdb/pg_ctl not found (Debian: postgresql-15)")
+    tools.require(tools.POSTGRES_SERVER)
     with own_postgres() as server:
         yield server
 

@@ -31,17 +31,14 @@ from sqlalchemy.engine import make_url
 
 from service.config import Settings
 from service.server import RunningServer, start_server
+from tests import tools
 from tests.faults.own_postgres import free_port
 
-PGBOUNCER = shutil.which("pgbouncer") or (
-    "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").is_file() else None
-)
+PGBOUNCER = tools.PGBOUNCER.path()
 CLIENTS = 12
 DEADLINE = 30.0
 
-pytestmark = pytest.mark.skipif(
-    PGBOUNCER is None, reason="pgbouncer not installed (Debian: apt-get install pgbouncer)"
-)
+pytestmark = pytest.mark.requires(tools.PGBOUNCER)
 
 
 def socket_dir(database_url: str) -> str | None:
