@@ -17,10 +17,20 @@ from service.db.engine import create_sessionmaker, create_unpooled_engine
 from service.db.migrate import upgrade
 from service.db.models import Base
 from service.server import RunningServer, start_server
+from tests import postgres
 from tests.factories import Factory
 from tests.postgres import test_database
 
 pytest_plugins = ["tests.rpc", "tests.tools"]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"database: {postgres.describe(postgres.chosen())} (tests/postgres.py)"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in postgres.USED:
+        terminalreporter.write_line(f"database used: {line}")
 
 
 @pytest.fixture(scope="session")

