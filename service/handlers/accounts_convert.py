@@ -25,18 +25,6 @@ def account_to_proto(account: Account) -> pb.Account:
     )
 
 
-def posted_transfer_to_proto(posted: Posted) -> pb.Transfer:
-    """A transfer as a batch applied it (handlers/money.py)."""
-    return pb.Transfer(
-        id=posted.transfer_id,
-        from_account_id=posted.from_account_id,
-        to_account_id=posted.to_account_id,
-        amount=format_money(posted.amount),
-        request_id=posted.request_id,
-        created_at=timestamp(posted.created_at),
-    )
-
-
 def posted_account_to_proto(posted: Posted) -> pb.Account:
     """The account a deposit or withdrawal named, as it stood right after it (updated by the
     batch's transaction, whose timestamp the posting carries)."""
@@ -65,7 +53,7 @@ def account_row_to_proto(row: Any) -> pb.Account:
 
 
 def transfer_to_proto(transfer: Any) -> pb.Transfer:
-    """A Transfer entity or a Core row with the same column names."""
+    """A Transfer entity, a Core row with the same column names, or a batch's Posted."""
     return pb.Transfer(
         id=transfer.id,
         from_account_id=transfer.from_account_id,

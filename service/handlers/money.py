@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service.db.coalescer import Outcome
 from service.db.unit_of_work import Database
 from service.errors import AlreadyExists, DomainError, Unavailable
-from service.handlers.accounts_convert import posted_account_to_proto, posted_transfer_to_proto
+from service.handlers.accounts_convert import posted_account_to_proto, transfer_to_proto
 from service.handlers.idempotency import IdempotentRequest, request_fingerprint
 from service.handlers.money_rules import Kind, Posted, Posting, plan
 from service.repositories.idempotency import IdempotencyRepository, StoredRequest
@@ -113,7 +113,7 @@ def _asked(method: str, request: IdempotentRequest, posting: Posting) -> Asked:
 
 def _response(posting: Posting, posted: Posted) -> Message:
     if posting.kind is Kind.TRANSFER:
-        return posted_transfer_to_proto(posted)
+        return transfer_to_proto(posted)
     return posted_account_to_proto(posted)
 
 

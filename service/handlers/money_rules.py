@@ -41,7 +41,7 @@ class Posted:
     """A posting as applied: its transfer row, and the customer account it names as it stood
     right after it (the target for a deposit, the source otherwise)."""
 
-    transfer_id: int
+    id: int  # the transfer's
     from_account_id: int
     to_account_id: int
     amount: Decimal
