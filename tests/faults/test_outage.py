@@ -11,9 +11,10 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -27,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import service
 from service.db.models import Transfer
 from tests.faults.own_postgres import OwnPostgres
+from tests.faults.retry_info import DATABASE_UNAVAILABLE, retry_hint
 from tests.faults.traffic import Call, assert_balances_match_transfers, record, record_stream
 from tests.servers import OwnServer, own_server
 
@@ -69,33 +71,66 @@ async def open_accounts(channel: grpc.aio.Channel, count: int) -> list[int]:
     return ids
 
 
+Hint = tuple[grpc.StatusCode, str | None, bool]
+
+
+async def noting(call: Awaitable[Any], errors: list[grpc.aio.AioRpcError]) -> Any:
+    """The unary call's reply; its error, if any, is kept for its status details."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        errors.append(error)
+        raise
+
+
+async def noting_stream(call: Any, errors: list[grpc.aio.AioRpcError]) -> Any:
+    """The stream's messages; its error, if any, is kept for its status details."""
+    try:
+        async for message in call:
+            yield message
+    except grpc.aio.AioRpcError as error:
+        errors.append(error)
+        raise
+
+
 class Traffic:
-    """Client tasks calling reads, streams and transfers until stopped; every call recorded."""
+    """Client tasks calling reads, streams and transfers until stopped; every call recorded,
+    and for each failed call what its status said (code, reason, RetryInfo)."""
 
     def __init__(self, channel: grpc.aio.Channel, account_ids: list[int]) -> None:
         self.stub = account_service_pb2_grpc.AccountServiceStub(channel)
         self.ids = account_ids
         self.calls: list[Call] = []
+        self.hints: dict[int, Hint] = {}  # id(call) of each failed call
         self.stopped = asyncio.Event()
         self.sequence = itertools.count()
 
+    def hint(self, call: Call) -> Hint | None:
+        return self.hints.get(id(call))
+
     async def one_call(self, rng: random.Random) -> Call:
+        errors: list[grpc.aio.AioRpcError] = []
+        call = await self.some_call(rng, errors)
+        if errors:
+            self.hints[id(call)] = retry_hint(errors[0])
+        return call
+
+    async def some_call(self, rng: random.Random, errors: list[grpc.aio.AioRpcError]) -> Call:
         account = rng.choice(self.ids)
         kind = rng.choice(
             ["GetAccount", "ListTransfers", "StreamTransfers", "Transfer", "Transfer"]
         )
         if kind == "GetAccount":
-            return await record(
-                kind, self.stub.GetAccount(api.GetAccountRequest(id=account), timeout=DEADLINE)
-            )
+            get = self.stub.GetAccount(api.GetAccountRequest(id=account), timeout=DEADLINE)
+            return await record(kind, noting(get, errors))
         if kind == "ListTransfers":
             request = api.ListTransfersRequest(account_id=account, page_size=20)
-            return await record(kind, self.stub.ListTransfers(request, timeout=DEADLINE))
+            page = self.stub.ListTransfers(request, timeout=DEADLINE)
+            return await record(kind, noting(page, errors))
         if kind == "StreamTransfers":
             stream_request = api.StreamTransfersRequest(account_id=account, batch_size=50)
-            return await record_stream(
-                kind, self.stub.StreamTransfers(stream_request, timeout=DEADLINE)
-            )
+            stream = self.stub.StreamTransfers(stream_request, timeout=DEADLINE)
+            return await record_stream(kind, noting_stream(stream, errors))
         source, target = rng.sample(self.ids, 2)
         transfer = api.TransferRequest(
             from_account_id=source,
@@ -103,7 +138,8 @@ class Traffic:
             amount=f"{rng.randint(1, 100) / 100:.2f}",
             request_id=f"outage-{next(self.sequence)}",
         )
-        return await record(kind, self.stub.Transfer(transfer, timeout=DEADLINE), transfer)
+        sent = self.stub.Transfer(transfer, timeout=DEADLINE)
+        return await record(kind, noting(sent, errors), transfer)
 
     async def client(self, seed: int) -> None:
         rng = random.Random(seed)
@@ -155,6 +191,11 @@ async def test_outage_answers_unavailable_and_recovers_without_losing_a_transfer
     assert {c.code for c in during} == {grpc.StatusCode.UNAVAILABLE}
     assert {c.method for c in during} >= {"GetAccount", "Transfer"}
     assert all(c.started >= down for c in during)
+    # Every UNAVAILABLE (in flight when the database died, during the outage, while it started
+    # up again) says why and when to retry: DATABASE_UNAVAILABLE with a RetryInfo delay.
+    failed = [c for c in traffic.calls if not c.ok]
+    hints = Counter(traffic.hint(c) for c in failed)
+    assert set(hints) == {DATABASE_UNAVAILABLE}, hints
 
     # Within 5 s of the database accepting connections again, calls succeed; after that, all do.
     recovered = [c for c in traffic.calls if c.started >= up and c.ok]
