@@ -8,7 +8,8 @@ import asyncio
 import io
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 
 import pytest
@@ -19,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from service.db.engine import create_unpooled_engine
+from service.db.migration_safety import MIGRATION_LOCK_ID
 from tests.migrations.conftest import current_revisions
 from tests.process import ROOT, service_env
 
@@ -106,16 +108,65 @@ def _migrate(url: str) -> subprocess.Popen[str]:
     )
 
 
+@contextmanager
+def migration_lock_held(url: str) -> Iterator[Callable[[], int]]:
+    """This test holds the migrations' advisory lock for the block, as a running migrate would.
+    Yields a function counting the database's other sessions: a `migrate` run opens one
+    connection, and until it has the lock it runs nothing on it but the lock poll."""
+    loop = asyncio.new_event_loop()
+    engine = create_unpooled_engine(url)
+    conn = loop.run_until_complete(engine.connect())
+    lock = {"id": MIGRATION_LOCK_ID}
+    loop.run_until_complete(conn.execute(text("SELECT pg_advisory_lock(:id)"), lock))
+    loop.run_until_complete(conn.commit())
+    polling = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    )
+
+    def waiting() -> int:
+        count = loop.run_until_complete(conn.execute(polling)).scalar_one()
+        # A new snapshot of pg_stat_activity for the next look.
+        loop.run_until_complete(conn.commit())
+        return int(count)
+
+    try:
+        yield waiting
+    finally:
+        loop.run_until_complete(conn.execute(text("SELECT pg_advisory_unlock(:id)"), lock))
+        loop.run_until_complete(conn.close())
+        loop.run_until_complete(engine.dispose())
+        loop.close()
+
+
 def test_concurrent_migrates_on_a_fresh_database_both_succeed(
     scratch_url: str, scratch_config: Config
 ) -> None:
     # Without the advisory lock both would try CREATE TABLE alembic_version and the first
-    # migration; one would fail with a duplicate table or a unique violation.
-    first, second = _migrate(scratch_url), _migrate(scratch_url)
+    # migration; one would fail with a duplicate table or a unique violation. Started side by
+    # side, one run could finish before the other connects; so this test holds the lock until
+    # both runs are polling for it. From then on each has to get past the other: the overlap
+    # is certain, not a matter of timing.
+    with migration_lock_held(scratch_url) as waiting:
+        first, second = _migrate(scratch_url), _migrate(scratch_url)
+        deadline = time.monotonic() + 120
+        while waiting() < 2:
+            for run in (first, second):
+                if run.poll() is not None:
+                    pytest.fail(f"migrate ended while the lock was held:\n{run.communicate()[0]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{waiting()} of 2 migrate runs reached the lock in 120s")
+            time.sleep(0.1)
+        # Both wait; neither has written a thing.
+        assert current_revisions(scratch_url) == set()
     outputs = [p.communicate(timeout=180)[0] for p in (first, second)]
 
     assert [first.returncode, second.returncode] == [0, 0], "\n".join(outputs)
+    # Each revision was applied once, by one of the two runs.
+    applied = [line for out in outputs for line in out.splitlines() if "Running upgrade" in line]
     heads = set(ScriptDirectory.from_config(scratch_config).get_heads())
+    revisions = list(ScriptDirectory.from_config(scratch_config).walk_revisions())
+    assert len(applied) == len(revisions), "\n".join(outputs)
     assert current_revisions(scratch_url) == heads
     # And once more, at head already: nothing to do, still status 0.
     again = _migrate(scratch_url)
