@@ -39,11 +39,12 @@ WITH asked AS (
 SELECT claimed.request_id,
        nextval(pg_get_serial_sequence('transfers', 'id')) AS transfer_id,
        EXISTS (SELECT FROM transfers WHERE transfers.request_id = claimed.request_id)
-           AS journaled
+           AS journaled,
+       now() AS now
 FROM claimed
 """
 LOCK = (
-    "SELECT id, balance FROM accounts "
+    "SELECT id, balance, user_id, currency, created_at FROM accounts "
     "WHERE id = ANY(CAST(:ids AS bigint[])) AND kind = 'customer' ORDER BY id FOR UPDATE"
 )
 APPLY = """
@@ -73,6 +74,8 @@ WITH moved AS (
     FROM unnest(CAST(:answered_ids AS varchar[]), CAST(:responses AS bytea[]))
         AS answered (request_id, response)
     WHERE idempotency_keys.request_id = answered.request_id
+), released AS (
+    DELETE FROM idempotency_keys WHERE request_id = ANY(CAST(:released_ids AS varchar[]))
 )
 SELECT 1
 """
@@ -201,6 +204,7 @@ def _apply_params(
         "audit_balances": list(audited[1]),
         "answered_ids": list(columns[4]),
         "responses": [RESPONSE] * len(transfers),
+        "released_ids": [],
     }
 
 
