@@ -1,6 +1,8 @@
 """Graceful shutdown of a real `python -m service serve` process on a real SIGTERM: health goes
 NOT_SERVING, a response stream ends with UNAVAILABLE at once, new calls are refused, a unary call
-that was running (held on a row lock this test owns) still finishes OK, and the exit code is 0."""
+that was running (held on a row lock this test owns) still finishes OK, and the exit code is 0;
+one still held when SHOP_SHUTDOWN_GRACE runs out is cancelled, writes nothing, and the exit code
+is still 0."""
 
 from __future__ import annotations
 
@@ -122,3 +124,85 @@ async def test_sigterm_finishes_unary_ends_streams_and_exits_0(
         except subprocess.TimeoutExpired:
             pytest.fail(f"still running {WAIT:.0f}s after the last call ended:\n{log.read_text()}")
         assert code == 0, f"exit code {code}:\n{log.read_text()}"
+
+
+SHORT_GRACE = 3.0  # long enough that the deposit is surely still inside it when checked below
+
+
+async def test_a_call_still_running_when_the_grace_runs_out_is_cancelled_and_exits_0(
+    database_url: str, engine: AsyncEngine, account_stub: Any, tmp_path: Path
+) -> None:
+    """README step 3 and 4: calls still running after SHOP_SHUTDOWN_GRACE are cancelled, the
+    process still exits 0, and the cancelled write left nothing behind."""
+    log = tmp_path / "serve.log"
+    grace = {"SHOP_SHUTDOWN_GRACE": str(SHORT_GRACE)}
+    with service_process(database_url, log, **grace) as (address, process):
+        async with grpc.aio.insecure_channel(address) as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+            accounts = account_service_pb2_grpc.AccountServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            user = await users.CreateUser(
+                user_service_pb2.CreateUserRequest(
+                    email="grace@example.com", first_name="Out", last_name="Ofgrace"
+                )
+            )
+            account = await accounts.OpenAccount(
+                account_service_pb2.OpenAccountRequest(
+                    user_id=user.id, currency="EUR", request_id="open-grace"
+                )
+            )
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+
+            async with engine.connect() as conn:
+                held = await conn.begin()
+                await conn.execute(
+                    text("SELECT id FROM accounts WHERE id = :id FOR UPDATE"), {"id": account.id}
+                )
+                deposit = asyncio.ensure_future(
+                    accounts.Deposit(
+                        account_service_pb2.DepositRequest(
+                            account_id=account.id, amount="5.00", request_id="dep-grace"
+                        ),
+                        timeout=WAIT * 3,
+                    )
+                )
+                await _lock_waiters(engine, 1)
+
+                process.send_signal(signal.SIGTERM)
+                status = await asyncio.wait_for(watch.read(), WAIT)
+                assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert not deposit.done(), "cut off before its grace ran out"
+
+                # The lock is held past the grace, and past the drain that lets the money
+                # writer's batch run on (service/server.py): the call is cancelled, the batch
+                # rolled back.
+                with pytest.raises(grpc.aio.AioRpcError) as cancelled:
+                    await asyncio.wait_for(deposit, WAIT)
+                assert cancelled.value.code() in (
+                    grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.UNAVAILABLE,
+                ), cancelled.value
+                try:
+                    code = await asyncio.to_thread(process.wait, WAIT)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"still running {WAIT:.0f}s after the grace:\n{log.read_text()}")
+                assert code == 0, f"exit code {code}:\n{log.read_text()}"
+                await held.rollback()
+
+    # Nothing half-written: no journal row, no ledger entry, no balance change, no stored key.
+    async with engine.connect() as conn:
+        for table in ("transfers", "idempotency_keys"):
+            query = text(f"SELECT count(*) FROM {table} WHERE request_id = 'dep-grace'")
+            assert (await conn.execute(query)).scalar_one() == 0, table
+        entries = text("SELECT count(*) FROM ledger_entries WHERE account_id = :id")
+        assert (await conn.execute(entries, {"id": account.id})).scalar_one() == 0
+        balance = text("SELECT balance FROM accounts WHERE id = :id")
+        assert (await conn.execute(balance, {"id": account.id})).scalar_one() == 0
+    # And the request_id is free: the client's retry, on another server, applies it once.
+    retried = await account_stub.Deposit(
+        account_service_pb2.DepositRequest(
+            account_id=account.id, amount="5.00", request_id="dep-grace"
+        )
+    )
+    assert retried.balance == "5.00"
