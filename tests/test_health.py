@@ -153,3 +153,45 @@ async def test_no_stream_outlives_shutdown(probed: RunningServer) -> None:
         assert await call.code() == grpc.StatusCode.UNAVAILABLE
         assert await call.details() == "server shutting down"
         await asyncio.wait_for(stopping, WAIT)
+
+
+async def test_not_serving_until_the_first_probe_answers(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first probe is held back: the server already answers on its port, and says
+    NOT_SERVING for every name until the probe has answered."""
+    from service.health import HealthProbe
+    from tests.servers import free_port
+
+    probing, release = asyncio.Event(), asyncio.Event()
+    database_answers = HealthProbe.database_answers
+
+    async def held_back(probe: HealthProbe) -> bool:
+        probing.set()
+        await release.wait()
+        return await database_answers(probe)
+
+    monkeypatch.setattr(HealthProbe, "database_answers", held_back)
+    # A fixed port: start_server reports the port only once the first probe is done.
+    port = free_port()
+    starting = asyncio.create_task(
+        start_server(Settings(grpc_port=port, health_interval=3600), database_url)
+    )
+    try:
+        await asyncio.wait_for(probing.wait(), WAIT)  # the server started before the probe
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("", *SHOP_SERVICES):
+                assert await _check(stub, name) == NOT_SERVING
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+            assert await _next_status(watch) == NOT_SERVING
+
+            release.set()
+            await asyncio.wait_for(asyncio.shield(starting), WAIT)
+            assert await _next_status(watch) == SERVING
+            for name in ("", *SHOP_SERVICES):
+                assert await _check(stub, name) == SERVING
+            watch.cancel()
+    finally:
+        release.set()
+        await (await starting).stop(grace=None)
