@@ -24,6 +24,10 @@ def limit_options(settings: Settings) -> list[tuple[str, Any]]:
         # the timeout is dropped and its calls cancelled.
         ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        # grpc core (1.85 here) waits for a ping's ack this long, not keepalive_timeout_ms:
+        # without it a silent peer was dropped only after its one-minute default (measured
+        # through a proxy that stops forwarding: tests/test_limits.py).
+        ("grpc.http2.ping_timeout_ms", settings.keepalive_timeout_ms),
         # Clients pinging more often than this get GOAWAY (too_many_pings).
         ("grpc.http2.min_ping_interval_without_data_ms", settings.keepalive_min_ping_interval_ms),
         # Idle connections are kept healthy too, and clients may ping them.

@@ -1,0 +1,123 @@
+"""A TCP proxy between a test's channel and its server, to observe the wire: it keeps the bytes
+the server sent, can stop forwarding (a peer that went silent: no ping answered), and notes
+when the server closed its side. Plus a reader of those bytes as HTTP/2 frames and gRPC
+messages (no HPACK: the headers are not decoded, the messages' own flags say enough)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+DATA = 0x0
+PADDED = 0x8
+
+
+@dataclass
+class Link:
+    """One proxied connection."""
+
+    from_server: bytearray = field(default_factory=bytearray)
+    silent: bool = False  # forwards nothing either way; keeps reading (and dropping) both
+    server_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    server_closed_at: float | None = None
+
+
+class TcpProxy:
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.links: list[Link] = []
+        self.port = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    def go_silent(self) -> None:
+        """Every connection stops forwarding, as if the client's host vanished."""
+        for link in self.links:
+            link.silent = True
+
+    async def _accept(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        server, to_server = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers += [to_client, to_server]
+        link = Link()
+        self.links.append(link)
+        for pump in (
+            self._pump(client, to_server, link),
+            self._from_server(server, to_client, link),
+        ):
+            task = asyncio.create_task(pump)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: Link
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if not link.silent:
+                    writer.write(data)
+                    await writer.drain()
+
+    async def _from_server(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: Link
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                link.from_server += data
+                if not link.silent:
+                    writer.write(data)
+                    await writer.drain()
+        link.server_closed_at = asyncio.get_running_loop().time()
+        link.server_closed.set()
+
+
+@asynccontextmanager
+async def tcp_proxy(upstream_port: int) -> AsyncIterator[TcpProxy]:
+    proxy = TcpProxy(upstream_port)
+    listener = await asyncio.start_server(proxy._accept, "127.0.0.1", 0)
+    proxy.port = listener.sockets[0].getsockname()[1]
+    try:
+        yield proxy
+    finally:
+        listener.close()
+        for writer in proxy._writers:
+            writer.close()
+        for task in list(proxy._tasks):
+            task.cancel()
+        await asyncio.gather(*proxy._tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class GrpcMessage:
+    stream_id: int
+    compressed: bool  # the message's Compressed-Flag: its bytes are in the call's grpc-encoding
+    payload: bytes
+
+
+def grpc_messages(from_server: bytes) -> list[GrpcMessage]:
+    """The length-prefixed gRPC messages in the DATA frames of a server's HTTP/2 byte stream."""
+    streams: dict[int, bytearray] = defaultdict(bytearray)
+    at = 0
+    while at + 9 <= len(from_server):
+        length = int.from_bytes(from_server[at : at + 3], "big")
+        kind, flags = from_server[at + 3], from_server[at + 4]
+        stream_id = int.from_bytes(from_server[at + 5 : at + 9], "big") & 0x7FFFFFFF
+        payload = from_server[at + 9 : at + 9 + length]
+        at += 9 + length
+        if kind == DATA:
+            if flags & PADDED:
+                payload = payload[1 : len(payload) - payload[0]]
+            streams[stream_id] += payload
+    messages = []
+    for stream_id, body in sorted(streams.items()):
+        at = 0
+        while at + 5 <= len(body):
+            size = int.from_bytes(body[at + 1 : at + 5], "big")
+            messages.append(
+                GrpcMessage(stream_id, body[at] == 1, bytes(body[at + 5 : at + 5 + size]))
+            )
+            at += 5 + size
+    return messages
