@@ -12,12 +12,13 @@ import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 from shop.v1 import resources_pb2 as pb
 from shop.v1 import user_service_pb2 as api
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.models import User
 from tests.factories import Factory
 from tests.rpc import rpc_fails, stream_fails
+from tests.servers import own_server
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -621,18 +622,28 @@ async def test_stream_users_on_empty_table_sends_nothing(user_stub) -> None:
     assert await stream_batches(user_stub) == []
 
 
-async def test_stream_users_leaves_pooled_connections_writable(user_stub, engine) -> None:
-    """The export's READ ONLY / REPEATABLE READ must not stick to the pooled connection."""
-    await bulk_users(engine, 3)
-    assert (
-        len([u async for b in user_stub.StreamUsers(api.StreamUsersRequest()) for u in b.users])
-        == 3
-    )
-    for i in range(10):
-        created = await user_stub.CreateUser(
-            api.CreateUserRequest(email=f"after{i}@example.com", first_name="A", last_name="B")
-        )
-        assert created.id > 0
+async def test_stream_users_leaves_pooled_connections_writable(
+    database_url: str, engine: AsyncEngine
+) -> None:
+    """The export's READ ONLY / REPEATABLE READ must not stick to the pooled connection. A pool
+    of one connection, so the writes after the export run on the connection it used."""
+    async with own_server(database_url, pool_size=1, max_overflow=0) as server:
+        backends: list[int] = []  # the server pid of each checkout
+
+        def checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+            backends.append(dbapi_connection.driver_connection.get_server_pid())
+
+        event.listen(server.running.engine.sync_engine.pool, "checkout", checkout)
+        await bulk_users(engine, 3)
+        stream = server.users.StreamUsers(api.StreamUsersRequest())
+        assert len([u async for b in stream for u in b.users]) == 3
+        for i in range(10):
+            created = await server.users.CreateUser(
+                api.CreateUserRequest(email=f"after{i}@example.com", first_name="A", last_name="B")
+            )
+            assert created.id > 0
+        # One connection served the export and every write after it.
+        assert len(backends) >= 11 and len(set(backends)) == 1, backends
     assert await user_count(engine) == 13
 
 
