@@ -8,8 +8,8 @@ from decimal import Decimal
 import grpc
 import pytest
 from shop.v1 import account_service_pb2 as api
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.db.models import Account, IdempotencyKey, Transfer
 from tests.factories import OPENING_PREFIX, Factory
@@ -846,17 +846,27 @@ async def test_stream_transfers_in_batches(account_stub, factory: Factory) -> No
         assert sent.request_id == row.request_id
 
 
-async def test_stream_transfers_default_batch_size(account_stub, factory: Factory) -> None:
+async def test_stream_transfers_default_batch_size_is_500(
+    account_stub, factory: Factory, engine: AsyncEngine
+) -> None:
+    # More rows than the default, so a batch of exactly 500 shows the default (the README's
+    # "0 means 500") rather than "everything in one batch".
     mine, other = await factory.account(), await factory.account()
-    for _ in range(5):
-        await factory.transfer(mine, other, "1.00")
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO transfers (from_account_id, to_account_id, amount, request_id) "
+                "SELECT :mine, :other, 1.00, 'bulk-' || n FROM generate_series(1, 501) AS n"
+            ),
+            {"mine": mine.id, "other": other.id},
+        )
     batches = [
         batch
         async for batch in account_stub.StreamTransfers(
             api.StreamTransfersRequest(account_id=mine.id)
         )
     ]
-    assert [len(b.transfers) for b in batches] == [5]
+    assert [len(b.transfers) for b in batches] == [500, 1]
 
 
 async def test_stream_transfers_empty_account(account_stub, factory: Factory) -> None:
