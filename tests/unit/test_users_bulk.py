@@ -105,6 +105,10 @@ def test_an_invalid_batch_answers_the_row_by_row_violations() -> None:
     ]
 
 
+# "Fast" made a bound: it takes milliseconds; a backtracking regex would take hours. The
+# signal method (the default on Linux) interrupts a regex stuck in C, as _sre checks for
+# signals; the thread method could not, its timer thread never gets the GIL back.
+@pytest.mark.timeout(10, method="signal")
 def test_a_pathological_email_column_fails_fast() -> None:
     # Many dots per email: a backtracking regex would re-split them all when the last one fails.
     users = [api.UpsertUser(email="a@b.c.d.e.f.g.h", first_name="A", last_name="B")] * 3000
