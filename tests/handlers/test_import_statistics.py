@@ -59,7 +59,7 @@ async def test_a_large_import_leaves_the_statistics_counting_its_rows(
     # ANALYZE ran in the import's transaction and counted that transaction's own rows.
     assert after["reltuples"] == LARGE
     assert after["columns"] > 0  # pg_statistic committed with the import
-    assert await eventually(lambda: _analyzed_since(engine, before["analyze_count"]), attempts=40)
+    assert await eventually(lambda: _analyzed_since(engine, before["analyze_count"]))
 
 
 async def _analyzed_since(engine: AsyncEngine, count: int) -> bool:

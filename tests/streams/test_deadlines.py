@@ -94,7 +94,9 @@ async def test_a_deadline_ends_an_export_and_frees_its_connection(
     server: RunningServer, user_stub: Stub, engine: AsyncEngine
 ) -> None:
     await insert_users(engine, 2_000)
-    call = user_stub.StreamUsers(api.StreamUsersRequest(batch_size=10), timeout=0.5)
+    # Long enough that the first batch surely comes first, even on a loaded machine (it takes
+    # milliseconds): this tests what the deadline does, not how fast the first batch is.
+    call = user_stub.StreamUsers(api.StreamUsersRequest(batch_size=10), timeout=3.0)
     assert isinstance(await call.read(), api.UserBatch)  # then the client stops reading
     assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert await eventually(lambda: _pool_idle(server)), server.engine.pool.status()
