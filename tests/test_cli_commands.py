@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.factories import Factory
-from tests.process import ROOT, service_env, service_process
+from tests.process import ROOT, STOP_TIMEOUT, service_env, service_process
 from tests.rpc import rpc_fails
 
 # What configure_logging's text format writes: time, level, logger, [request id]: message.
@@ -113,7 +114,7 @@ def test_text_log_format_writes_readable_lines_with_the_request_id(
     database_url: str, tmp_path: Path
 ) -> None:
     log = tmp_path / "serve.log"
-    with service_process(database_url, log, SHOP_LOG_FORMAT="text") as (address, _process):
+    with service_process(database_url, log, SHOP_LOG_FORMAT="text") as (address, process):
         channel = grpc.insecure_channel(address)
         with channel, pytest.raises(grpc.RpcError) as missing:
             UserServiceStub(channel).GetUser(
@@ -122,6 +123,10 @@ def test_text_log_format_writes_readable_lines_with_the_request_id(
                 timeout=10,
             )
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        # The access line is written after the answer is sent: stop the server the usual way,
+        # so every line is written (and the shutdown's lines are read too).
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=STOP_TIMEOUT) == 0, log.read_text()
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     assert lines
     for line in lines:
