@@ -52,6 +52,12 @@ class Coalescer(Generic[In, Out]):
         # Each running batch with its callers' futures.
         self._running: dict[asyncio.Task[None], list[asyncio.Future[Out]]] = {}
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued or in a running batch, not yet answered."""
+        running = sum(1 for futures in self._running.values() for f in futures if not f.done())
+        return len(self._queue) + running
+
     async def submit(self, request: In) -> Out:
         """The request's own outcome. A caller cancelled while waiting does not take its request
         out of a batch already running: the batch finishes for everyone in it (a write is then

@@ -110,6 +110,10 @@ class Database:
         self._coalescers.append(writer.coalescer)
         return writer
 
+    def waiting(self) -> int:
+        """Calls waiting for a batch's answer, queued or in a running batch."""
+        return sum(c.waiting for c in self._coalescers)
+
     async def drain(self, seconds: float) -> None:
         """At shutdown, before the pool closes: the batches running now get `seconds`
         to finish (a money batch commits for the callers in it, whether or not they are still

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.errors import SERIALIZATION_FAILURE
 from service.db.models import Account, Transfer
+from service.server import RunningServer
 from tests.concurrency.test_retry import wait_for_a_lock_waiter
 from tests.conftest import StatementCounter
 from tests.factories import Factory
@@ -70,6 +71,16 @@ async def test_concurrent_transfers_share_transactions_and_each_gets_its_own_tra
     await assert_ledger_balances(sessions)
 
 
+async def until_waiting(server: RunningServer, calls: int) -> None:
+    """Until `calls` calls wait on the server's batches (queued or in a running batch)."""
+    assert server.db is not None
+    for _ in range(1000):
+        if server.db.waiting() >= calls:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{server.db.waiting()} of {calls} calls reached the batches")
+
+
 async def wait_for_lock_waiters(engine: AsyncEngine, count: int) -> None:
     """Until `count` backends of this database wait on a lock (the bound turns a hang into a
     failure; it is no timing assertion)."""
@@ -86,7 +97,12 @@ async def wait_for_lock_waiters(engine: AsyncEngine, count: int) -> None:
 
 
 async def test_a_refused_transfer_does_not_fail_its_neighbours_in_the_same_batch(
-    account_stub, factory: Factory, sessions, engine: AsyncEngine, statements: StatementCounter
+    account_stub,
+    factory: Factory,
+    sessions,
+    engine: AsyncEngine,
+    statements: StatementCounter,
+    server: RunningServer,
 ) -> None:
     """Both of the writer's transactions wait on rows the test holds, so the next five calls
     queue and run as one batch: the one that would overdraw, the one across currencies and the
@@ -124,7 +140,7 @@ async def test_a_refused_transfer_does_not_fail_its_neighbours_in_the_same_batch
         for call in calls:
             call.request_id = rid()
         pending = [asyncio.ensure_future(account_stub.Transfer(c)) for c in calls]
-        await asyncio.sleep(0.3)  # let them all reach the writer's queue
+        await until_waiting(server, len(held) + len(calls))  # all in the writer's hands
         await holder.rollback()
     await asyncio.wait_for(asyncio.gather(*blocked), BOUND_SECONDS)
     outcomes = await asyncio.wait_for(

@@ -21,6 +21,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.db.models import Account, AccountKind
+from service.server import RunningServer
 from tests.conftest import StatementCounter
 from tests.factories import Factory
 from tests.rpc import failure_of
@@ -41,7 +42,9 @@ def among(statements: StatementCounter, table: str) -> list[str]:
     return [s for s in statements.statements if f"FROM {table}" in s]
 
 
-async def while_locked(engine: AsyncEngine, table: str, calls: list[Awaitable[Any]]) -> list[Any]:
+async def while_locked(
+    server: RunningServer, engine: AsyncEngine, table: str, calls: list[Awaitable[Any]]
+) -> list[Any]:
     """The calls' outcomes, started while `table` is locked: the first batches wait for the
     lock on the server, the calls that arrive meanwhile queue behind them."""
     async with engine.connect() as holder:
@@ -58,7 +61,12 @@ async def while_locked(engine: AsyncEngine, table: str, calls: list[Awaitable[An
             await asyncio.sleep(0.01)
             # pg_stat_activity is read once per transaction unless its snapshot is dropped.
             await holder.execute(text("SELECT pg_stat_clear_snapshot()"))
-        await asyncio.sleep(0.3)  # the others arrive
+        assert server.db is not None
+        # Every call is in a batch or queued (or answered: a call starts when it is made, so
+        # the first few may have run before the lock).
+        while server.db.waiting() + sum(s.done() for s in started) < len(calls):
+            assert time.monotonic() < bound, f"{server.db.waiting()} calls reached the batches"
+            await asyncio.sleep(0.01)
         await holder.rollback()
     return await asyncio.gather(*started)
 
@@ -68,6 +76,7 @@ async def test_concurrent_get_users_share_statements_and_each_gets_its_own_user(
     factory: Factory,
     engine: AsyncEngine,
     statements: StatementCounter,
+    server: RunningServer,
 ) -> None:
     users = [await factory.user() for _ in range(20)]
     users.append(await factory.user(deleted=True))
@@ -80,7 +89,7 @@ async def test_concurrent_get_users_share_statements_and_each_gets_its_own_user(
     assert len(ids) == CALLS
 
     replies = await while_locked(
-        engine, "users", [user_stub.GetUser(users_api.GetUserRequest(id=i)) for i in ids]
+        server, engine, "users", [user_stub.GetUser(users_api.GetUserRequest(id=i)) for i in ids]
     )
 
     for asked, reply in zip(ids, replies, strict=True):
@@ -101,6 +110,7 @@ async def test_concurrent_get_accounts_share_statements_and_each_gets_its_own_ac
     sessions: async_sessionmaker[AsyncSession],
     engine: AsyncEngine,
     statements: StatementCounter,
+    server: RunningServer,
 ) -> None:
     accounts = [await factory.account(balance=f"{n}.25") for n in range(1, 17)]
     by_id = {a.id: a for a in accounts}
@@ -116,7 +126,7 @@ async def test_concurrent_get_accounts_share_statements_and_each_gets_its_own_ac
     assert len(ids) == CALLS
 
     calls = [account_stub.GetAccount(accounts_api.GetAccountRequest(id=i)) for i in ids]
-    replies = await while_locked(engine, "accounts", calls)
+    replies = await while_locked(server, engine, "accounts", calls)
 
     for asked, reply in zip(ids, replies, strict=True):
         if asked not in by_id:
