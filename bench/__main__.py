@@ -75,7 +75,16 @@ async def run_suites(
                 for key in SUITES:
                     if key in only:
                         progress(key, "start")
-                        sections += await SUITES[key](run)
+                        before = os.getloadavg()[0]
+                        found = await SUITES[key](run)
+                        # The machine is shared: say how busy it was around each benchmark.
+                        load = (
+                            f"1-minute load average {before:.2f} when this benchmark started, "
+                            f"{os.getloadavg()[0]:.2f} when it ended (its own load included)."
+                        )
+                        for section in found:
+                            section.notes.append(load)
+                        sections += found
         return sections, version
 
 
