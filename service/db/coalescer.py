@@ -28,7 +28,9 @@ Batch: TypeAlias = Callable[[Sequence[In]], Awaitable[Sequence[Outcome[Out]]]]
 
 class Coalescer(Generic[In, Out]):
     """Runs `batch` over queued requests, at most `max_batch` at a time and `concurrency`
-    batches at once (each on its own connection).
+    batches at once (each on its own connection). A batch starts beside a running one only
+    when at least `overlap_from` requests wait: smaller ones are better off joining the next
+    batch, which pays the per-batch cost once for all of them.
 
     With `cancel_abandoned` (reads, which have nothing to finish for anyone), a request whose
     caller went away leaves the queue, and a running batch whose callers have all gone away is
@@ -41,11 +43,13 @@ class Coalescer(Generic[In, Out]):
         *,
         max_batch: int,
         concurrency: int = 1,
+        overlap_from: int = 1,
         cancel_abandoned: bool = False,
     ) -> None:
         self._batch = batch
         self._max_batch = max_batch
         self._slots = concurrency
+        self._overlap_from = overlap_from
         self._cancel_abandoned = cancel_abandoned
         self._queue: list[tuple[In, asyncio.Future[Out]]] = []
         self._starting = False  # a batch's task is created and has not taken its requests yet
@@ -105,6 +109,8 @@ class Coalescer(Generic[In, Out]):
         that became ready in the same turn (under load, all that queued while the last batch
         ran) join it, instead of the first caller running alone."""
         if self._starting or not self._queue or len(self._running) >= self._slots:
+            return
+        if self._running and len(self._queue) < self._overlap_from:
             return
         self._starting = True
         task = asyncio.create_task(self._run())

@@ -161,9 +161,10 @@ async def test_bank(account_stub, factory: Factory, sessions, engine: AsyncEngin
 async def test_bank_with_pool_overflow_logs_no_error(
     database_url: str, factory: Factory, sessions, engine: AsyncEngine, caplog
 ) -> None:
-    """The same load on a server whose pool must overflow (one pooled connection, overflow
-    ones closed on return): every connection comes and goes under SQLAlchemy's control, so
-    nothing is logged at WARNING or above (no 'Exception closing connection')."""
+    """The same load, with GetAccount calls beside it, on a server whose pool must overflow
+    (one pooled connection for the money writer's batches and the point reads' batches,
+    overflow ones closed on return): every connection comes and goes under SQLAlchemy's
+    control, so nothing is logged at WARNING or above (no 'Exception closing connection')."""
     caplog.set_level(logging.WARNING)
     async with own_server(database_url, pool_size=1, max_overflow=8) as server:
         caplog.clear()  # the server's start-up warnings are not the load's
@@ -181,7 +182,19 @@ async def test_bank_with_pool_overflow_logs_no_error(
 
         event.listen(pool, "checkout", checkout)
         event.listen(pool, "checkin", checkin)
-        await run_bank(server.accounts, factory, sessions, engine)
+        done = asyncio.Event()
+        watched = await factory.account(balance="1.00")
+
+        async def balances_read() -> None:
+            while not done.is_set():
+                await server.accounts.GetAccount(api.GetAccountRequest(id=watched.id))
+
+        readers = [asyncio.ensure_future(balances_read()) for _ in range(4)]
+        try:
+            await run_bank(server.accounts, factory, sessions, engine)
+        finally:
+            done.set()
+            await asyncio.gather(*readers)
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert noisy == [], [r.getMessage() for r in noisy]
     assert most > 1, "the pool never overflowed: the test did not test it"
