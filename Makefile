@@ -10,7 +10,8 @@ PROTOS := $(wildcard protos/shop/v1/*.proto)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# setup.py and the C source: the compiled batch encoder is rebuilt when they change.
+$(STAMP): pyproject.toml setup.py service/handlers/_user_batch.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
