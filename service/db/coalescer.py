@@ -52,7 +52,8 @@ class Coalescer(Generic[In, Out]):
         self._overlap_from = overlap_from
         self._cancel_abandoned = cancel_abandoned
         self._queue: list[tuple[In, asyncio.Future[Out]]] = []
-        self._starting = False  # a batch's task is created and has not taken its requests yet
+        # A batch's task that is created and has not taken its requests yet.
+        self._starting: asyncio.Task[None] | None = None
         # Each running batch with its callers' futures.
         self._running: dict[asyncio.Task[None], list[asyncio.Future[Out]]] = {}
 
@@ -100,7 +101,9 @@ class Coalescer(Generic[In, Out]):
             future.cancel()
         self._queue = [(r, f) for r, f in self._queue if not f.cancelled()]
         for task, waiting in self._running.items():
-            if all(f.cancelled() for f in waiting):
+            # A batch that has not taken its requests yet (waiting is empty) takes only live
+            # ones when it runs: cancelling it would leave nothing to start the next batch.
+            if waiting and all(f.cancelled() for f in waiting):
                 task.cancel()
 
     def _start_batches(self) -> None:
@@ -108,24 +111,27 @@ class Coalescer(Generic[In, Out]):
         its requests when its task first runs, one turn of the event loop later: the calls
         that became ready in the same turn (under load, all that queued while the last batch
         ran) join it, instead of the first caller running alone."""
-        if self._starting or not self._queue or len(self._running) >= self._slots:
+        if self._starting is not None or not self._queue or len(self._running) >= self._slots:
             return
         if self._running and len(self._queue) < self._overlap_from:
             return
-        self._starting = True
         task = asyncio.create_task(self._run())
+        self._starting = task
         self._running[task] = []
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         del self._running[task]
+        if self._starting is task:
+            # Cancelled before it ran (a drain at shutdown): it never took its requests.
+            self._starting = None
         if not task.cancelled() and task.exception() is not None:
             # _run answers every caller, whatever the batch raised: this is a bug of its own.
             log.error("a batch failed outside its callers", exc_info=task.exception())
         self._start_batches()
 
     async def _run(self) -> None:
-        self._starting = False
+        self._starting = None
         taken, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
         task = asyncio.current_task()
         assert task is not None

@@ -1,0 +1,124 @@
+"""The coalescer's own bookkeeping (service/db/coalescer.py), with a batch function that
+records what it was given: no database, the shape alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from service.db.coalescer import Coalescer, Outcome
+
+BOUND = 5.0
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(BOUND):
+        while not condition():  # noqa: ASYNC110 - the coalescer has no event to wait on
+            await asyncio.sleep(0)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.on_return: Callable[[], object] = lambda: None
+
+    async def __call__(self, requests: Sequence[int]) -> Sequence[Outcome[int]]:
+        self.batches.append(list(requests))
+        await self.release.wait()
+        self.on_return()
+        return [r * 10 for r in requests]
+
+
+async def test_calls_made_in_one_turn_of_the_loop_share_a_batch() -> None:
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(recorder, max_batch=100)
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(coalescer.submit(n) for n in range(8))), BOUND
+    )
+    assert answers == [n * 10 for n in range(8)]
+    assert recorder.batches == [list(range(8))]
+
+
+async def test_calls_queued_while_a_batch_runs_make_the_next_batch() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+    coalescer: Coalescer[int, int] = Coalescer(recorder, max_batch=100)
+    first = asyncio.ensure_future(coalescer.submit(0))
+    await until(lambda: bool(recorder.batches))
+    rest = [asyncio.ensure_future(coalescer.submit(n)) for n in range(1, 6)]
+    await asyncio.sleep(0.01)
+    assert coalescer.waiting == 6
+    recorder.release.set()
+    assert await asyncio.wait_for(asyncio.gather(first, *rest), BOUND) == [0, 10, 20, 30, 40, 50]
+    assert recorder.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+async def test_a_caller_gone_before_its_batch_started_does_not_stall_the_next_ones() -> None:
+    """A read whose caller goes away after the next batch's task was created and before that
+    task's first step (its requests not taken yet): the batch must still run, skipping it, or
+    no batch ever starts again. The order is forced: the queued caller's cancellation is
+    scheduled as the running batch returns, so it lands between the finished batch's callback
+    (which creates the next batch's task) and that task's first step."""
+    recorder = Recorder()
+    recorder.release.clear()
+    coalescer: Coalescer[int, int] = Coalescer(recorder, max_batch=100, cancel_abandoned=True)
+    running = asyncio.ensure_future(coalescer.submit(0))
+    await until(lambda: bool(recorder.batches))
+    queued = asyncio.ensure_future(coalescer.submit(1))
+    await until(lambda: coalescer.waiting == 2)
+    loop = asyncio.get_running_loop()
+    recorder.on_return = lambda: loop.call_soon(queued.cancel)
+    recorder.release.set()
+    assert await asyncio.wait_for(running, BOUND) == 0
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    recorder.on_return = lambda: None
+    assert await asyncio.wait_for(coalescer.submit(2), BOUND) == 20
+
+
+async def test_a_write_batch_runs_on_for_a_caller_that_went_away() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+    coalescer: Coalescer[int, int] = Coalescer(recorder, max_batch=100)
+    gone = asyncio.ensure_future(coalescer.submit(7))
+    await until(lambda: bool(recorder.batches))
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    recorder.release.set()
+    assert await asyncio.wait_for(coalescer.submit(8), BOUND) == 80
+    assert recorder.batches == [[7], [8]]
+
+
+async def test_a_second_batch_starts_beside_a_running_one_only_for_a_large_queue() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+    coalescer: Coalescer[int, int] = Coalescer(
+        recorder, max_batch=100, concurrency=2, overlap_from=4
+    )
+    first = asyncio.ensure_future(coalescer.submit(0))
+    await until(lambda: bool(recorder.batches))
+    few = [asyncio.ensure_future(coalescer.submit(n)) for n in (1, 2, 3)]
+    await asyncio.sleep(0.01)
+    assert len(recorder.batches) == 1  # three wait: they join the next batch
+    many = [asyncio.ensure_future(coalescer.submit(n)) for n in (4, 5)]
+    await asyncio.sleep(0.01)
+    assert recorder.batches[1:] == [[1, 2, 3, 4, 5]]  # five wait: a second batch starts
+    recorder.release.set()
+    await asyncio.wait_for(asyncio.gather(first, *few, *many), BOUND)
+
+
+async def test_drain_cancels_a_batch_that_outlives_its_window() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+    coalescer: Coalescer[int, int] = Coalescer(recorder, max_batch=100)
+    stuck = asyncio.ensure_future(coalescer.submit(1))
+    await until(lambda: bool(recorder.batches))
+    await asyncio.wait_for(coalescer.drain(0.05), BOUND)
+    with pytest.raises(asyncio.CancelledError):
+        await stuck
+    assert coalescer.waiting == 0
