@@ -1,0 +1,229 @@
+"""README promises that no other test asserted (issue 12's audit; docs/reliability.md maps
+every promise to its test). Real server, real PostgreSQL, no timing bounds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import grpc
+import pytest
+from shop.v1 import account_service_pb2 as accounts_api
+from shop.v1 import user_service_pb2 as users_api
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.db.models import Account, AccountKind
+from service.logs import JsonFormatter
+from service.security import METHOD_ROLES, Role
+from tests.conftest import StatementCounter
+from tests.factories import Factory
+from tests.rpc import rpc_fails, stream_fails
+from tests.servers import own_server
+
+
+def rid() -> str:
+    return f"promise-{uuid.uuid4().hex}"
+
+
+# --- Security -----------------------------------------------------------------------------
+
+
+def test_a_read_token_may_call_exactly_get_list_and_stream() -> None:
+    """README: a `read` token may call Get*, List* and Stream*; every other RPC needs write."""
+    assert METHOD_ROLES  # not vacuous
+    for method, role in METHOD_ROLES.items():
+        name = method.rsplit("/", 1)[1]
+        expected = Role.READ if name.startswith(("Get", "List", "Stream")) else Role.WRITE
+        assert role is expected, method
+
+
+async def test_every_start_without_tokens_logs_a_warning(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="service.server")
+    async with own_server(database_url):
+        pass
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("SHOP_AUTH_TOKENS" in r.getMessage() for r in warned), caplog.text
+
+    caplog.clear()
+    async with own_server(database_url, auth_tokens="t0ken-promise:read"):
+        pass
+    assert not any("SHOP_AUTH_TOKENS is unset" in r.getMessage() for r in caplog.records)
+
+
+# --- Money --------------------------------------------------------------------------------
+
+
+async def test_the_database_refuses_a_negative_customer_balance(
+    factory: Factory, engine: AsyncEngine
+) -> None:
+    """README: a CHECK keeps customer balances >= 0 (the service answers INSUFFICIENT_FUNDS
+    before it comes to that; this is the database's own guard)."""
+    account = await factory.account(balance="1.00")
+    with pytest.raises(IntegrityError, match="balance_not_negative"):
+        async with engine.begin() as conn:
+            await conn.execute(
+                update(Account).where(Account.id == account.id).values(balance=Decimal("-0.01"))
+            )
+    async with engine.connect() as conn:
+        balance = await conn.scalar(select(Account.balance).where(Account.id == account.id))
+    assert balance == Decimal("1.00")
+
+
+async def test_stream_transfers_of_an_external_account_is_not_found(
+    account_stub, factory: Factory, engine: AsyncEngine
+) -> None:
+    """README: the statements (ListTransfers and StreamTransfers) answer ACCOUNT_NOT_FOUND for
+    an external account's id (ListTransfers is in tests/repositories/test_ledger.py)."""
+    await factory.account(balance="5.00")  # the opening deposit creates the external account
+    async with engine.connect() as conn:
+        external = await conn.scalar(select(Account.id).where(Account.kind == AccountKind.EXTERNAL))
+    assert external is not None
+    failure = await stream_fails(
+        account_stub.StreamTransfers(accounts_api.StreamTransfersRequest(account_id=external))
+    )
+    assert (failure.code, failure.reason) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND")
+    assert failure.metadata == {"id": str(external)}
+
+
+def _money_batch_statements(statements: StatementCounter) -> list[str]:
+    """The statements of the money writer's batches: everything but the pool's pre-ping."""
+    return [s for s in statements.statements if s.strip().upper() != "SELECT 1"]
+
+
+async def test_a_money_batch_is_three_statements_whatever_its_size(
+    account_stub, factory: Factory, statements: StatementCounter
+) -> None:
+    """README (Group commit): a batch is applied with three statements whatever its size.
+    A BatchTransfer of 1 item and one of 50 (sent alone, so each is one batch) cost the same."""
+    a = await factory.account(balance="100.00")
+    b = await factory.account()
+    counts = []
+    for size in (1, 50):
+        statements.statements.clear()
+        reply = await account_stub.BatchTransfer(
+            accounts_api.BatchTransferRequest(
+                requests=[
+                    accounts_api.TransferRequest(
+                        from_account_id=a.id, to_account_id=b.id, amount="1.00", request_id=rid()
+                    )
+                    for _ in range(size)
+                ]
+            )
+        )
+        assert [r.WhichOneof("result") for r in reply.results] == ["transfer"] * size
+        counts.append(len(_money_batch_statements(statements)))
+    assert counts == [3, 3], statements.statements
+
+
+# --- Retries ------------------------------------------------------------------------------
+
+
+async def _import(stub, emails: list[str]) -> users_api.ImportUsersResponse:
+    async def messages() -> AsyncIterator[users_api.ImportUsersRequest]:
+        yield users_api.ImportUsersRequest(
+            users=[users_api.UpsertUser(email=e, first_name="Im", last_name="Port") for e in emails]
+        )
+
+    return await stub.ImportUsers(messages())
+
+
+async def test_import_users_meeting_a_serialization_failure_answers_contention_at_once(
+    user_stub, engine: AsyncEngine
+) -> None:
+    """README (Locks and retries): ImportUsers cannot read its stream twice, so a 40001 answers
+    UNAVAILABLE / DATABASE_CONTENTION at once: one attempt, nothing written."""
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE SEQUENCE import_attempts"))
+        await conn.execute(
+            text(
+                "CREATE FUNCTION fail_import() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "PERFORM nextval('import_attempts'); "
+                "RAISE EXCEPTION 'injected' USING ERRCODE = '40001'; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER fail_import BEFORE INSERT ON users "
+                "FOR EACH STATEMENT EXECUTE FUNCTION fail_import()"
+            )
+        )
+    try:
+        failure = await rpc_fails(_import(user_stub, ["a@example.com", "b@example.com"]))
+        async with engine.connect() as conn:
+            attempts = await conn.scalar(text("SELECT last_value FROM import_attempts"))
+            users = await conn.scalar(text("SELECT count(*) FROM users"))
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TRIGGER fail_import ON users"))
+            await conn.execute(text("DROP FUNCTION fail_import()"))
+            await conn.execute(text("DROP SEQUENCE import_attempts"))
+    assert (failure.code, failure.reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_CONTENTION")
+    assert attempts == 1
+    assert users == 0
+    # Without the injected failure the same import goes through.
+    assert (await _import(user_stub, ["a@example.com", "b@example.com"])).imported == 2
+
+
+# --- Configuration ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+@pytest.mark.parametrize("server_compression", ["none", "gzip"])
+async def test_clients_may_compress_requests_either_way(
+    database_url: str, compression: grpc.Compression, server_compression: str
+) -> None:
+    """README (SHOP_COMPRESSION): clients may compress requests either way, whatever the
+    server compresses its responses with."""
+    async with own_server(database_url, compression=server_compression) as server:
+        email = f"{uuid.uuid4().hex}@example.com"
+        made = await server.users.CreateUser(
+            users_api.CreateUserRequest(email=email, first_name="Zip", last_name="Ped"),
+            compression=compression,
+        )
+        got = await server.users.GetUser(
+            users_api.GetUserRequest(id=made.id), compression=compression
+        )
+    assert (got.id, got.email) == (made.id, email)
+
+
+# --- Observability ------------------------------------------------------------------------
+
+
+def test_json_log_lines_carry_time_level_logger_message_request_id_and_extras() -> None:
+    record = logging.LogRecord("service.access", logging.INFO, __file__, 1, "done %s", ("x",), None)
+    record.request_id = "req-json-1"
+    record.code = "OK"
+    record.duration_ms = 1.5
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["level"] == "INFO"
+    assert entry["logger"] == "service.access"
+    assert entry["message"] == "done x"
+    assert entry["request_id"] == "req-json-1"
+    assert (entry["code"], entry["duration_ms"]) == ("OK", 1.5)
+    assert len(entry["time"]) == len("2026-11-25T12:18:42") and entry["time"][10] == "T"
+
+
+async def test_shop_debug_logs_every_sql_statement(
+    database_url: str, factory: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """README (Configuration): SHOP_DEBUG=true logs every SQL statement; without it, none.
+    (No log level is set here: the statements must come from the setting alone.)"""
+    user = await factory.user()
+
+    async def statements_logged(debug: bool) -> list[str]:
+        caplog.clear()
+        async with own_server(database_url, debug=debug) as server:
+            got = await server.users.GetUser(users_api.GetUserRequest(id=user.id))
+            assert got.id == user.id
+        return [r.getMessage() for r in caplog.records if r.name.startswith("sqlalchemy.engine")]
+
+    assert not any("FROM users" in m for m in await statements_logged(False))
+    logged = await statements_logged(True)
+    assert any("FROM users" in m for m in logged), logged
