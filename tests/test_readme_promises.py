@@ -24,6 +24,7 @@ from tests.conftest import StatementCounter
 from tests.factories import Factory
 from tests.rpc import rpc_fails, stream_fails
 from tests.servers import own_server
+from tests.streams.helpers import insert_users
 
 
 def rid() -> str:
@@ -169,6 +170,36 @@ async def test_import_users_meeting_a_serialization_failure_answers_contention_a
     assert users == 0
     # Without the injected failure the same import goes through.
     assert (await _import(user_stub, ["a@example.com", "b@example.com"])).imported == 2
+
+
+# --- Design notes -------------------------------------------------------------------------
+
+
+async def test_an_export_reads_one_consistent_snapshot(user_stub, engine: AsyncEngine) -> None:
+    """README (Streams send batches): every batch of an export comes from one snapshot. After
+    the first batch arrived, a row is inserted and a row not yet sent is changed: the export
+    shows neither."""
+    await insert_users(engine, 4)
+    async with engine.connect() as conn:
+        ids = list((await conn.scalars(text("SELECT id FROM users ORDER BY id"))).all())
+    call = user_stub.StreamUsers(users_api.StreamUsersRequest(batch_size=1))
+    first = await call.read()
+    assert [u.id for u in first.users] == ids[:1]
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE users SET last_name = 'Changed' WHERE id = :id"), {"id": ids[-1]}
+        )
+    await insert_users(engine, 1)
+    sent = []
+    while (batch := await call.read()) is not grpc.aio.EOF:
+        sent.extend(batch.users)
+    assert [u.id for u in sent] == ids[1:]
+    assert "Changed" not in {u.last_name for u in sent}
+    # The change and the new row are there for the next export.
+    again = [
+        u async for b in user_stub.StreamUsers(users_api.StreamUsersRequest()) for u in b.users
+    ]
+    assert len(again) == 5 and again[3].last_name == "Changed"
 
 
 # --- Configuration ------------------------------------------------------------------------
