@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Any
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.models import Account, AccountKind
+from service.db.retry import DEFAULT_POLICY
 from service.logs import JsonFormatter
 from service.security import METHOD_ROLES, Role
 from tests.conftest import StatementCounter
@@ -222,6 +224,83 @@ async def test_clients_may_compress_requests_either_way(
             users_api.GetUserRequest(id=made.id), compression=compression
         )
     assert (got.id, got.email) == (made.id, email)
+
+
+async def _always_fail(engine: AsyncEngine, table: str, sqlstate: str) -> None:
+    """Every INSERT into `table` fails with `sqlstate`; the sequence counts the attempts."""
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE SEQUENCE promise_attempts"))
+        await conn.execute(
+            text(
+                "CREATE FUNCTION promise_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "PERFORM nextval('promise_attempts'); "
+                f"RAISE EXCEPTION 'injected' USING ERRCODE = '{sqlstate}'; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                f"CREATE TRIGGER promise_fail BEFORE INSERT ON {table} "
+                "FOR EACH STATEMENT EXECUTE FUNCTION promise_fail()"
+            )
+        )
+
+
+async def _attempts_and_cleanup(engine: AsyncEngine, table: str) -> int:
+    async with engine.begin() as conn:
+        attempts = await conn.scalar(text("SELECT last_value FROM promise_attempts"))
+        await conn.execute(text(f"DROP TRIGGER promise_fail ON {table}"))
+        await conn.execute(text("DROP FUNCTION promise_fail()"))
+        await conn.execute(text("DROP SEQUENCE promise_attempts"))
+    return int(attempts)
+
+
+@pytest.mark.parametrize("rpc", ["CreateUser", "Transfer"])
+async def test_a_write_that_deadlocks_every_time_is_tried_five_times_then_contention(
+    rpc: str, user_stub, account_stub, factory: Factory, engine: AsyncEngine
+) -> None:
+    """README (Locks and retries): a deadlock is retried, whole, up to 5 attempts; then the
+    answer is UNAVAILABLE / DATABASE_CONTENTION with nothing applied. For a plain write RPC
+    (CreateUser) and for a money batch (Transfer)."""
+    if rpc == "Transfer":
+        a, b = await factory.account(balance="5.00"), await factory.account()
+        table = "transfers"
+        request = accounts_api.TransferRequest(
+            from_account_id=a.id, to_account_id=b.id, amount="1.00", request_id=rid()
+        )
+
+        def call() -> Any:
+            return account_stub.Transfer(request)
+    else:
+        table = "users"
+        create = users_api.CreateUserRequest(email="dl@example.com", first_name="D", last_name="L")
+
+        def call() -> Any:
+            return user_stub.CreateUser(create)
+
+    await _always_fail(engine, table, "40P01")
+    try:
+        failure = await rpc_fails(call())  # a grpc.aio call starts when made
+    finally:
+        attempts = await _attempts_and_cleanup(engine, table)
+    assert (failure.code, failure.reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_CONTENTION")
+    assert attempts == 5
+    async with engine.connect() as conn:
+        if rpc == "Transfer":
+            balances = await conn.execute(
+                select(Account.id, Account.balance).where(Account.id.in_([a.id, b.id]))
+            )
+            assert dict(balances.all()) == {a.id: Decimal("5.00"), b.id: Decimal("0.00")}
+        else:
+            assert await conn.scalar(text("SELECT count(*) FROM users")) == 0
+
+
+def test_the_retry_backoff_is_full_jitter_up_to_5_10_20_40_ms() -> None:
+    policy = DEFAULT_POLICY
+    assert policy.attempts == 5
+    for failed, ceiling in enumerate((0.005, 0.010, 0.020, 0.040), start=1):
+        delays = [policy.delay(failed) for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in delays), (failed, max(delays))
+        assert max(delays) > ceiling / 2 and min(delays) < ceiling / 2  # spread over [0, c]
 
 
 # --- Observability ------------------------------------------------------------------------
