@@ -5,25 +5,33 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from shop.v1 import account_service_pb2 as accounts_api
 from shop.v1 import user_service_pb2 as users_api
+from shop.v1.user_service_pb2_grpc import UserServiceStub
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.config import Settings
 from service.db.models import Account, AccountKind
 from service.db.retry import DEFAULT_POLICY
 from service.logs import JsonFormatter
 from service.security import METHOD_ROLES, Role
+from service.server import start_server
+from tests.certs import make_certificates
 from tests.conftest import StatementCounter
 from tests.factories import Factory
+from tests.process import STOP_TIMEOUT, service_process
 from tests.rpc import rpc_fails, stream_fails
 from tests.servers import own_server
 from tests.streams.helpers import insert_users
@@ -58,6 +66,42 @@ async def test_every_start_without_tokens_logs_a_warning(
     async with own_server(database_url, auth_tokens="t0ken-promise:read"):
         pass
     assert not any("SHOP_AUTH_TOKENS is unset" in r.getMessage() for r in caplog.records)
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+
+async def test_the_certificate_files_are_read_once_at_start(
+    database_url: str, tmp_path: Path
+) -> None:
+    """README (TLS): the files are read once at start, so a renewed certificate needs a
+    restart. The files are replaced by another CA's while the server runs: new connections
+    still get the certificate the server started with."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "renewed").mkdir()
+    certs = make_certificates(tmp_path / "first")
+    renewed = make_certificates(tmp_path / "renewed", ca_name="renewed CA")
+    settings = Settings(grpc_port=0, tls_cert=certs.server.cert, tls_key=certs.server.key)
+    running = await start_server(settings, database_url)
+    try:
+        shutil.copyfile(renewed.server.cert, certs.server.cert)
+        shutil.copyfile(renewed.server.key, certs.server.key)
+        address = f"127.0.0.1:{running.port}"
+        request = users_api.CreateUserRequest(
+            email="tls-once@example.com", first_name="T", last_name="O"
+        )
+        trusting_first = grpc.ssl_channel_credentials(root_certificates=certs.ca.read_bytes())
+        async with grpc.aio.secure_channel(address, trusting_first) as channel:
+            made = await UserServiceStub(channel).CreateUser(request, timeout=10)
+        assert made.email == "tls-once@example.com"
+        trusting_renewed = grpc.ssl_channel_credentials(root_certificates=renewed.ca.read_bytes())
+        async with grpc.aio.secure_channel(address, trusting_renewed) as channel:
+            failure = await rpc_fails(
+                UserServiceStub(channel).GetUser(users_api.GetUserRequest(id=made.id), timeout=10)
+            )
+        assert failure.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await running.stop(grace=None)
 
 
 # --- Money --------------------------------------------------------------------------------
@@ -301,6 +345,25 @@ def test_the_retry_backoff_is_full_jitter_up_to_5_10_20_40_ms() -> None:
         delays = [policy.delay(failed) for _ in range(200)]
         assert all(0 <= d <= ceiling for d in delays), (failed, max(delays))
         assert max(delays) > ceiling / 2 and min(delays) < ceiling / 2  # spread over [0, c]
+
+
+# --- Configuration: a process ---------------------------------------------------------------
+
+
+def test_log_level_warning_keeps_info_lines_out(database_url: str, tmp_path: Path) -> None:
+    """README (Configuration): SHOP_LOG_LEVEL is the logging level. At WARNING the start's
+    warning is written, and no INFO line (settings, access lines) is."""
+    log = tmp_path / "serve.log"
+    with service_process(database_url, log, SHOP_LOG_LEVEL="WARNING") as (address, process):
+        with grpc.insecure_channel(address) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                UserServiceStub(channel).GetUser(users_api.GetUserRequest(id=424242), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=STOP_TIMEOUT) == 0
+    lines = log.read_text().splitlines()
+    assert any(" WARNING " in line and "SHOP_AUTH_TOKENS is unset" in line for line in lines), lines
+    assert not [line for line in lines if " INFO " in line], lines
 
 
 # --- Observability ------------------------------------------------------------------------
