@@ -3,6 +3,7 @@ every promise to its test). Real server, real PostgreSQL, no timing bounds."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -18,7 +19,7 @@ import pytest
 from shop.v1 import account_service_pb2 as accounts_api
 from shop.v1 import user_service_pb2 as users_api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
-from sqlalchemy import select, text, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -345,6 +346,28 @@ def test_the_retry_backoff_is_full_jitter_up_to_5_10_20_40_ms() -> None:
         delays = [policy.delay(failed) for _ in range(200)]
         assert all(0 <= d <= ceiling for d in delays), (failed, max(delays))
         assert max(delays) > ceiling / 2 and min(delays) < ceiling / 2  # spread over [0, c]
+
+
+@pytest.mark.parametrize(("recycle", "opened"), [(1, 2), (3600, 1)])
+async def test_pool_recycle_replaces_a_connection_past_its_age(
+    database_url: str, factory: Factory, recycle: int, opened: int
+) -> None:
+    """README (SHOP_POOL_RECYCLE): a connection older than this many seconds is replaced.
+    On a pool of one, two GetUsers 1.5 s apart open a second connection only when the
+    recycle age (1 s) has passed; with the default one connection serves both."""
+    user = await factory.user()
+    async with own_server(database_url, pool_size=1, pool_recycle=recycle) as server:
+        assert server.running.engine is not None
+        used: list[int] = []  # the backend pid of each checkout
+        event.listen(
+            server.running.engine.sync_engine.pool,
+            "checkout",
+            lambda conn, _rec, _proxy: used.append(conn.driver_connection.get_server_pid()),
+        )
+        await server.users.GetUser(users_api.GetUserRequest(id=user.id))
+        await asyncio.sleep(1.5)  # past the 1 s age; not a bound on anything the server does
+        await server.users.GetUser(users_api.GetUserRequest(id=user.id))
+    assert len(used) >= 2 and len(set(used)) == opened, used
 
 
 # --- Configuration: a process ---------------------------------------------------------------
