@@ -16,10 +16,11 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shop.v1 import account_service_pb2 as accounts_api
 from shop.v1 import user_service_pb2 as users_api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
-from sqlalchemy import event, select, text, update
+from sqlalchemy import event, make_url, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -36,6 +37,10 @@ from tests.process import STOP_TIMEOUT, service_process
 from tests.rpc import rpc_fails, stream_fails
 from tests.servers import own_server
 from tests.streams.helpers import insert_users
+from tests.tcp_proxy import TcpProxy
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def rid() -> str:
@@ -67,6 +72,58 @@ async def test_every_start_without_tokens_logs_a_warning(
     async with own_server(database_url, auth_tokens="t0ken-promise:read"):
         pass
     assert not any("SHOP_AUTH_TOKENS is unset" in r.getMessage() for r in caplog.records)
+
+
+# --- Health -------------------------------------------------------------------------------
+
+
+class _ProxyThatCanFallSilent(TcpProxy):
+    """The TCP proxy of tests/tcp_proxy.py, whose new connections also stay silent while
+    `silent` is set (a database host that stopped answering, rather than one that refuses)."""
+
+    silent = False
+
+    async def _accept(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        await super()._accept(client, to_client)
+        if self.silent:
+            self.links[-1].silent = True
+
+
+async def test_health_timeout_turns_a_silent_database_not_serving_and_back(
+    database_url: str,
+) -> None:
+    """README (Health): a probe gets SHOP_HEALTH_TIMEOUT seconds; a database that stops
+    answering (its connections hang, nothing is refused) makes health NOT_SERVING, where a
+    probe without that bound would hang and leave SERVING standing. Once it answers again,
+    SERVING. (20 s only turns a hang into a failure.)"""
+    url = make_url(database_url)
+    proxy = _ProxyThatCanFallSilent(url.port or 5432)
+    listener = await asyncio.start_server(proxy._accept, "127.0.0.1", 0)
+    proxy.port = listener.sockets[0].getsockname()[1]
+    through_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    settings = Settings(grpc_port=0, health_interval=0.2, health_timeout=0.5)
+    running = await start_server(settings, through_proxy)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await asyncio.wait_for(watch.read(), 20)).status == SERVING
+            proxy.silent = True
+            proxy.go_silent()
+            assert (await asyncio.wait_for(watch.read(), 20)).status == NOT_SERVING
+            proxy.silent = False
+            assert (await asyncio.wait_for(watch.read(), 20)).status == SERVING
+            watch.cancel()
+    finally:
+        # The proxy first: its silent connections then end, and the pool's close need not
+        # wait on them.
+        listener.close()
+        for writer in proxy._writers:
+            writer.close()
+        for task in list(proxy._tasks):
+            task.cancel()
+        await asyncio.gather(*proxy._tasks, return_exceptions=True)
+        await running.stop(grace=None)
 
 
 # --- TLS ----------------------------------------------------------------------------------
