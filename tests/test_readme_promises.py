@@ -276,6 +276,30 @@ async def test_import_users_meeting_a_serialization_failure_answers_contention_a
     assert (await _import(user_stub, ["a@example.com", "b@example.com"])).imported == 2
 
 
+async def test_import_merges_new_users_plainly_and_falls_back_to_on_conflict(
+    user_stub, factory: Factory, statements: StatementCounter
+) -> None:
+    """README (Bulk writes): the merge first tries a plain INSERT … SELECT in a savepoint,
+    which succeeds when every email is new; otherwise it rolls that back and runs the
+    ON CONFLICT merge."""
+
+    def merges() -> list[str]:
+        return [
+            "ON CONFLICT" if "ON CONFLICT" in s.upper() else "plain"
+            for s in statements.statements
+            if s.lstrip().upper().startswith("INSERT INTO USERS")
+        ]
+
+    assert (await _import(user_stub, ["new1@example.com", "new2@example.com"])).imported == 2
+    assert merges() == ["plain"], statements.statements
+    assert any(s.upper().startswith("SAVEPOINT") for s in statements.statements)
+
+    statements.statements.clear()
+    assert (await _import(user_stub, ["new1@example.com", "new3@example.com"])).imported == 2
+    assert merges() == ["plain", "ON CONFLICT"], statements.statements
+    assert any(s.upper().startswith("ROLLBACK TO SAVEPOINT") for s in statements.statements)
+
+
 # --- Design notes -------------------------------------------------------------------------
 
 
