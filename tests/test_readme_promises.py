@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,7 +30,7 @@ from service.db.models import Account, AccountKind
 from service.db.retry import DEFAULT_POLICY
 from service.logs import JsonFormatter
 from service.security import METHOD_ROLES, Role
-from service.server import start_server
+from service.server import RunningServer, start_server
 from tests.certs import make_certificates
 from tests.conftest import StatementCounter
 from tests.factories import Factory
@@ -298,6 +299,38 @@ async def test_import_merges_new_users_plainly_and_falls_back_to_on_conflict(
     assert (await _import(user_stub, ["new1@example.com", "new3@example.com"])).imported == 2
     assert merges() == ["plain", "ON CONFLICT"], statements.statements
     assert any(s.upper().startswith("ROLLBACK TO SAVEPOINT") for s in statements.statements)
+
+
+async def test_import_copies_on_the_sessions_own_connection_in_its_transaction(
+    user_stub, server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README (Design notes): ImportUsers' COPY reaches the driver through the session
+    connection's get_raw_connection(), in the same transaction; SQLAlchemy checks the
+    connection out and returns it."""
+    checked_out: list[int] = []
+    copies: list[tuple[int, bool]] = []
+
+    def checkout(conn: Any, _rec: Any, _proxy: Any) -> None:
+        checked_out.append(id(conn.driver_connection))
+
+    copy = asyncpg.Connection.copy_records_to_table
+
+    async def spied(self: asyncpg.Connection, *args: Any, **kwargs: Any) -> Any:
+        copies.append((id(self), self.is_in_transaction()))
+        return await copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", spied)
+    assert server.engine is not None
+    pool = server.engine.sync_engine.pool
+    event.listen(pool, "checkout", checkout)
+    try:
+        assert (await _import(user_stub, ["copy1@example.com", "copy2@example.com"])).imported == 2
+    finally:
+        event.remove(pool, "checkout", checkout)
+    assert copies, "the import made no COPY"
+    assert all(in_transaction for _, in_transaction in copies), copies
+    assert {conn for conn, _ in copies} <= set(checked_out), (copies, checked_out)
+    assert pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 # --- Design notes -------------------------------------------------------------------------
