@@ -411,3 +411,88 @@ async def test_shutdown_rolls_back_a_batch_that_outlives_the_drain_window(
         )
     assert keys == 0  # nothing of it was kept: the retry applies it once
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_call_whose_deadline_passed_while_queued_is_not_applied(
+    account_stub, factory: Factory, engine: AsyncEngine, server: RunningServer
+) -> None:
+    """Queued behind a batch held on a row lock, a Transfer whose deadline passes before its
+    own batch begins is dropped from it: DEADLINE_EXCEEDED, and nothing of it is written."""
+    a = await factory.account(balance="10.00")
+    b = await factory.account()
+    held = await factory.account(balance="1.00")
+    late = api.TransferRequest(
+        from_account_id=a.id, to_account_id=b.id, amount="2.00", request_id=rid()
+    )
+    async with engine.connect() as holder:
+        await holder.execute(select(Account.id).where(Account.id == held.id).with_for_update())
+        blocked = asyncio.ensure_future(
+            account_stub.Transfer(
+                api.TransferRequest(
+                    from_account_id=held.id, to_account_id=b.id, amount="1.00", request_id=rid()
+                )
+            )
+        )
+        await wait_for_a_lock_waiter(engine)
+        call = asyncio.ensure_future(account_stub.Transfer(late, timeout=0.5))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call, BOUND_SECONDS)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert server.db is not None and server.db.waiting() >= 2  # still queued, not dropped
+        await holder.rollback()
+    await asyncio.wait_for(blocked, BOUND_SECONDS)
+    await until_waiting_drops(server)
+    assert await balances(engine, a.id, b.id) == {a.id: Decimal("10.00"), b.id: Decimal("1.00")}
+    async with engine.connect() as conn:
+        kept = await conn.scalar(
+            text("SELECT count(*) FROM idempotency_keys WHERE request_id = :r"),
+            {"r": late.request_id},
+        )
+    assert kept == 0
+
+
+async def until_waiting_drops(server: RunningServer) -> None:
+    assert server.db is not None
+    for _ in range(1000):
+        if server.db.waiting() == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{server.db.waiting()} calls still wait on the batches")
+
+
+async def test_a_money_batch_holds_at_most_a_thousand_postings(
+    account_stub, factory: Factory, engine: AsyncEngine, sessions
+) -> None:
+    """Two BatchTransfer calls of 1000 at once: 2000 postings, each transaction (one
+    created_at per batch) holding at most 1000 of them."""
+    accounts = [await factory.account(balance="100.00") for _ in range(10)]
+    calls = [
+        api.BatchTransferRequest(
+            requests=[
+                api.TransferRequest(
+                    from_account_id=accounts[n % 10].id,
+                    to_account_id=accounts[(n + 1 + call) % 10].id,
+                    amount="0.01",
+                    request_id=rid(),
+                )
+                for n in range(1000)
+            ]
+        )
+        for call in range(2)
+    ]
+    responses = await asyncio.wait_for(
+        asyncio.gather(*(account_stub.BatchTransfer(c) for c in calls)), BOUND_SECONDS
+    )
+    assert all(r.WhichOneof("result") == "transfer" for resp in responses for r in resp.results)
+    async with engine.connect() as conn:
+        sizes = (
+            await conn.scalars(
+                text(
+                    "SELECT count(*) FROM transfers WHERE request_id NOT LIKE 'factory-%' "
+                    "GROUP BY created_at"
+                )
+            )
+        ).all()
+    assert sum(sizes) == 2000
+    assert len(sizes) >= 2 and max(sizes) <= 1000
+    await assert_ledger_balances(sessions)
