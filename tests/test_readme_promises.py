@@ -537,3 +537,25 @@ async def test_shop_debug_logs_every_sql_statement(
     assert not any("FROM users" in m for m in await statements_logged(False))
     logged = await statements_logged(True)
     assert any("FROM users" in m for m in logged), logged
+
+
+# --- The event loop -------------------------------------------------------------------------
+
+
+def _loaded_libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.parametrize(("setting", "on_uvloop"), [("true", True), ("false", False)])
+def test_shop_uvloop_chooses_the_serving_event_loop(
+    database_url: str, tmp_path: Path, setting: str, on_uvloop: bool
+) -> None:
+    """README (Configuration): SHOP_UVLOOP runs the server on uvloop, or on asyncio's own loop
+    when false. Seen from outside the process: uvloop's compiled loop is mapped into a serving
+    process only when it runs on it (the service imports uvloop only to use it)."""
+    with service_process(database_url, tmp_path / "serve.log", SHOP_UVLOOP=setting) as (
+        _,
+        process,
+    ):
+        maps = _loaded_libraries(process.pid)
+    assert ("uvloop/loop" in maps) is on_uvloop
