@@ -559,3 +559,43 @@ def test_shop_uvloop_chooses_the_serving_event_loop(
     ):
         maps = _loaded_libraries(process.pid)
     assert ("uvloop/loop" in maps) is on_uvloop
+
+
+# --- Keepalive: clients that ping too often ------------------------------------------------
+
+_EAGER_PINGER = [
+    ("grpc.keepalive_time_ms", 100),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+async def _watch_until_it_ends(port: int, seconds: float) -> grpc.StatusCode | None:
+    """Keep a Health Watch open from an eagerly pinging client; its end code, or None if it
+    was still open after `seconds`."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=_EAGER_PINGER) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        try:
+            async with asyncio.timeout(seconds):
+                while await watch.read() is not grpc.aio.EOF:
+                    pass
+        except TimeoutError:
+            watch.cancel()
+            return None
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return await watch.code()
+
+
+async def test_a_client_pinging_more_often_than_allowed_is_disconnected(
+    database_url: str,
+) -> None:
+    """README (Configuration): SHOP_KEEPALIVE_MIN_PING_INTERVAL_MS: a client that pings more
+    often gets GOAWAY (too_many_pings) and its call ends; the same client against a server
+    that allows its rate keeps its call."""
+    async with own_server(database_url, keepalive_min_ping_interval_ms=60_000) as strict:
+        assert await _watch_until_it_ends(strict.running.port, 20) == grpc.StatusCode.UNAVAILABLE
+    async with own_server(database_url, keepalive_min_ping_interval_ms=10) as lenient:
+        assert await _watch_until_it_ends(lenient.running.port, 3) is None
