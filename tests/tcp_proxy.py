@@ -27,8 +27,12 @@ class Link:
 
 
 class TcpProxy:
-    def __init__(self, upstream_port: int) -> None:
+    """Forwards 127.0.0.1:<port> to 127.0.0.1:<upstream_port>, or to a Unix socket (the
+    embedded PostgreSQL listens on one only)."""
+
+    def __init__(self, upstream_port: int, upstream_socket: str | None = None) -> None:
         self.upstream_port = upstream_port
+        self.upstream_socket = upstream_socket
         self.links: list[Link] = []
         self.port = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -40,7 +44,10 @@ class TcpProxy:
             link.silent = True
 
     async def _accept(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
-        server, to_server = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        if self.upstream_socket is not None:
+            server, to_server = await asyncio.open_unix_connection(self.upstream_socket)
+        else:
+            server, to_server = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         self._writers += [to_client, to_server]
         link = Link()
         self.links.append(link)

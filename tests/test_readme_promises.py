@@ -98,10 +98,17 @@ async def test_health_timeout_turns_a_silent_database_not_serving_and_back(
     probe without that bound would hang and leave SERVING standing. Once it answers again,
     SERVING. (20 s only turns a hang into a failure.)"""
     url = make_url(database_url)
-    proxy = _ProxyThatCanFallSilent(url.port or 5432)
+    # The embedded PostgreSQL listens on a Unix socket only (?host=<dir> in its URL).
+    socket_dir = url.query.get("host")
+    socket = f"{socket_dir}/.s.PGSQL.{url.port or 5432}" if isinstance(socket_dir, str) else None
+    proxy = _ProxyThatCanFallSilent(url.port or 5432, socket)
     listener = await asyncio.start_server(proxy._accept, "127.0.0.1", 0)
     proxy.port = listener.sockets[0].getsockname()[1]
-    through_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    through_proxy = (
+        url.difference_update_query(["host"])
+        .set(host="127.0.0.1", port=proxy.port)
+        .render_as_string(hide_password=False)
+    )
     settings = Settings(grpc_port=0, health_interval=0.2, health_timeout=0.5)
     running = await start_server(settings, through_proxy)
     try:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import grpc
@@ -43,13 +44,15 @@ def among(statements: StatementCounter, table: str) -> list[str]:
 
 
 async def while_locked(
-    server: RunningServer, engine: AsyncEngine, table: str, calls: list[Awaitable[Any]]
+    server: RunningServer, engine: AsyncEngine, table: str, calls: list[Callable[[], Any]]
 ) -> list[Any]:
     """The calls' outcomes, started while `table` is locked: the first batches wait for the
     lock on the server, the calls that arrive meanwhile queue behind them."""
     async with engine.connect() as holder:
         await holder.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
-        started = [asyncio.ensure_future(outcome(call)) for call in calls]
+        # Made only now: a grpc call starts when it is made, and made before the lock it could
+        # be answered before any batch waits.
+        started = [asyncio.ensure_future(outcome(call())) for call in calls]
         bound = time.monotonic() + 10
         while not await holder.scalar(
             text(
@@ -62,9 +65,7 @@ async def while_locked(
             # pg_stat_activity is read once per transaction unless its snapshot is dropped.
             await holder.execute(text("SELECT pg_stat_clear_snapshot()"))
         assert server.db is not None
-        # Every call is in a batch or queued (or answered: a call starts when it is made, so
-        # the first few may have run before the lock).
-        while server.db.waiting() + sum(s.done() for s in started) < len(calls):
+        while server.db.waiting() < len(calls):  # every call is in a batch or queued
             assert time.monotonic() < bound, f"{server.db.waiting()} calls reached the batches"
             await asyncio.sleep(0.01)
         await holder.rollback()
@@ -89,7 +90,10 @@ async def test_concurrent_get_users_share_statements_and_each_gets_its_own_user(
     assert len(ids) == CALLS
 
     replies = await while_locked(
-        server, engine, "users", [user_stub.GetUser(users_api.GetUserRequest(id=i)) for i in ids]
+        server,
+        engine,
+        "users",
+        [partial(user_stub.GetUser, users_api.GetUserRequest(id=i)) for i in ids],
     )
 
     for asked, reply in zip(ids, replies, strict=True):
@@ -125,7 +129,7 @@ async def test_concurrent_get_accounts_share_statements_and_each_gets_its_own_ac
     rng.shuffle(ids)
     assert len(ids) == CALLS
 
-    calls = [account_stub.GetAccount(accounts_api.GetAccountRequest(id=i)) for i in ids]
+    calls = [partial(account_stub.GetAccount, accounts_api.GetAccountRequest(id=i)) for i in ids]
     replies = await while_locked(server, engine, "accounts", calls)
 
     for asked, reply in zip(ids, replies, strict=True):
