@@ -12,6 +12,7 @@ from shop.v1 import user_service_pb2 as api
 
 from service.errors import InvalidArgument
 from service.handlers.users_bulk import (
+    READ_AHEAD_ROWS,
     StagedUser,
     batch_records,
     checked_batch,
@@ -216,3 +217,19 @@ async def test_import_batches_names_fields_by_message_number() -> None:
             got.append(records)
     assert got == [[("a@x.io", "A", "B", True)], []]
     assert [v.field for v in caught.value.violations] == ["batch[2].users[0].email"]
+
+
+async def test_the_read_ahead_is_16k_rows_by_default() -> None:
+    """README (Bulk writes): about 16k rows are received and checked ahead of the COPY: the
+    reader stops once 16,384 wait, so at most the message that crossed the bound more."""
+    calls: list[int] = []
+
+    async def slow_stage(records: list[StagedUser]) -> None:
+        calls.append(len(records))
+        await asyncio.sleep(0.02)
+
+    await stage_all(_batches([1000] * 60), slow_stage)
+    assert READ_AHEAD_ROWS == 16_384
+    assert sum(calls) == 60_000
+    assert max(calls) < READ_AHEAD_ROWS + 1000
+    assert max(calls) > 1000  # it did read ahead: more than one message per COPY
