@@ -19,6 +19,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shop.v1 import account_service_pb2 as accounts_api
+from shop.v1 import order_service_pb2 as orders_api
+from shop.v1 import resources_pb2 as orders_pb
 from shop.v1 import user_service_pb2 as users_api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
 from sqlalchemy import event, make_url, select, text, update
@@ -368,6 +370,39 @@ async def test_an_export_reads_one_consistent_snapshot(user_stub, engine: AsyncE
         u async for b in user_stub.StreamUsers(users_api.StreamUsersRequest()) for u in b.users
     ]
     assert len(again) == 5 and again[3].last_name == "Changed"
+
+
+async def test_stream_orders_and_stream_transfers_read_one_snapshot_too(
+    order_stub, account_stub, factory: Factory, engine: AsyncEngine
+) -> None:
+    """The same for the two other exports: rows written after the first batch was sent (a new
+    order and a changed status; a new transfer) are not in the rest of the export."""
+    user = await factory.user()
+    orders = [await factory.order(user) for _ in range(3)]
+    call = order_stub.StreamOrders(orders_api.StreamOrdersRequest(user_id=user.id, batch_size=1))
+    assert [o.id for o in (await call.read()).orders] == [orders[0].id]
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE orders SET status = 'paid' WHERE id = :id"), {"id": orders[-1].id}
+        )
+    await factory.order(user)
+    rest = []
+    while (batch := await call.read()) is not grpc.aio.EOF:
+        rest.extend(batch.orders)
+    assert [o.id for o in rest] == [o.id for o in orders[1:]]
+    assert rest[-1].status == orders_pb.ORDER_STATUS_PENDING
+
+    a, b = await factory.account(), await factory.account()
+    made = [await factory.transfer(a, b, "1.00") for _ in range(3)]
+    statement = account_stub.StreamTransfers(
+        accounts_api.StreamTransfersRequest(account_id=a.id, batch_size=1)
+    )
+    assert [t.id for t in (await statement.read()).transfers] == [made[0].id]
+    await factory.transfer(a, b, "2.00")
+    later = []
+    while (batch := await statement.read()) is not grpc.aio.EOF:
+        later.extend(batch.transfers)
+    assert [t.id for t in later] == [t.id for t in made[1:]]
 
 
 # --- Configuration ------------------------------------------------------------------------
