@@ -3,10 +3,10 @@ connection with no gRPC and no protobuf. Per batch, in one transaction: the idem
 (which draw the transfer ids), the accounts locked in id order, and one statement that writes
 balances, journal, both legs, audit rows and stored responses.
 
-The statements are plain SQL copied from service/repositories/ledger.py (no service import, so
-the bench survives the service's refactors); when the writer's statements change, change them
-here too. They run on raw asyncpg (the driver alone) or on one SQLAlchemy AsyncConnection
-(`execute(text(...))`, the writer's path minus everything around it), at a given batch size.
+The statements are the writer's own (service/repositories/ledger.py), so the baseline always
+measures what the service sends. They run on raw asyncpg (the driver alone) or on one
+SQLAlchemy AsyncConnection (`execute(text(...))`, the writer's path minus everything around it),
+at a given batch size.
 """
 
 from __future__ import annotations
@@ -24,61 +24,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from bench.results import Measurement, percentile
-
-CLAIM = """
-WITH asked AS (
-    SELECT request_id, request_hash
-    FROM unnest(CAST(:request_ids AS varchar[]), CAST(:hashes AS bytea[]))
-        AS asked (request_id, request_hash)
-), claimed AS (
-    INSERT INTO idempotency_keys (request_id, request_hash)
-    SELECT request_id, request_hash FROM asked ORDER BY request_id
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING request_id
-)
-SELECT claimed.request_id,
-       nextval(pg_get_serial_sequence('transfers', 'id')) AS transfer_id,
-       EXISTS (SELECT FROM transfers WHERE transfers.request_id = claimed.request_id)
-           AS journaled,
-       now() AS now
-FROM claimed
-"""
-LOCK = (
-    "SELECT id, balance, user_id, currency, created_at FROM accounts "
-    "WHERE id = ANY(CAST(:ids AS bigint[])) AND kind = 'customer' ORDER BY id FOR UPDATE"
-)
-APPLY = """
-WITH moved AS (
-    UPDATE accounts SET balance = after.balance, updated_at = now()
-    FROM unnest(CAST(:account_ids AS bigint[]), CAST(:balances AS numeric(18, 2)[]))
-        AS after (id, balance)
-    WHERE accounts.id = after.id
-), journal AS (
-    INSERT INTO transfers (id, from_account_id, to_account_id, amount, request_id)
-    SELECT * FROM unnest(CAST(:transfer_ids AS bigint[]), CAST(:from_ids AS bigint[]),
-        CAST(:to_ids AS bigint[]), CAST(:amounts AS numeric(18, 2)[]),
-        CAST(:transfer_request_ids AS varchar[]))
-), entries AS (
-    INSERT INTO ledger_entries (transfer_id, account_id, amount)
-    SELECT * FROM unnest(CAST(:entry_transfer_ids AS bigint[]),
-        CAST(:entry_account_ids AS bigint[]), CAST(:entry_amounts AS numeric(18, 2)[]))
-), audit AS (
-    INSERT INTO audit_log (table_name, row_id, action, changes)
-    SELECT 'accounts', audited.id, 'update',
-           jsonb_build_object('balance', audited.balance::text, 'updated_at', now()::text)
-    FROM unnest(CAST(:audit_ids AS bigint[]), CAST(:audit_balances AS numeric(18, 2)[]))
-        WITH ORDINALITY AS audited (id, balance, n)
-    ORDER BY audited.n
-), stored AS (
-    UPDATE idempotency_keys SET response = answered.response
-    FROM unnest(CAST(:answered_ids AS varchar[]), CAST(:responses AS bytea[]))
-        AS answered (request_id, response)
-    WHERE idempotency_keys.request_id = answered.request_id
-), released AS (
-    DELETE FROM idempotency_keys WHERE request_id = ANY(CAST(:released_ids AS varchar[]))
-)
-SELECT 1
-"""
+from service.repositories.ledger import APPLY, CLAIM, LOCK
 
 # About the size of a serialized Transfer, as the writer stores it for idempotent replays.
 RESPONSE = b"r" * 64
@@ -110,7 +56,7 @@ class Sql:
 
 
 STATEMENTS = {
-    name: Sql.of(sql) for name, sql in (("claim", CLAIM), ("lock", LOCK), ("apply", APPLY))
+    name: Sql.of(sql.text) for name, sql in (("claim", CLAIM), ("lock", LOCK), ("apply", APPLY))
 }
 
 
@@ -167,7 +113,7 @@ async def one_batch(runner: Runner, accounts: list[int], size: int, rng: random.
         ids = {row[0]: row[1] for row in claimed}
         ids_locked = sorted({a for pair in pairs for a in pair})
         locked = await runner.rows(STATEMENTS["lock"], {"ids": ids_locked})
-        balances = {row[0]: row[1] for row in locked}
+        balances = {row[0]: row[3] for row in locked}  # LOCK: id, user_id, currency, balance
         transfers, entries, audit = [], [], []
         for rid, (source, target) in zip(rids, pairs, strict=True):
             tid = ids[rid]

@@ -41,7 +41,7 @@ METHOD = """\
   transfers/s is calls/s times 1000, CPU is per transfer, latency per call. A call with any
   item refused counts as an error.
 - **Batch statements**: the money writer's statements for one batch (claims, locks in id
-  order, one writing statement; plain SQL copied into `bench/batched.py`) sent from one
+  order, one writing statement; the service's own, from `repositories/ledger.py`) sent from one
   connection in the bench process, batches back to back, on one SQLAlchemy AsyncConnection
   and on raw asyncpg; their CPU is the bench process's per transfer.
 - **UpsertUsers / ImportUsers** are called one at a time with new emails (all inserts). The
