@@ -12,9 +12,9 @@ from service.db.database import database_url
 from service.db.housekeeping import purge_idempotency_keys
 from service.db.migrate import upgrade
 from service.db.schema_state import SchemaBehind
-from service.logs import configure_logging
-from service.security import InsecureBindError, check_exposure
-from service.workers import serve_processes
+from service.observability.logs import configure_logging
+from service.serving.security import InsecureBindError, check_exposure
+from service.serving.workers import serve_processes
 
 log = logging.getLogger("service")
 

@@ -62,9 +62,9 @@ class Settings(BaseSettings):
     # Seconds in-flight RPCs get to finish after SIGTERM/SIGINT.
     shutdown_grace: float = Field(default=10.0, ge=0)
 
-    # Serving processes sharing the port (service/workers.py); each has its own pool.
+    # Serving processes sharing the port (service/serving/workers.py); each has its own pool.
     workers: int = Field(default=1, ge=1)
-    # Run the event loop on uvloop (service/workers.py): measured ~15-30% less CPU per GetUser.
+    # Run the event loop on uvloop (serving/workers.py): measured ~15-30% less CPU per GetUser.
     uvloop: bool = True
 
     # Migrations (alembic/env.py, docs/migrations.md): PostgreSQL durations such as "5s" or
@@ -75,11 +75,11 @@ class Settings(BaseSettings):
     # Serve even when the database's schema is behind this build (service/db/schema_state.py).
     allow_schema_behind: bool = False
 
-    # Health (service/health.py): ping the database every interval; NOT_SERVING when it fails.
+    # Health (serving/health.py): ping the database every interval; NOT_SERVING when it fails.
     health_interval: float = Field(default=2.0, gt=0)
     health_timeout: float = Field(default=1.0, gt=0)
 
-    # TLS (service/tls.py): cert + key turn it on; a client CA makes it mutual TLS.
+    # TLS (service/serving/tls.py): cert + key turn it on; a client CA makes it mutual TLS.
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
             raise ValueError("SHOP_TLS_CLIENT_CA needs SHOP_TLS_CERT and SHOP_TLS_KEY")
         return self
 
-    # Limits (service/limits.py turns them into grpc.aio.server arguments).
+    # Limits (service/serving/limits.py turns them into grpc.aio.server arguments).
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     keepalive_time_ms: int = Field(default=60_000, ge=1000)
     keepalive_timeout_ms: int = Field(default=20_000, ge=1000)
@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     max_concurrent_rpcs: int = Field(default=1000, ge=0)  # 0: no limit
     compression: Compression = Compression.NONE
 
-    # Security (service/security.py): "token:role,token:role", role read or write.
+    # Security (service/serving/security.py): "token:role,token:role", role read or write.
     auth_tokens: SecretStr | None = None
     allow_insecure: bool = False  # serve a non-loopback address without tokens
 

@@ -16,7 +16,7 @@ from service.config import Settings
 from service.db.engine import create_sessionmaker, create_unpooled_engine
 from service.db.migrate import upgrade
 from service.db.models import Base
-from service.server import RunningServer, start_server
+from service.serving.server import RunningServer, start_server
 from tests import postgres
 from tests.factories import Factory
 from tests.postgres import test_database

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shop.v1 import account_service_pb2_grpc, order_service_pb2_grpc, user_service_pb2_grpc
 
 from service.config import Settings
-from service.server import RunningServer, start_server
+from service.serving.server import RunningServer, start_server
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from sqlalchemy import event
 
 from service.config import Settings
 from service.db.migrate import upgrade
-from service.server import SHOP_SERVICES, RunningServer, start_server
+from service.serving.server import SHOP_SERVICES, RunningServer, start_server
 from tests import tools
 from tests.faults.own_postgres import OwnPostgres, own_postgres
 
@@ -160,7 +160,7 @@ async def test_not_serving_until_the_first_probe_answers(
 ) -> None:
     """The first probe is held back: the server already answers on its port, and says
     NOT_SERVING for every name until the probe has answered."""
-    from service.health import HealthProbe
+    from service.serving.health import HealthProbe
     from tests.servers import free_port
 
     probing, release = asyncio.Event(), asyncio.Event()

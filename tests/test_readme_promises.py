@@ -30,9 +30,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.config import Settings
 from service.db.models import Account, AccountKind
 from service.db.retry import DEFAULT_POLICY
-from service.logs import JsonFormatter
-from service.security import METHOD_ROLES, Role
-from service.server import RunningServer, start_server
+from service.observability.logs import JsonFormatter
+from service.serving.security import METHOD_ROLES, Role
+from service.serving.server import RunningServer, start_server
 from tests.certs import make_certificates
 from tests.conftest import StatementCounter
 from tests.factories import Factory
@@ -65,7 +65,7 @@ def test_a_read_token_may_call_exactly_get_list_and_stream() -> None:
 async def test_every_start_without_tokens_logs_a_warning(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="service.server")
+    caplog.set_level(logging.WARNING, logger="service.serving.server")
     async with own_server(database_url):
         pass
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]

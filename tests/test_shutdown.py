@@ -175,7 +175,7 @@ async def test_a_call_still_running_when_the_grace_runs_out_is_cancelled_and_exi
                 assert not deposit.done(), "cut off before its grace ran out"
 
                 # The lock is held past the grace, and past the drain that lets the money
-                # writer's batch run on (service/server.py): the call is cancelled, the batch
+                # writer's batch run on (serving/server.py): the call is cancelled, the batch
                 # rolled back.
                 with pytest.raises(grpc.aio.AioRpcError) as cancelled:
                     await asyncio.wait_for(deposit, WAIT)

@@ -12,7 +12,7 @@ import pytest_asyncio
 from shop.v1 import user_service_pb2, user_service_pb2_grpc
 
 from service.config import Settings
-from service.server import RunningServer, start_server
+from service.serving.server import RunningServer, start_server
 from tests.certs import Certificates, make_certificates
 from tests.rpc import rpc_fails
 

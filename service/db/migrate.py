@@ -15,7 +15,7 @@ def alembic_config(url: str) -> Config:
     config.set_main_option("script_location", str(ROOT / "alembic"))
     # Alembic's config is ConfigParser-backed: % must be doubled.
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    # The process has its logging set up already (service/logs.py, or pytest's): alembic.ini's
+    # The process has its logging set up already (observability/logs.py, or pytest's): alembic.ini's
     # would replace it, and `migrate` would lose its own lines (waiting for the lock, at head).
     config.attributes["configure_logger"] = False
     return config

@@ -7,7 +7,7 @@ from service.handlers.context import Context
 from service.interceptors.around import CallHooks, wrap_around
 from service.interceptors.errors import abort_for
 from service.interceptors.wrapping import Handler, WrappingInterceptor
-from service.security import Role, TokenTable, required_role
+from service.serving.security import Role, TokenTable, required_role
 
 _BEARER = "bearer "
 

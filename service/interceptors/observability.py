@@ -15,7 +15,7 @@ from service.handlers.context import Context
 from service.interceptors.around import CallHooks, wrap_around
 from service.interceptors.request_id import HEADER, bind_request_id, request_id_from
 from service.interceptors.wrapping import Handler, WrappingInterceptor
-from service.metrics import RpcMetrics
+from service.observability.metrics import RpcMetrics
 
 access_log = logging.getLogger("service.access")
 

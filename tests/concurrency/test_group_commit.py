@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.errors import SERIALIZATION_FAILURE
 from service.db.models import Account, Transfer
-from service.server import RunningServer
+from service.serving.server import RunningServer
 from tests.concurrency.test_retry import wait_for_a_lock_waiter
 from tests.conftest import StatementCounter
 from tests.factories import Factory
@@ -387,7 +387,7 @@ async def test_shutdown_lets_a_running_batch_commit_for_a_caller_cut_off_by_the_
 async def test_shutdown_rolls_back_a_batch_that_outlives_the_drain_window(
     database_url: str, factory: Factory, engine: AsyncEngine, monkeypatch, caplog
 ) -> None:
-    monkeypatch.setattr("service.server.BATCH_DRAIN_SECONDS", 0.3)
+    monkeypatch.setattr("service.serving.server.BATCH_DRAIN_SECONDS", 0.3)
     a = await factory.account(balance="10.00")
     b = await factory.account()
     request = api.TransferRequest(

@@ -23,7 +23,7 @@ from service.db.coalescer import Outcome
 from service.db.engine import create_engine, create_sessionmaker
 from service.db.unit_of_work import Database
 from service.errors import NotFound
-from service.server import RunningServer
+from service.serving.server import RunningServer
 from tests.factories import Factory
 
 TURNS = 60

@@ -22,7 +22,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.models import IdempotencyKey, Order, OrderItem, Transfer, User
-from service.server import RunningServer
+from service.serving.server import RunningServer
 from tests.faults.traffic import assert_balances_match_transfers
 
 T = TypeVar("T")

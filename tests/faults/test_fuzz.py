@@ -25,7 +25,7 @@ from shop.v1 import (
 
 from service.config import Settings
 from service.handlers.paging import PageTokens
-from service.server import server_options
+from service.serving.server import server_options
 
 DEADLINE = 10.0
 # A hang shows as DEADLINE_EXCEEDED; INTERNAL and UNKNOWN are the server not having decided.

@@ -13,11 +13,9 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shop.v1 import account_service_pb2 as api
@@ -25,7 +23,6 @@ from shop.v1 import account_service_pb2_grpc, user_service_pb2, user_service_pb2
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import service
 from service.db.models import Transfer
 from tests.faults.own_postgres import OwnPostgres
 from tests.faults.retry_info import DATABASE_UNAVAILABLE, retry_hint
@@ -36,8 +33,6 @@ DEADLINE = 5.0  # every client call; a call that hangs ends DEADLINE_EXCEEDED an
 RECOVERY = 5.0  # the stated guarantee: calls succeed within 5 s of the database returning
 OUTAGE = 2.0
 START_BALANCE = Decimal("1000.00")
-# The background probe lives in service/health.py (another issue); look beside the package in use.
-HEALTH_PROBE = (Path(service.__file__).parent / "health.py").is_file()
 
 
 @pytest_asyncio.fixture
@@ -242,11 +237,6 @@ async def wait_for_status(channel: grpc.aio.Channel, status: int, bound: float) 
     return time.monotonic() - start
 
 
-@pytest.mark.xfail(
-    not HEALTH_PROBE,
-    strict=True,
-    reason="needs the background health probe (service/health.py), built by another issue",
-)
 async def test_health_goes_not_serving_during_outage_and_back(
     own_pg: OwnPostgres, served: OwnServer
 ) -> None:

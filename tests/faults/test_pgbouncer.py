@@ -30,7 +30,7 @@ from shop.v1 import user_service_pb2 as users_api
 from sqlalchemy.engine import make_url
 
 from service.config import Settings
-from service.server import RunningServer, start_server
+from service.serving.server import RunningServer, start_server
 from tests import tools
 from tests.faults.own_postgres import free_port
 

@@ -22,7 +22,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.db.models import Account, AccountKind
-from service.server import RunningServer
+from service.serving.server import RunningServer
 from tests.conftest import StatementCounter
 from tests.factories import Factory
 from tests.rpc import failure_of

@@ -13,7 +13,7 @@ from shop.v1 import order_service_pb2 as orders_api
 from shop.v1 import resources_pb2 as pb
 from shop.v1 import user_service_pb2 as users_api
 
-from service.server import SHOP_SERVICES
+from service.serving.server import SHOP_SERVICES
 from tests.rpc import rpc_fails
 
 

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from shop.v1 import user_service_pb2 as api
 
-from service.security import InsecureBindError
+from service.serving.security import InsecureBindError
 from tests.rpc import failure_of
 from tests.servers import OwnServer, own_server
 

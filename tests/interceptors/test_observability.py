@@ -13,7 +13,7 @@ from shop.v1.user_service_pb2_grpc import UserServiceStub
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.logs import JsonFormatter, RequestIdFilter
+from service.observability.logs import JsonFormatter, RequestIdFilter
 from tests.factories import Factory
 from tests.rpc import failure_of
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import event
 
-from service.server import RunningServer
+from service.serving.server import RunningServer
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from shop.v1 import user_service_pb2 as api
 from shop.v1 import user_service_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.server import RunningServer
+from service.serving.server import RunningServer
 from tests.streams.helpers import insert_users
 
 USERS = 40_000

@@ -11,7 +11,7 @@ from shop.v1 import user_service_pb2 as api
 from shop.v1 import user_service_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.server import RunningServer
+from service.serving.server import RunningServer
 from tests.streams.helpers import eventually, insert_users, session_states
 
 Stub = user_service_pb2_grpc.UserServiceStub

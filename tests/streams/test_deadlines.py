@@ -11,7 +11,7 @@ from shop.v1 import user_service_pb2 as api
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.server import RunningServer
+from service.serving.server import RunningServer
 from tests.factories import Factory
 from tests.rpc import rpc_fails
 from tests.streams.helpers import eventually, insert_users, lock_waiters, session_states

@@ -18,7 +18,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.models import Account
-from service.server import RunningServer
+from service.serving.server import RunningServer
 from tests.conftest import StatementCounter
 from tests.factories import Factory
 from tests.rpc import rpc_fails, stream_fails

@@ -11,7 +11,7 @@ from shop.v1 import user_service_pb2_grpc
 from sqlalchemy import event
 
 from service.db.ping import PRE_PING
-from service.server import RunningServer
+from service.serving.server import RunningServer
 from tests.factories import Factory
 
 

@@ -15,7 +15,7 @@ from shop.v1 import order_service_pb2 as orders_api
 from shop.v1 import user_service_pb2 as users_api
 from sqlalchemy import event
 
-from service.server import RunningServer
+from service.serving.server import RunningServer
 from tests.factories import Factory
 
 BATCH = 3

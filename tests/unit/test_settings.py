@@ -7,7 +7,7 @@ from pydantic import ValidationError
 from shop.v1 import account_service_pb2, order_service_pb2, user_service_pb2
 
 from service.config import Settings
-from service.security import METHOD_ROLES, Role, TokenTable, is_loopback, required_role
+from service.serving.security import METHOD_ROLES, Role, TokenTable, is_loopback, required_role
 
 SECRETS = ("s3cret-token", "pg-pass", "page-key")
 

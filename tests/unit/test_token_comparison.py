@@ -1,4 +1,4 @@
-"""How bearer tokens are compared (service/security.py): the README promises that timing says
+"""How bearer tokens are compared (serving/security.py): the README promises that timing says
 nothing about a token. No clock can show that reliably on a shared machine, so this checks the
 mechanism the promise rests on: every configured token is compared, always, with
 hmac.compare_digest, on SHA-256 digests of one length whatever the token's length."""
@@ -9,7 +9,7 @@ import hmac
 
 import pytest
 
-from service.security import Role, TokenTable
+from service.serving.security import Role, TokenTable
 
 
 @pytest.mark.parametrize("presented", ["", "r", "writer-token", "x" * 500, "reader-token"])

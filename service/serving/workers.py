@@ -21,7 +21,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from service.config import Settings
-from service.logs import configure_logging
+from service.observability.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def run_event_loop(main: Coroutine[Any, Any, None], settings: Settings) -> None:
 
 def serve_processes(settings: Settings, database_url: str) -> int:
     """Serve until stopped; returns the exit status (0: every process stopped cleanly)."""
-    from service.server import serve  # imported here: the parent of N workers needs no gRPC
+    from service.serving.server import serve  # imported here: the parent of N workers needs no gRPC
 
     if settings.workers == 1:
         run_event_loop(serve(settings, database_url), settings)
@@ -68,7 +68,7 @@ def _worker(settings: Settings, database_url: str) -> None:
     # Until serve() installs its own handlers, a forwarded SIGTERM must not kill with status -15.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stopped_while_starting)
-    from service.server import serve
+    from service.serving.server import serve
 
     configure_logging(settings)
     log.info("worker %d starting", os.getpid())

@@ -31,19 +31,19 @@ from service.handlers.orders import OrderServicer
 from service.handlers.paging import PageTokens
 from service.handlers.users import UserServicer
 from service.handlers.users_encode import serialize_user_batch
-from service.health import HealthProbe, HealthService
 from service.interceptors.auth import AuthInterceptor
 from service.interceptors.deadlines import DeadlineInterceptor
 from service.interceptors.errors import ErrorInterceptor
 from service.interceptors.observability import ObservabilityInterceptor
 from service.interceptors.streams import StreamWriter
 from service.interceptors.wrapping import Interceptor
-from service.limits import compression, limit_options, max_concurrent_rpcs
-from service.metrics import MetricsEndpoint, RpcMetrics, serve_metrics, server_metrics
-from service.security import TokenTable, check_exposure
-from service.shutdown import ActiveStreams
-from service.tls import server_credentials
-from service.tracing import tracing_interceptors
+from service.observability.metrics import MetricsEndpoint, RpcMetrics, serve_metrics, server_metrics
+from service.observability.tracing import tracing_interceptors
+from service.serving.health import HealthProbe, HealthService
+from service.serving.limits import compression, limit_options, max_concurrent_rpcs
+from service.serving.security import TokenTable, check_exposure
+from service.serving.shutdown import ActiveStreams
+from service.serving.tls import server_credentials
 
 log = logging.getLogger(__name__)
 

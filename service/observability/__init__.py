@@ -1,0 +1,1 @@
+"""The observability room: structured logs, Prometheus metrics, OpenTelemetry tracing."""
