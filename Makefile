@@ -17,13 +17,18 @@ $(STAMP): pyproject.toml setup.py service/handlers/_user_batch.c
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Regenerate generated/ from protos/ (messages, services and typed stubs).
+# Regenerate generated/ from protos/ (messages, services and typed stubs), and the descriptor
+# set of the three services with every import and the comments, which Envoy's
+# grpc_json_transcoder loads (deploy/) to map the google.api.http routes onto the RPCs.
+DESCRIPTORS := generated/descriptors/shop_v1.binpb
 generate: $(STAMP)
-	rm -rf generated/shop
+	rm -rf generated/shop generated/descriptors
+	mkdir -p generated/descriptors
 	$(PY) -m grpc_tools.protoc -Iprotos \
 		--python_out=generated --grpc_python_out=generated \
 		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=generated \
 		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=generated \
+		--descriptor_set_out=$(DESCRIPTORS) --include_imports --include_source_info \
 		$(PROTOS)
 	touch generated/shop/__init__.py generated/shop/v1/__init__.py
 

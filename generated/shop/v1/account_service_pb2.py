@@ -22,41 +22,58 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from shop.v1 import resources_pb2 as shop_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dshop/v1/account_service.proto\x12\x07shop.v1\x1a\x17google/rpc/status.proto\x1a\x17shop/v1/resources.proto\"K\n\x12OpenAccountRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1f\n\x11GetAccountRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"H\n\x0e\x44\x65positRequest\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"I\n\x0fWithdrawRequest\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"e\n\x0fTransferRequest\x12\x17\n\x0f\x66rom_account_id\x18\x01 \x01(\x03\x12\x15\n\rto_account_id\x18\x02 \x01(\x03\x12\x0e\n\x06\x61mount\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"B\n\x14\x42\x61tchTransferRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.shop.v1.TransferRequest\"A\n\x15\x42\x61tchTransferResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.shop.v1.TransferResult\"f\n\x0eTransferResult\x12%\n\x08transfer\x18\x01 \x01(\x0b\x32\x11.shop.v1.TransferH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"Q\n\x14ListTransfersRequest\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x15ListTransfersResponse\x12$\n\ttransfers\x18\x01 \x03(\x0b\x32\x11.shop.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x16StreamTransfersRequest\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\"K\n\rTransferBatch\x12$\n\ttransfers\x18\x01 \x03(\x0b\x32\x11.shop.v1.Transfer\x12\x14\n\x0cresume_token\x18\x02 \x01(\t2\x9f\x04\n\x0e\x41\x63\x63ountService\x12<\n\x0bOpenAccount\x12\x1b.shop.v1.OpenAccountRequest\x1a\x10.shop.v1.Account\x12:\n\nGetAccount\x12\x1a.shop.v1.GetAccountRequest\x1a\x10.shop.v1.Account\x12\x34\n\x07\x44\x65posit\x12\x17.shop.v1.DepositRequest\x1a\x10.shop.v1.Account\x12\x36\n\x08Withdraw\x12\x18.shop.v1.WithdrawRequest\x1a\x10.shop.v1.Account\x12\x37\n\x08Transfer\x12\x18.shop.v1.TransferRequest\x1a\x11.shop.v1.Transfer\x12N\n\rBatchTransfer\x12\x1d.shop.v1.BatchTransferRequest\x1a\x1e.shop.v1.BatchTransferResponse\x12N\n\rListTransfers\x12\x1d.shop.v1.ListTransfersRequest\x1a\x1e.shop.v1.ListTransfersResponse\x12L\n\x0fStreamTransfers\x12\x1f.shop.v1.StreamTransfersRequest\x1a\x16.shop.v1.TransferBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dshop/v1/account_service.proto\x12\x07shop.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\x1a\x17shop/v1/resources.proto\"K\n\x12OpenAccountRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1f\n\x11GetAccountRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"H\n\x0e\x44\x65positRequest\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"I\n\x0fWithdrawRequest\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x61mount\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"e\n\x0fTransferRequest\x12\x17\n\x0f\x66rom_account_id\x18\x01 \x01(\x03\x12\x15\n\rto_account_id\x18\x02 \x01(\x03\x12\x0e\n\x06\x61mount\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"B\n\x14\x42\x61tchTransferRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.shop.v1.TransferRequest\"A\n\x15\x42\x61tchTransferResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.shop.v1.TransferResult\"f\n\x0eTransferResult\x12%\n\x08transfer\x18\x01 \x01(\x0b\x32\x11.shop.v1.TransferH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"Q\n\x14ListTransfersRequest\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x15ListTransfersResponse\x12$\n\ttransfers\x18\x01 \x03(\x0b\x32\x11.shop.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x16StreamTransfersRequest\x12\x12\n\naccount_id\x18\x01 \x01(\x03\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\"K\n\rTransferBatch\x12$\n\ttransfers\x18\x01 \x03(\x0b\x32\x11.shop.v1.Transfer\x12\x14\n\x0cresume_token\x18\x02 \x01(\t2\xed\x06\n\x0e\x41\x63\x63ountService\x12U\n\x0bOpenAccount\x12\x1b.shop.v1.OpenAccountRequest\x1a\x10.shop.v1.Account\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/accounts:\x01*\x12U\n\nGetAccount\x12\x1a.shop.v1.GetAccountRequest\x1a\x10.shop.v1.Account\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/accounts/{id}\x12\x62\n\x07\x44\x65posit\x12\x17.shop.v1.DepositRequest\x1a\x10.shop.v1.Account\",\x82\xd3\xe4\x93\x02&\"!/v1/accounts/{account_id}:deposit:\x01*\x12\x65\n\x08Withdraw\x12\x18.shop.v1.WithdrawRequest\x1a\x10.shop.v1.Account\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/accounts/{account_id}:withdraw:\x01*\x12k\n\x08Transfer\x12\x18.shop.v1.TransferRequest\x1a\x11.shop.v1.Transfer\"2\x82\xd3\xe4\x93\x02,\"\'/v1/accounts/{from_account_id}:transfer:\x01*\x12u\n\rBatchTransfer\x12\x1d.shop.v1.BatchTransferRequest\x1a\x1e.shop.v1.BatchTransferResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/accounts:batchTransfer:\x01*\x12{\n\rListTransfers\x12\x1d.shop.v1.ListTransfersRequest\x1a\x1e.shop.v1.ListTransfersResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/accounts/{account_id}/transfers\x12\x80\x01\n\x0fStreamTransfers\x12\x1f.shop.v1.StreamTransfersRequest\x1a\x16.shop.v1.TransferBatch\"2\x82\xd3\xe4\x93\x02,\x12*/v1/accounts/{account_id}/transfers:stream0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shop.v1.account_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPENACCOUNTREQUEST']._serialized_start=92
-  _globals['_OPENACCOUNTREQUEST']._serialized_end=167
-  _globals['_GETACCOUNTREQUEST']._serialized_start=169
-  _globals['_GETACCOUNTREQUEST']._serialized_end=200
-  _globals['_DEPOSITREQUEST']._serialized_start=202
-  _globals['_DEPOSITREQUEST']._serialized_end=274
-  _globals['_WITHDRAWREQUEST']._serialized_start=276
-  _globals['_WITHDRAWREQUEST']._serialized_end=349
-  _globals['_TRANSFERREQUEST']._serialized_start=351
-  _globals['_TRANSFERREQUEST']._serialized_end=452
-  _globals['_BATCHTRANSFERREQUEST']._serialized_start=454
-  _globals['_BATCHTRANSFERREQUEST']._serialized_end=520
-  _globals['_BATCHTRANSFERRESPONSE']._serialized_start=522
-  _globals['_BATCHTRANSFERRESPONSE']._serialized_end=587
-  _globals['_TRANSFERRESULT']._serialized_start=589
-  _globals['_TRANSFERRESULT']._serialized_end=691
-  _globals['_LISTTRANSFERSREQUEST']._serialized_start=693
-  _globals['_LISTTRANSFERSREQUEST']._serialized_end=774
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=776
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=862
-  _globals['_STREAMTRANSFERSREQUEST']._serialized_start=864
-  _globals['_STREAMTRANSFERSREQUEST']._serialized_end=950
-  _globals['_TRANSFERBATCH']._serialized_start=952
-  _globals['_TRANSFERBATCH']._serialized_end=1027
-  _globals['_ACCOUNTSERVICE']._serialized_start=1030
-  _globals['_ACCOUNTSERVICE']._serialized_end=1573
+  _globals['_ACCOUNTSERVICE'].methods_by_name['OpenAccount']._loaded_options = None
+  _globals['_ACCOUNTSERVICE'].methods_by_name['OpenAccount']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/accounts:\001*'
+  _globals['_ACCOUNTSERVICE'].methods_by_name['GetAccount']._loaded_options = None
+  _globals['_ACCOUNTSERVICE'].methods_by_name['GetAccount']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/accounts/{id}'
+  _globals['_ACCOUNTSERVICE'].methods_by_name['Deposit']._loaded_options = None
+  _globals['_ACCOUNTSERVICE'].methods_by_name['Deposit']._serialized_options = b'\202\323\344\223\002&\"!/v1/accounts/{account_id}:deposit:\001*'
+  _globals['_ACCOUNTSERVICE'].methods_by_name['Withdraw']._loaded_options = None
+  _globals['_ACCOUNTSERVICE'].methods_by_name['Withdraw']._serialized_options = b'\202\323\344\223\002\'\"\"/v1/accounts/{account_id}:withdraw:\001*'
+  _globals['_ACCOUNTSERVICE'].methods_by_name['Transfer']._loaded_options = None
+  _globals['_ACCOUNTSERVICE'].methods_by_name['Transfer']._serialized_options = b'\202\323\344\223\002,\"\'/v1/accounts/{from_account_id}:transfer:\001*'
+  _globals['_ACCOUNTSERVICE'].methods_by_name['BatchTransfer']._loaded_options = None
+  _globals['_ACCOUNTSERVICE'].methods_by_name['BatchTransfer']._serialized_options = b'\202\323\344\223\002\037\"\032/v1/accounts:batchTransfer:\001*'
+  _globals['_ACCOUNTSERVICE'].methods_by_name['ListTransfers']._loaded_options = None
+  _globals['_ACCOUNTSERVICE'].methods_by_name['ListTransfers']._serialized_options = b'\202\323\344\223\002%\022#/v1/accounts/{account_id}/transfers'
+  _globals['_ACCOUNTSERVICE'].methods_by_name['StreamTransfers']._loaded_options = None
+  _globals['_ACCOUNTSERVICE'].methods_by_name['StreamTransfers']._serialized_options = b'\202\323\344\223\002,\022*/v1/accounts/{account_id}/transfers:stream'
+  _globals['_OPENACCOUNTREQUEST']._serialized_start=122
+  _globals['_OPENACCOUNTREQUEST']._serialized_end=197
+  _globals['_GETACCOUNTREQUEST']._serialized_start=199
+  _globals['_GETACCOUNTREQUEST']._serialized_end=230
+  _globals['_DEPOSITREQUEST']._serialized_start=232
+  _globals['_DEPOSITREQUEST']._serialized_end=304
+  _globals['_WITHDRAWREQUEST']._serialized_start=306
+  _globals['_WITHDRAWREQUEST']._serialized_end=379
+  _globals['_TRANSFERREQUEST']._serialized_start=381
+  _globals['_TRANSFERREQUEST']._serialized_end=482
+  _globals['_BATCHTRANSFERREQUEST']._serialized_start=484
+  _globals['_BATCHTRANSFERREQUEST']._serialized_end=550
+  _globals['_BATCHTRANSFERRESPONSE']._serialized_start=552
+  _globals['_BATCHTRANSFERRESPONSE']._serialized_end=617
+  _globals['_TRANSFERRESULT']._serialized_start=619
+  _globals['_TRANSFERRESULT']._serialized_end=721
+  _globals['_LISTTRANSFERSREQUEST']._serialized_start=723
+  _globals['_LISTTRANSFERSREQUEST']._serialized_end=804
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=806
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=892
+  _globals['_STREAMTRANSFERSREQUEST']._serialized_start=894
+  _globals['_STREAMTRANSFERSREQUEST']._serialized_end=980
+  _globals['_TRANSFERBATCH']._serialized_start=982
+  _globals['_TRANSFERBATCH']._serialized_end=1057
+  _globals['_ACCOUNTSERVICE']._serialized_start=1060
+  _globals['_ACCOUNTSERVICE']._serialized_end=1937
 # @@protoc_insertion_point(module_scope)

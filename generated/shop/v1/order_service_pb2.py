@@ -22,30 +22,41 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from shop.v1 import resources_pb2 as shop_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshop/v1/order_service.proto\x12\x07shop.v1\x1a\x17shop/v1/resources.proto\"\\\n\x12\x43reateOrderRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12!\n\x05items\x18\x02 \x03(\x0b\x32\x12.shop.v1.OrderItem\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1d\n\x0fGetOrderRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"q\n\x11ListOrdersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.shop.v1.OrderStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"M\n\x12ListOrdersResponse\x12\x1e\n\x06orders\x18\x01 \x03(\x0b\x32\x0e.shop.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x13StreamOrdersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.shop.v1.OrderStatus\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x14\n\x0cresume_token\x18\x04 \x01(\t\"B\n\nOrderBatch\x12\x1e\n\x06orders\x18\x01 \x03(\x0b\x32\x0e.shop.v1.Order\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"L\n\x18UpdateOrderStatusRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.shop.v1.OrderStatus2\xd4\x02\n\x0cOrderService\x12:\n\x0b\x43reateOrder\x12\x1b.shop.v1.CreateOrderRequest\x1a\x0e.shop.v1.Order\x12\x34\n\x08GetOrder\x12\x18.shop.v1.GetOrderRequest\x1a\x0e.shop.v1.Order\x12\x45\n\nListOrders\x12\x1a.shop.v1.ListOrdersRequest\x1a\x1b.shop.v1.ListOrdersResponse\x12\x43\n\x0cStreamOrders\x12\x1c.shop.v1.StreamOrdersRequest\x1a\x13.shop.v1.OrderBatch0\x01\x12\x46\n\x11UpdateOrderStatus\x12!.shop.v1.UpdateOrderStatusRequest\x1a\x0e.shop.v1.Orderb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshop/v1/order_service.proto\x12\x07shop.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17shop/v1/resources.proto\"\\\n\x12\x43reateOrderRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12!\n\x05items\x18\x02 \x03(\x0b\x32\x12.shop.v1.OrderItem\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1d\n\x0fGetOrderRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"q\n\x11ListOrdersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.shop.v1.OrderStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"M\n\x12ListOrdersResponse\x12\x1e\n\x06orders\x18\x01 \x03(\x0b\x32\x0e.shop.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x13StreamOrdersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.shop.v1.OrderStatus\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x14\n\x0cresume_token\x18\x04 \x01(\t\"B\n\nOrderBatch\x12\x1e\n\x06orders\x18\x01 \x03(\x0b\x32\x0e.shop.v1.Order\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"L\n\x18UpdateOrderStatusRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.shop.v1.OrderStatus2\xdc\x03\n\x0cOrderService\x12Q\n\x0b\x43reateOrder\x12\x1b.shop.v1.CreateOrderRequest\x1a\x0e.shop.v1.Order\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/orders:\x01*\x12M\n\x08GetOrder\x12\x18.shop.v1.GetOrderRequest\x1a\x0e.shop.v1.Order\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/orders/{id}\x12Y\n\nListOrders\x12\x1a.shop.v1.ListOrdersRequest\x1a\x1b.shop.v1.ListOrdersResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/orders\x12^\n\x0cStreamOrders\x12\x1c.shop.v1.StreamOrdersRequest\x1a\x13.shop.v1.OrderBatch\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/orders:stream0\x01\x12o\n\x11UpdateOrderStatus\x12!.shop.v1.UpdateOrderStatusRequest\x1a\x0e.shop.v1.Order\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/orders/{id}:updateStatus:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shop.v1.order_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEORDERREQUEST']._serialized_start=65
-  _globals['_CREATEORDERREQUEST']._serialized_end=157
-  _globals['_GETORDERREQUEST']._serialized_start=159
-  _globals['_GETORDERREQUEST']._serialized_end=188
-  _globals['_LISTORDERSREQUEST']._serialized_start=190
-  _globals['_LISTORDERSREQUEST']._serialized_end=303
-  _globals['_LISTORDERSRESPONSE']._serialized_start=305
-  _globals['_LISTORDERSRESPONSE']._serialized_end=382
-  _globals['_STREAMORDERSREQUEST']._serialized_start=384
-  _globals['_STREAMORDERSREQUEST']._serialized_end=502
-  _globals['_ORDERBATCH']._serialized_start=504
-  _globals['_ORDERBATCH']._serialized_end=570
-  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_start=572
-  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_end=648
-  _globals['_ORDERSERVICE']._serialized_start=651
-  _globals['_ORDERSERVICE']._serialized_end=991
+  _globals['_ORDERSERVICE'].methods_by_name['CreateOrder']._loaded_options = None
+  _globals['_ORDERSERVICE'].methods_by_name['CreateOrder']._serialized_options = b'\202\323\344\223\002\017\"\n/v1/orders:\001*'
+  _globals['_ORDERSERVICE'].methods_by_name['GetOrder']._loaded_options = None
+  _globals['_ORDERSERVICE'].methods_by_name['GetOrder']._serialized_options = b'\202\323\344\223\002\021\022\017/v1/orders/{id}'
+  _globals['_ORDERSERVICE'].methods_by_name['ListOrders']._loaded_options = None
+  _globals['_ORDERSERVICE'].methods_by_name['ListOrders']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/orders'
+  _globals['_ORDERSERVICE'].methods_by_name['StreamOrders']._loaded_options = None
+  _globals['_ORDERSERVICE'].methods_by_name['StreamOrders']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/orders:stream'
+  _globals['_ORDERSERVICE'].methods_by_name['UpdateOrderStatus']._loaded_options = None
+  _globals['_ORDERSERVICE'].methods_by_name['UpdateOrderStatus']._serialized_options = b'\202\323\344\223\002!\"\034/v1/orders/{id}:updateStatus:\001*'
+  _globals['_CREATEORDERREQUEST']._serialized_start=95
+  _globals['_CREATEORDERREQUEST']._serialized_end=187
+  _globals['_GETORDERREQUEST']._serialized_start=189
+  _globals['_GETORDERREQUEST']._serialized_end=218
+  _globals['_LISTORDERSREQUEST']._serialized_start=220
+  _globals['_LISTORDERSREQUEST']._serialized_end=333
+  _globals['_LISTORDERSRESPONSE']._serialized_start=335
+  _globals['_LISTORDERSRESPONSE']._serialized_end=412
+  _globals['_STREAMORDERSREQUEST']._serialized_start=414
+  _globals['_STREAMORDERSREQUEST']._serialized_end=532
+  _globals['_ORDERBATCH']._serialized_start=534
+  _globals['_ORDERBATCH']._serialized_end=600
+  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_start=602
+  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_end=678
+  _globals['_ORDERSERVICE']._serialized_start=681
+  _globals['_ORDERSERVICE']._serialized_end=1157
 # @@protoc_insertion_point(module_scope)

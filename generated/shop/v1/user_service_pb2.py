@@ -22,45 +22,64 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from shop.v1 import resources_pb2 as shop_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashop/v1/user_service.proto\x12\x07shop.v1\x1a google/protobuf/field_mask.proto\x1a\x17shop/v1/resources.proto\"I\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x11\n\tlast_name\x18\x03 \x01(\t\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"a\n\x11UpdateUserRequest\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.shop.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x1f\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"!\n\x13UndeleteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"z\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\x12\x11\n\tfull_name\x18\x04 \x01(\t\x12\x16\n\x0einclude_orders\x18\x05 \x01(\x08\"J\n\x11ListUsersResponse\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.shop.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"i\n\x12StreamUsersRequest\x12\x14\n\x0cshow_deleted\x18\x01 \x01(\x08\x12\x13\n\x0b\x61\x63tive_only\x18\x02 \x01(\x08\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x14\n\x0cresume_token\x18\x04 \x01(\t\"?\n\tUserBatch\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.shop.v1.User\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"h\n\nUpsertUser\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x11\n\tlast_name\x18\x03 \x01(\t\x12\x16\n\tis_active\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_is_active\"8\n\x12UpsertUsersRequest\x12\"\n\x05users\x18\x01 \x03(\x0b\x32\x13.shop.v1.UpsertUser\"8\n\x13UpsertUsersResponse\x12\x10\n\x08inserted\x18\x01 \x01(\x03\x12\x0f\n\x07updated\x18\x02 \x01(\x03\"8\n\x12ImportUsersRequest\x12\"\n\x05users\x18\x01 \x03(\x0b\x32\x13.shop.v1.UpsertUser\"\'\n\x13ImportUsersResponse\x12\x10\n\x08imported\x18\x01 \x01(\x03\x32\xc4\x04\n\x0bUserService\x12\x37\n\nCreateUser\x12\x1a.shop.v1.CreateUserRequest\x1a\r.shop.v1.User\x12\x31\n\x07GetUser\x12\x17.shop.v1.GetUserRequest\x1a\r.shop.v1.User\x12\x37\n\nUpdateUser\x12\x1a.shop.v1.UpdateUserRequest\x1a\r.shop.v1.User\x12\x37\n\nDeleteUser\x12\x1a.shop.v1.DeleteUserRequest\x1a\r.shop.v1.User\x12;\n\x0cUndeleteUser\x12\x1c.shop.v1.UndeleteUserRequest\x1a\r.shop.v1.User\x12\x42\n\tListUsers\x12\x19.shop.v1.ListUsersRequest\x1a\x1a.shop.v1.ListUsersResponse\x12@\n\x0bStreamUsers\x12\x1b.shop.v1.StreamUsersRequest\x1a\x12.shop.v1.UserBatch0\x01\x12H\n\x0bUpsertUsers\x12\x1b.shop.v1.UpsertUsersRequest\x1a\x1c.shop.v1.UpsertUsersResponse\x12J\n\x0bImportUsers\x12\x1b.shop.v1.ImportUsersRequest\x1a\x1c.shop.v1.ImportUsersResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashop/v1/user_service.proto\x12\x07shop.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x17shop/v1/resources.proto\"I\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x11\n\tlast_name\x18\x03 \x01(\t\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"a\n\x11UpdateUserRequest\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.shop.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x1f\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"!\n\x13UndeleteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"z\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\x12\x11\n\tfull_name\x18\x04 \x01(\t\x12\x16\n\x0einclude_orders\x18\x05 \x01(\x08\"J\n\x11ListUsersResponse\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.shop.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"i\n\x12StreamUsersRequest\x12\x14\n\x0cshow_deleted\x18\x01 \x01(\x08\x12\x13\n\x0b\x61\x63tive_only\x18\x02 \x01(\x08\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x14\n\x0cresume_token\x18\x04 \x01(\t\"?\n\tUserBatch\x12\x1c\n\x05users\x18\x01 \x03(\x0b\x32\r.shop.v1.User\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"h\n\nUpsertUser\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x11\n\tlast_name\x18\x03 \x01(\t\x12\x16\n\tis_active\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_is_active\"8\n\x12UpsertUsersRequest\x12\"\n\x05users\x18\x01 \x03(\x0b\x32\x13.shop.v1.UpsertUser\"8\n\x13UpsertUsersResponse\x12\x10\n\x08inserted\x18\x01 \x01(\x03\x12\x0f\n\x07updated\x18\x02 \x01(\x03\"8\n\x12ImportUsersRequest\x12\"\n\x05users\x18\x01 \x03(\x0b\x32\x13.shop.v1.UpsertUser\"\'\n\x13ImportUsersResponse\x12\x10\n\x08imported\x18\x01 \x01(\x03\x32\xbd\x06\n\x0bUserService\x12M\n\nCreateUser\x12\x1a.shop.v1.CreateUserRequest\x1a\r.shop.v1.User\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/v1/users:\x01*\x12I\n\x07GetUser\x12\x17.shop.v1.GetUserRequest\x1a\r.shop.v1.User\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/users/{id}\x12Z\n\nUpdateUser\x12\x1a.shop.v1.UpdateUserRequest\x1a\r.shop.v1.User\"!\x82\xd3\xe4\x93\x02\x1b\x32\x13/v1/users/{user.id}:\x04user\x12O\n\nDeleteUser\x12\x1a.shop.v1.DeleteUserRequest\x1a\r.shop.v1.User\"\x16\x82\xd3\xe4\x93\x02\x10*\x0e/v1/users/{id}\x12_\n\x0cUndeleteUser\x12\x1c.shop.v1.UndeleteUserRequest\x1a\r.shop.v1.User\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/users/{id}:undelete:\x01*\x12U\n\tListUsers\x12\x19.shop.v1.ListUsersRequest\x1a\x1a.shop.v1.ListUsersResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/users\x12Z\n\x0bStreamUsers\x12\x1b.shop.v1.StreamUsersRequest\x1a\x12.shop.v1.UserBatch\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/users:stream0\x01\x12j\n\x0bUpsertUsers\x12\x1b.shop.v1.UpsertUsersRequest\x1a\x1c.shop.v1.UpsertUsersResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/v1/users:batchUpsert:\x01*\x12g\n\x0bImportUsers\x12\x1b.shop.v1.ImportUsersRequest\x1a\x1c.shop.v1.ImportUsersResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/users:import:\x01*(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shop.v1.user_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEUSERREQUEST']._serialized_start=98
-  _globals['_CREATEUSERREQUEST']._serialized_end=171
-  _globals['_GETUSERREQUEST']._serialized_start=173
-  _globals['_GETUSERREQUEST']._serialized_end=201
-  _globals['_UPDATEUSERREQUEST']._serialized_start=203
-  _globals['_UPDATEUSERREQUEST']._serialized_end=300
-  _globals['_DELETEUSERREQUEST']._serialized_start=302
-  _globals['_DELETEUSERREQUEST']._serialized_end=333
-  _globals['_UNDELETEUSERREQUEST']._serialized_start=335
-  _globals['_UNDELETEUSERREQUEST']._serialized_end=368
-  _globals['_LISTUSERSREQUEST']._serialized_start=370
-  _globals['_LISTUSERSREQUEST']._serialized_end=492
-  _globals['_LISTUSERSRESPONSE']._serialized_start=494
-  _globals['_LISTUSERSRESPONSE']._serialized_end=568
-  _globals['_STREAMUSERSREQUEST']._serialized_start=570
-  _globals['_STREAMUSERSREQUEST']._serialized_end=675
-  _globals['_USERBATCH']._serialized_start=677
-  _globals['_USERBATCH']._serialized_end=740
-  _globals['_UPSERTUSER']._serialized_start=742
-  _globals['_UPSERTUSER']._serialized_end=846
-  _globals['_UPSERTUSERSREQUEST']._serialized_start=848
-  _globals['_UPSERTUSERSREQUEST']._serialized_end=904
-  _globals['_UPSERTUSERSRESPONSE']._serialized_start=906
-  _globals['_UPSERTUSERSRESPONSE']._serialized_end=962
-  _globals['_IMPORTUSERSREQUEST']._serialized_start=964
-  _globals['_IMPORTUSERSREQUEST']._serialized_end=1020
-  _globals['_IMPORTUSERSRESPONSE']._serialized_start=1022
-  _globals['_IMPORTUSERSRESPONSE']._serialized_end=1061
-  _globals['_USERSERVICE']._serialized_start=1064
-  _globals['_USERSERVICE']._serialized_end=1644
+  _globals['_USERSERVICE'].methods_by_name['CreateUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['CreateUser']._serialized_options = b'\202\323\344\223\002\016\"\t/v1/users:\001*'
+  _globals['_USERSERVICE'].methods_by_name['GetUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['GetUser']._serialized_options = b'\202\323\344\223\002\020\022\016/v1/users/{id}'
+  _globals['_USERSERVICE'].methods_by_name['UpdateUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['UpdateUser']._serialized_options = b'\202\323\344\223\002\0332\023/v1/users/{user.id}:\004user'
+  _globals['_USERSERVICE'].methods_by_name['DeleteUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['DeleteUser']._serialized_options = b'\202\323\344\223\002\020*\016/v1/users/{id}'
+  _globals['_USERSERVICE'].methods_by_name['UndeleteUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['UndeleteUser']._serialized_options = b'\202\323\344\223\002\034\"\027/v1/users/{id}:undelete:\001*'
+  _globals['_USERSERVICE'].methods_by_name['ListUsers']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['ListUsers']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/users'
+  _globals['_USERSERVICE'].methods_by_name['StreamUsers']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['StreamUsers']._serialized_options = b'\202\323\344\223\002\022\022\020/v1/users:stream'
+  _globals['_USERSERVICE'].methods_by_name['UpsertUsers']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['UpsertUsers']._serialized_options = b'\202\323\344\223\002\032\"\025/v1/users:batchUpsert:\001*'
+  _globals['_USERSERVICE'].methods_by_name['ImportUsers']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['ImportUsers']._serialized_options = b'\202\323\344\223\002\025\"\020/v1/users:import:\001*'
+  _globals['_CREATEUSERREQUEST']._serialized_start=128
+  _globals['_CREATEUSERREQUEST']._serialized_end=201
+  _globals['_GETUSERREQUEST']._serialized_start=203
+  _globals['_GETUSERREQUEST']._serialized_end=231
+  _globals['_UPDATEUSERREQUEST']._serialized_start=233
+  _globals['_UPDATEUSERREQUEST']._serialized_end=330
+  _globals['_DELETEUSERREQUEST']._serialized_start=332
+  _globals['_DELETEUSERREQUEST']._serialized_end=363
+  _globals['_UNDELETEUSERREQUEST']._serialized_start=365
+  _globals['_UNDELETEUSERREQUEST']._serialized_end=398
+  _globals['_LISTUSERSREQUEST']._serialized_start=400
+  _globals['_LISTUSERSREQUEST']._serialized_end=522
+  _globals['_LISTUSERSRESPONSE']._serialized_start=524
+  _globals['_LISTUSERSRESPONSE']._serialized_end=598
+  _globals['_STREAMUSERSREQUEST']._serialized_start=600
+  _globals['_STREAMUSERSREQUEST']._serialized_end=705
+  _globals['_USERBATCH']._serialized_start=707
+  _globals['_USERBATCH']._serialized_end=770
+  _globals['_UPSERTUSER']._serialized_start=772
+  _globals['_UPSERTUSER']._serialized_end=876
+  _globals['_UPSERTUSERSREQUEST']._serialized_start=878
+  _globals['_UPSERTUSERSREQUEST']._serialized_end=934
+  _globals['_UPSERTUSERSRESPONSE']._serialized_start=936
+  _globals['_UPSERTUSERSRESPONSE']._serialized_end=992
+  _globals['_IMPORTUSERSREQUEST']._serialized_start=994
+  _globals['_IMPORTUSERSREQUEST']._serialized_end=1050
+  _globals['_IMPORTUSERSRESPONSE']._serialized_start=1052
+  _globals['_IMPORTUSERSRESPONSE']._serialized_end=1091
+  _globals['_USERSERVICE']._serialized_start=1094
+  _globals['_USERSERVICE']._serialized_end=1923
 # @@protoc_insertion_point(module_scope)
