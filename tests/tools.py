@@ -144,6 +144,19 @@ BUF = Tool(
     _venv_buf,
 )
 GIT = Tool("git", "Debian's git", executable("git"))
+
+
+def _ip_as_root() -> str | None:
+    # Network namespaces and veth pairs (tests/multihost/) need root as well as the binary.
+    found = executable("ip", Path("/usr/sbin/ip"), Path("/sbin/ip"))()
+    return found if found is not None and os.geteuid() == 0 else None
+
+
+IP = Tool(
+    "ip (iproute2), run as root",
+    "Debian's iproute2 (.ci/run apt-get installs it when missing; CI runs as root)",
+    _ip_as_root,
+)
 OTEL = Tool(
     "the otel extra (opentelemetry sdk and instrumentations)",
     f"the dev extra includes shop-service[otel]: {MAKE_INSTALL}",
