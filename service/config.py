@@ -61,6 +61,11 @@ class Settings(BaseSettings):
 
     # Seconds in-flight RPCs get to finish after SIGTERM/SIGINT.
     shutdown_grace: float = Field(default=10.0, ge=0)
+    # Seconds between SIGTERM/SIGINT and refusing calls: health says NOT_SERVING while every RPC
+    # is still served, so a balancer's health check moves traffic away before anything fails.
+    # 5 s: Envoy checking every 1 s with unhealthy_threshold 2-3 notices within 3 s, plus slack
+    # for a check in flight and the update reaching its workers. A second signal skips the rest.
+    shutdown_drain_delay: float = Field(default=5.0, ge=0)
 
     # Serving processes sharing the port (service/serving/workers.py); each has its own pool.
     workers: int = Field(default=1, ge=1)
