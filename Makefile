@@ -62,18 +62,34 @@ run: $(STAMP)
 migrate: $(STAMP)
 	$(PY) -m service migrate
 
-# The Node client test (tests/test_examples.py) needs examples/node's packages: `make test`
-# installs them when node and npm are here, so a newcomer runs what CI runs. Without node the
-# test skips (and fails under CI=true: tests/tools.py).
+# The Node client test (tests/test_examples.py) needs examples/node's packages, and the browser
+# test (tests/test_browser.py) the page of examples/browser built into its dist/: `make test`
+# installs and builds them when node and npm are here, so a newcomer runs what CI runs. Without
+# node those tests skip (and fail under CI=true: tests/tools.py).
 NODE_MODULES := examples/node/node_modules/.package-lock.json
+BROWSER_MODULES := examples/browser/node_modules/.package-lock.json
+BROWSER_PAGE := examples/browser/dist/app.js
 TEST_NEEDS := $(STAMP)
 ifneq ($(shell command -v node && command -v npm),)
-TEST_NEEDS += $(NODE_MODULES)
+TEST_NEEDS += $(NODE_MODULES) $(BROWSER_PAGE)
 endif
 
 $(NODE_MODULES): examples/node/package-lock.json
 	npm ci --prefix examples/node --no-audit --no-fund
 	touch $@
+
+$(BROWSER_MODULES): examples/browser/package-lock.json
+	npm ci --prefix examples/browser --no-audit --no-fund
+	touch $@
+
+# The page (index.html + one esbuild bundle of Connect-Web and the descriptor set) in
+# examples/browser/dist/: serve that folder and open index.html?envoy=...&user=... (README).
+.PHONY: browser-example
+browser-example: $(BROWSER_PAGE)
+
+$(BROWSER_PAGE): $(BROWSER_MODULES) $(DESCRIPTORS) examples/browser/build.mjs \
+		examples/browser/index.html examples/browser/src/app.js
+	node examples/browser/build.mjs
 
 test: $(TEST_NEEDS)
 	$(PY) -m pytest $(PYTEST_ARGS)

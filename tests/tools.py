@@ -108,6 +108,11 @@ def _node_packages() -> str | None:
     return str(grpc_js) if grpc_js.is_dir() else None
 
 
+def _browser_page() -> str | None:
+    page = ROOT / "examples" / "browser" / "dist" / "app.js"
+    return str(page) if page.is_file() else None
+
+
 def _venv_buf() -> str | None:
     # Only the venv's: the Makefile and tests/test_contract.py run .venv/bin/buf itself.
     buf = ROOT / ".venv" / "bin" / "buf"
@@ -132,6 +137,16 @@ NODE_PACKAGES = Tool(
     "examples/node/node_modules",
     "run `npm ci --prefix examples/node` (`make test` and .ci/run do when node is on PATH)",
     _node_packages,
+)
+BROWSER_PAGE = Tool(
+    "examples/browser/dist (the browser page, built)",
+    "run `make browser-example` (`make test` and .ci/run build it when node is on PATH)",
+    _browser_page,
+)
+CHROMIUM = Tool(
+    "chromium",
+    "Debian's chromium (.ci/run apt-get installs it when missing)",
+    executable("chromium", Path("/usr/bin/chromium")),
 )
 PGBOUNCER = Tool(
     "pgbouncer",
