@@ -56,6 +56,7 @@ def test_serve_answers_grpcurl_and_stops_on_sigterm(
         "shop.v1.OrderService",
         "shop.v1.AccountService",
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
     } <= listed
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from shop.v1 import (
     account_service_pb2,
     account_service_pb2_grpc,
@@ -23,6 +21,7 @@ from shop.v1 import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
+from service.db.closing import dispose_within
 from service.db.engine import create_engine, create_probe_engine, create_sessionmaker
 from service.db.schema_state import serving_features, session_info
 from service.db.unit_of_work import Database
@@ -41,8 +40,9 @@ from service.observability.metrics import MetricsEndpoint, RpcMetrics, serve_met
 from service.observability.tracing import tracing_interceptors
 from service.serving.health import HealthProbe, HealthService
 from service.serving.limits import compression, limit_options, max_concurrent_rpcs
+from service.serving.reflection import enable_reflection
 from service.serving.security import TokenTable, check_exposure
-from service.serving.shutdown import ActiveStreams
+from service.serving.shutdown import ActiveStreams, StopSignals
 from service.serving.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ SHOP_SERVICES = (
 # After the grace: how long a batch already running (a money batch waiting on a row lock, say)
 # may go on before it is cancelled and rolled back. Its callers were answered by then.
 BATCH_DRAIN_SECONDS = 5.0
+# Closing the pool: a database that answers acknowledges each connection's close in about a
+# millisecond; one that went silent never does, and its connections are terminated after this.
+POOL_CLOSE_SECONDS = 3.0
 
 
 @dataclass
@@ -73,19 +76,34 @@ class RunningServer:
     probe: HealthProbe | None = None
     streams: ActiveStreams | None = None
 
-    async def stop(self, grace: float | None) -> None:
-        """NOT_SERVING first; then new calls are refused and streams end at once, while unary
-        calls get `grace` seconds to finish; batches already running finish (a money batch
-        commits for its callers, even those cut off by the grace); then the pools close."""
+    async def drain(self, delay: float, cut_short: asyncio.Event | None = None) -> None:
+        """Health NOT_SERVING at once, while every RPC is still served for `delay` seconds (or
+        until `cut_short` is set): a balancer polling health moves traffic away before any
+        call is refused."""
         await self.health.enter_graceful_shutdown()
+        if delay <= 0:
+            return
+        log.info("health NOT_SERVING; still serving for %.1fs (a second signal skips it)", delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for((cut_short or asyncio.Event()).wait(), delay)
+
+    async def stop(self, grace: float | None) -> None:
+        """NOT_SERVING (if drain() did not say so already); then new calls are refused and
+        streams end at once, while unary calls get `grace` seconds to finish; batches already
+        running finish (a money batch commits for its callers, even those cut off by the
+        grace); then the pools close, within POOL_CLOSE_SECONDS even if the database is
+        silent."""
+        await self.health.enter_graceful_shutdown()
+        log.info("refusing new calls; streams told to stop, unary calls get %ss", grace)
         if self.streams is not None:
             self.streams.stop()
         await self.server.stop(grace)
+        log.info("calls ended; closing the database pool")
         if self.db is not None:
             await self.db.drain(BATCH_DRAIN_SECONDS)
         if self.probe is not None:
             await self.probe.stop()
-        await self.engine.dispose()
+        await dispose_within(self.engine, POOL_CLOSE_SECONDS)
         if self.metrics is not None:
             self.metrics.close()
 
@@ -168,9 +186,7 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     add_shop_services(server, db, settings)
     health_service = HealthService(("", *SHOP_SERVICES))
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    reflection.enable_server_reflection(
-        (*SHOP_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((*SHOP_SERVICES, health.SERVICE_NAME), server)
     port = bind(server, settings)
     probe = HealthProbe(
         health_service,
@@ -203,12 +219,15 @@ async def serve(settings: Settings, database_url: str) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
     log.info("settings: %s", settings.safe_dump())
     running = await start_server(settings, database_url)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    signals = StopSignals().install()
     with contextlib.suppress(asyncio.CancelledError):
-        await stop.wait()
-    log.info("shutting down (grace %.1fs)", settings.shutdown_grace)
+        await signals.first.wait()
+    log.info(
+        "%s: shutting down (drain delay %.1fs, grace %.1fs)",
+        signals.name,
+        settings.shutdown_drain_delay,
+        settings.shutdown_grace,
+    )
+    await running.drain(settings.shutdown_drain_delay, signals.again)
     await running.stop(settings.shutdown_grace)
     log.info("stopped: calls finished, database pool closed")
