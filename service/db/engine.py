@@ -16,6 +16,7 @@ from sqlalchemy.pool import NullPool
 
 import service.db.audit  # noqa: F401  (registers the audit listener)
 from service.config import Settings
+from service.db.closing import track_connections
 from service.db.deadlines import bound_by_deadlines
 from service.db.ping import ping_on_checkout
 from service.db.transaction import AUTOCOMMIT_READS
@@ -38,6 +39,7 @@ def create_engine(settings: Settings, url: str) -> AsyncEngine:
     if settings.pool_pre_ping:
         ping_on_checkout(engine, settings.pool_pre_ping_idle)
     bound_by_deadlines(engine)
+    track_connections(engine)  # so shutdown can end them if the database went silent
     return engine
 
 

@@ -1,6 +1,7 @@
-"""Streams on shutdown: an interceptor that tracks response streams so that, when the server
-stops, each one ends at once with UNAVAILABLE "server shutting down" instead of running out the
-grace period (unary calls keep their grace and finish).
+"""Shutdown's moving parts: the stop signals (the first starts the drain delay, a second cuts
+it short), and an interceptor that tracks response streams so that, when the server stops, each
+one ends at once with UNAVAILABLE "server shutting down" instead of running out the grace period
+(unary calls keep their grace and finish).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import signal
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -17,7 +19,31 @@ from service.handlers.context import Context
 from service.interceptors.wrapping import Handler, WrappingInterceptor
 
 SHUTTING_DOWN = "server shutting down"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _END = object()  # what a step returns when the stream is exhausted
+
+
+class StopSignals:
+    """SIGTERM and SIGINT on the running loop: `first` is set by the first of them, `again` by
+    any later one (Ctrl-C twice in `make run` skips the rest of the drain delay)."""
+
+    def __init__(self) -> None:
+        self.first = asyncio.Event()
+        self.again = asyncio.Event()
+        self.name = ""
+
+    def install(self) -> StopSignals:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._received, sig)
+        return self
+
+    def _received(self, sig: signal.Signals) -> None:
+        if self.first.is_set():
+            self.again.set()
+        else:
+            self.name = sig.name
+            self.first.set()
 
 
 async def _next(messages: AsyncIterator[Any]) -> Any:
