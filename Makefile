@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml setup.py service/handlers/_user_batch.c
 
 # Regenerate generated/ from protos/ (messages, services and typed stubs), and the descriptor
 # set of the three services with every import and the comments, which Envoy's
-# grpc_json_transcoder loads (deploy/) to map the google.api.http routes onto the RPCs.
+# grpc_json_transcoder loads (deploy/) to map the google.api.http routes onto the RPCs. The set
+# also holds google/rpc/error_details.proto (no Python made from it: googleapis-common-protos
+# has it): the transcoder writes an error's ErrorInfo and BadRequest into the JSON answer only
+# when it knows their types, and answers an empty body otherwise.
 DESCRIPTORS := generated/descriptors/shop_v1.binpb
 generate: $(STAMP)
 	rm -rf generated/shop generated/descriptors
@@ -28,8 +31,10 @@ generate: $(STAMP)
 		--python_out=generated --grpc_python_out=generated \
 		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=generated \
 		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=generated \
-		--descriptor_set_out=$(DESCRIPTORS) --include_imports --include_source_info \
 		$(PROTOS)
+	$(PY) -m grpc_tools.protoc -Iprotos \
+		--descriptor_set_out=$(DESCRIPTORS) --include_imports --include_source_info \
+		$(PROTOS) protos/google/rpc/error_details.proto
 	touch generated/shop/__init__.py generated/shop/v1/__init__.py
 
 # Fails when generated/ differs from what `make generate` produces.
@@ -61,6 +66,14 @@ run: $(STAMP)
 
 migrate: $(STAMP)
 	$(PY) -m service migrate
+
+# REPLICAS service replicas and Envoy in front of them on 127.0.0.1:8080 (SHOP_ENVOY_PORT):
+# gRPC, gRPC-Web and JSON/HTTP. Migrates once; one embedded PostgreSQL for all of them unless
+# SHOP_DATABASE_URL is set. Ctrl-C or SIGTERM stops everything (deploy/cluster.py, README).
+REPLICAS ?= 3
+.PHONY: run-cluster
+run-cluster: $(STAMP)
+	$(PY) -m deploy.cluster --replicas $(REPLICAS)
 
 # The Node client test (tests/test_examples.py) needs examples/node's packages, and the browser
 # test (tests/test_browser.py) the page of examples/browser built into its dist/: `make test`
@@ -95,8 +108,8 @@ test: $(TEST_NEEDS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check service tests alembic bench
-	$(PY) -m ruff format --check service tests alembic bench
+	$(PY) -m ruff check service tests alembic bench deploy
+	$(PY) -m ruff format --check service tests alembic bench deploy
 	$(PY) -m mypy
 
 bench: $(STAMP)
