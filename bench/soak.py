@@ -350,6 +350,7 @@ def start_server(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
         SHOP_GRPC_PORT=str(port),
         SHOP_LOG_LEVEL="ERROR",
         SHOP_POOL_TIMEOUT="2",
+        SHOP_SHUTDOWN_DRAIN_DELAY="0",  # no balancer to tell: stop at once
         PYTHONUNBUFFERED="1",
     )
     with log.open("wb") as out:

@@ -55,6 +55,8 @@ def service_env(database_url: str, port: int) -> dict[str, str]:
         SHOP_GRPC_HOST="127.0.0.1",
         SHOP_GRPC_PORT=str(port),
         SHOP_SHUTDOWN_GRACE="2",
+        # No balancer watches a test's server: stop at once (test_shutdown.py sets a delay).
+        SHOP_SHUTDOWN_DRAIN_DELAY="0",
         PYTHONUNBUFFERED="1",
     )
     return env

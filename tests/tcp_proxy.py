@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from sqlalchemy import make_url
+
 DATA = 0x0
 PADDED = 0x8
 
@@ -79,11 +81,15 @@ class TcpProxy:
                     await writer.drain()
         link.server_closed_at = asyncio.get_running_loop().time()
         link.server_closed.set()
+        if not link.silent:
+            writer.close()  # the server hung up: so does the proxy, or the client would wait
 
 
 @asynccontextmanager
-async def tcp_proxy(upstream_port: int) -> AsyncIterator[TcpProxy]:
-    proxy = TcpProxy(upstream_port)
+async def tcp_proxy(
+    upstream_port: int, upstream_socket: str | None = None
+) -> AsyncIterator[TcpProxy]:
+    proxy = TcpProxy(upstream_port, upstream_socket)
     listener = await asyncio.start_server(proxy._accept, "127.0.0.1", 0)
     proxy.port = listener.sockets[0].getsockname()[1]
     try:
@@ -95,6 +101,18 @@ async def tcp_proxy(upstream_port: int) -> AsyncIterator[TcpProxy]:
         for task in list(proxy._tasks):
             task.cancel()
         await asyncio.gather(*proxy._tasks, return_exceptions=True)
+
+
+@asynccontextmanager
+async def database_proxy(database_url: str) -> AsyncIterator[tuple[TcpProxy, str]]:
+    """A proxy in front of the database of `database_url`, and the URL that goes through it."""
+    url = make_url(database_url)
+    # The embedded PostgreSQL listens on a Unix socket only (?host=<dir> in its URL).
+    socket_dir = url.query.get("host")
+    socket = f"{socket_dir}/.s.PGSQL.{url.port or 5432}" if isinstance(socket_dir, str) else None
+    async with tcp_proxy(url.port or 5432, socket) as proxy:
+        through = url.difference_update_query(["host"]).set(host="127.0.0.1", port=proxy.port)
+        yield proxy, through.render_as_string(hide_password=False)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ def embedded_env(data_dir: Path, port: int) -> dict[str, str]:
         SHOP_GRPC_HOST="127.0.0.1",
         SHOP_GRPC_PORT=str(port),
         SHOP_SHUTDOWN_GRACE="2",
+        SHOP_SHUTDOWN_DRAIN_DELAY="0",
         PYTHONUNBUFFERED="1",
     )
     return env

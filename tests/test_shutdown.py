@@ -2,12 +2,15 @@
 NOT_SERVING, a response stream ends with UNAVAILABLE at once, new calls are refused, a unary call
 that was running (held on a row lock this test owns) still finishes OK, and the exit code is 0;
 one still held when SHOP_SHUTDOWN_GRACE runs out is cancelled, writes nothing, and the exit code
-is still 0."""
+is still 0. With SHOP_SHUTDOWN_DRAIN_DELAY, health says NOT_SERVING while calls are still served
+for the delay (a second signal cuts it short). And stop() closes the pool of a database gone
+silent within its bound."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import subprocess
 import time
@@ -28,7 +31,10 @@ from shop.v1 import (
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.config import Settings
+from service.serving.server import POOL_CLOSE_SECONDS, start_server
 from tests.process import service_process
+from tests.tcp_proxy import database_proxy
 
 WAIT = 30.0  # bound on each expected event; none of them should take more than a second
 GRACE = "60"  # long, so the unary call is done by the test's release, not by the grace expiring
@@ -206,3 +212,145 @@ async def test_a_call_still_running_when_the_grace_runs_out_is_cancelled_and_exi
         )
     )
     assert retried.balance == "5.00"
+
+
+# --- The drain delay ----------------------------------------------------------------------
+
+DRAIN = 1.5  # SHOP_SHUTDOWN_DRAIN_DELAY for these tests: short, and long beside a GetUser
+NOTICED_WITHIN = 1.0  # from SIGTERM to Check saying NOT_SERVING: a loop turn, in fact
+
+
+async def _check(health: health_pb2_grpc.HealthStub) -> Any:
+    """Check's status; an error (UNAVAILABLE, CANCELLED) fails the test where it happens."""
+    return (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status
+
+
+async def _first_refusal(address: str, user_id: int) -> float:
+    """GetUser on a new connection, again and again, until one is refused (UNAVAILABLE);
+    returns when, on the monotonic clock. Every call before it must succeed."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        async with grpc.aio.insecure_channel(address) as fresh:
+            stub = user_service_pb2_grpc.UserServiceStub(fresh)
+            try:
+                await stub.GetUser(user_service_pb2.GetUserRequest(id=user_id), timeout=5)
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                return time.monotonic()
+        await asyncio.sleep(0.05)
+    pytest.fail(f"calls still served {WAIT:.0f}s after SIGTERM")
+
+
+async def test_sigterm_says_not_serving_while_still_serving_for_the_drain_delay(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Issue 13's rolling restart: after SIGTERM a Check answers NOT_SERVING (not UNAVAILABLE)
+    at once, an open Watch receives NOT_SERVING, calls are still served, on open and new
+    connections alike; only after SHOP_SHUTDOWN_DRAIN_DELAY are new calls refused, and the
+    process exits 0, having logged each phase."""
+    log = tmp_path / "serve.log"
+    delay = {"SHOP_SHUTDOWN_DRAIN_DELAY": str(DRAIN)}
+    with service_process(database_url, log, **delay) as (address, process):
+        async with grpc.aio.insecure_channel(address) as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            user = await users.CreateUser(
+                user_service_pb2.CreateUserRequest(
+                    email="drain@example.com", first_name="Dr", last_name="Ain"
+                )
+            )
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            while (status := await _check(health)) == health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() - signalled < NOTICED_WITHIN, "still SERVING"
+                await asyncio.sleep(0.02)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            reply = await asyncio.wait_for(watch.read(), WAIT)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            # Made after NOT_SERVING was seen, so inside the drain delay: served as ever.
+            request = user_service_pb2.GetUserRequest(id=user.id)
+            assert (await users.GetUser(request, timeout=5)).email == "drain@example.com"
+            async with grpc.aio.insecure_channel(address) as fresh:
+                stub = user_service_pb2_grpc.UserServiceStub(fresh)
+                assert (await stub.GetUser(request, timeout=5)).email == "drain@example.com"
+
+            refused_at = await _first_refusal(address, user.id)
+            assert refused_at - signalled >= DRAIN, "refused before the drain delay ran out"
+
+        try:
+            code = await asyncio.to_thread(process.wait, WAIT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {WAIT:.0f}s after the drain delay:\n{log.read_text()}")
+        assert code == 0, f"exit code {code}:\n{log.read_text()}"
+    phases = (
+        "SIGTERM: shutting down",
+        "health NOT_SERVING; still serving for 1.5s",
+        "refusing new calls",
+        "closing the database pool",
+        "stopped",
+    )
+    text = log.read_text()
+    assert [phase for phase in phases if phase not in text] == [], text
+
+
+async def test_a_second_signal_skips_the_rest_of_the_drain_delay(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Ctrl-C twice in `make run`: the second SIGINT ends a 60 s drain delay at once."""
+    log = tmp_path / "serve.log"
+    delay = {"SHOP_SHUTDOWN_DRAIN_DELAY": "60"}
+    with service_process(database_url, log, **delay) as (address, process):
+        async with grpc.aio.insecure_channel(address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            process.send_signal(signal.SIGINT)
+            reply = await asyncio.wait_for(watch.read(), WAIT)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            process.send_signal(signal.SIGINT)
+            try:
+                code = await asyncio.to_thread(process.wait, WAIT)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the second SIGINT did not end the delay:\n{log.read_text()}")
+            assert code == 0, f"exit code {code}:\n{log.read_text()}"
+
+
+# --- A database gone silent ---------------------------------------------------------------
+
+
+async def test_stop_closes_the_pool_of_a_silent_database_within_its_bound(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pool's graceful close waits, unbounded, for the database to hang up; one whose
+    packets vanish never does. stop() ends it after POOL_CLOSE_SECONDS by terminating the
+    connections, with one warning and no traceback."""
+    grace = 0.5
+    async with database_proxy(database_url) as (proxy, through_proxy):
+        # No probe after the first: only the pool's close meets the silence.
+        settings = Settings(grpc_port=0, pool_size=2, max_overflow=0, health_interval=3600)
+        running = await start_server(settings, through_proxy)
+        stopping = False
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                users = user_service_pb2_grpc.UserServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError):  # NOT_FOUND, from a pooled connection
+                    await users.GetUser(user_service_pb2.GetUserRequest(id=1), timeout=5)
+            proxy.go_silent()
+            caplog.clear()
+            caplog.set_level(logging.INFO)
+            started = time.monotonic()
+            stopping = True
+            await asyncio.wait_for(running.stop(grace), WAIT)
+            took = time.monotonic() - started
+        finally:
+            if not stopping:
+                await running.stop(grace=None)
+    assert took < grace + POOL_CLOSE_SECONDS + 2, f"stop() took {took:.1f}s"
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.name, r.levelname) for r in loud] == [("service.db.closing", "WARNING")], [
+        r.getMessage() for r in loud
+    ]
+    assert not any(r.exc_info for r in caplog.records)
