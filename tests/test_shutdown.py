@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
 from service.serving.server import POOL_CLOSE_SECONDS, start_server
+from service.serving.shutdown import REPEAT_AFTER
 from tests.process import service_process
 from tests.tcp_proxy import database_proxy
 
@@ -310,6 +311,7 @@ async def test_a_second_signal_skips_the_rest_of_the_drain_delay(
             process.send_signal(signal.SIGINT)
             reply = await asyncio.wait_for(watch.read(), WAIT)
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await asyncio.sleep(REPEAT_AFTER)  # sooner, it is the same Ctrl-C seen twice
             process.send_signal(signal.SIGINT)
             try:
                 code = await asyncio.to_thread(process.wait, WAIT)

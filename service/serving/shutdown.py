@@ -20,17 +20,22 @@ from service.interceptors.wrapping import Handler, WrappingInterceptor
 
 SHUTTING_DOWN = "server shutting down"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# With SHOP_WORKERS > 1 one Ctrl-C reaches a worker twice, a few milliseconds apart: from the
+# terminal (the whole process group) and forwarded by the parent. A person's second Ctrl-C
+# comes later than this.
+REPEAT_AFTER = 0.3
 _END = object()  # what a step returns when the stream is exhausted
 
 
 class StopSignals:
     """SIGTERM and SIGINT on the running loop: `first` is set by the first of them, `again` by
-    any later one (Ctrl-C twice in `make run` skips the rest of the drain delay)."""
+    one at least REPEAT_AFTER seconds later (Ctrl-C twice skips the rest of the drain delay)."""
 
     def __init__(self) -> None:
         self.first = asyncio.Event()
         self.again = asyncio.Event()
         self.name = ""
+        self._first_at = 0.0
 
     def install(self) -> StopSignals:
         loop = asyncio.get_running_loop()
@@ -39,11 +44,13 @@ class StopSignals:
         return self
 
     def _received(self, sig: signal.Signals) -> None:
-        if self.first.is_set():
-            self.again.set()
-        else:
+        now = asyncio.get_running_loop().time()
+        if not self.first.is_set():
             self.name = sig.name
+            self._first_at = now
             self.first.set()
+        elif now - self._first_at >= REPEAT_AFTER:
+            self.again.set()
 
 
 async def _next(messages: AsyncIterator[Any]) -> Any:
