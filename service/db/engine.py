@@ -18,6 +18,7 @@ import service.db.audit  # noqa: F401  (registers the audit listener)
 from service.config import Settings
 from service.db.closing import track_connections
 from service.db.deadlines import bound_by_deadlines
+from service.db.errors import discard_lost_connections
 from service.db.ping import ping_on_checkout
 from service.db.transaction import AUTOCOMMIT_READS
 
@@ -39,6 +40,7 @@ def create_engine(settings: Settings, url: str) -> AsyncEngine:
     if settings.pool_pre_ping:
         ping_on_checkout(engine, settings.pool_pre_ping_idle)
     bound_by_deadlines(engine)
+    discard_lost_connections(engine)  # after a failover, none to the old primary is reused
     track_connections(engine)  # so shutdown can end them if the database went silent
     return engine
 

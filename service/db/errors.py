@@ -4,7 +4,13 @@ the retry loop (db/retry.py), the repositories (constraint names) and the error 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import errors
 
@@ -16,18 +22,34 @@ QUERY_CANCELED = "57014"  # query_canceled: statement_timeout or a cancel reques
 # class 08 (connection exception), 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03
 # cannot_connect_now (starting up, shutting down, in recovery), 53300 too_many_connections.
 # asyncpg raises 57P03 during a restart, which SQLAlchemy wraps as a plain DBAPIError.
-UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+# 25006 read_only_sql_transaction: the server took our write but accepts none any more, a
+# primary demoted to a standby in a failover (docs/scale-out.md, "Failover with Patroni").
+READ_ONLY_SQL_TRANSACTION = "25006"
+UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300", READ_ONLY_SQL_TRANSACTION)
+# Of those, the ones after which a pooled connection must not serve again: its server is gone
+# or shutting down, or is a standby now. (57P03 and 53300 refuse a connection being opened.)
+DISCONNECT_SQLSTATES = ("08", "57P01", "57P02", READ_ONLY_SQL_TRANSACTION)
 
 
 def error_field(exc: BaseException, name: str) -> str | None:
     """A field of a database error (sqlstate, constraint_name): raised by asyncpg itself or
     wrapped by SQLAlchemy, which keeps asyncpg's error as exc.orig or as its cause."""
-    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else None
-    for candidate in (exc, orig, orig.__cause__ if orig is not None else None):
+    for candidate in _driver_errors(exc):
         value = getattr(candidate, name, None)
         if isinstance(value, str) and value:
             return value
     return None
+
+
+def _driver_errors(exc: BaseException) -> Iterator[BaseException]:
+    """exc, the dialect's error SQLAlchemy wrapped in it (exc.orig), and asyncpg's own (that
+    error's cause). handle_error listeners see the dialect's error first hand."""
+    yield exc
+    inner = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    if inner is not None and inner is not exc:
+        yield inner
+    if inner is not None and inner.__cause__ is not None:
+        yield inner.__cause__
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -54,7 +76,30 @@ def is_unavailable(exc: BaseException) -> bool:
     state = sqlstate(exc)
     if state is not None and state.startswith(UNAVAILABLE_SQLSTATES):
         return True
+    if any(isinstance(e, asyncpg.TargetServerAttributeNotMatched) for e in _driver_errors(exc)):
+        # target_session_attrs=read-write and no host of the URL takes writes right now: in a
+        # failover, until Patroni has promoted the standby. (SQLAlchemy calls it InternalError.)
+        return True
     return isinstance(exc, ConnectionError | OSError)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """The connection that raised exc must not serve again (DISCONNECT_SQLSTATES)."""
+    state = sqlstate(exc)
+    return state is not None and state.startswith(DISCONNECT_SQLSTATES)
+
+
+def discard_lost_connections(engine: AsyncEngine) -> None:
+    """Tell SQLAlchemy that an error in DISCONNECT_SQLSTATES is a disconnect, which it then
+    handles as one: the connection is discarded and the rest of the pool with it (each is
+    replaced on its next checkout), so after a failover no call reuses a connection to the old
+    primary. Its own test is narrower: asyncpg reports a closed socket, and a demoted
+    primary's 25006 comes on a connection that is still open."""
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _mark(context: Any) -> None:
+        if not context.is_disconnect and is_disconnect(context.original_exception):
+            context.is_disconnect = True
 
 
 def as_domain_error(exc: BaseException) -> errors.DomainError | None:
