@@ -1,0 +1,155 @@
+"""The front door: JSON over HTTP (curl), gRPC and CORS through Envoy to real replicas, with
+the routes of the protos' google.api.http annotations."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+from shop.v1 import user_service_pb2 as users_api
+from shop.v1.user_service_pb2_grpc import UserServiceStub
+
+from deploy.cluster import Cluster
+from tests import tools
+from tests.cluster.curl import curl, post_json
+
+pytestmark = pytest.mark.requires(tools.ENVOY, tools.CURL)
+
+ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
+BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
+
+
+def create_user(cluster: Cluster, email: str) -> dict[str, object]:
+    reply = post_json(
+        f"{cluster.url}/v1/users", {"email": email, "firstName": "Ada", "lastName": "Lovelace"}
+    )
+    assert reply.status == 200, reply
+    user: dict[str, object] = reply.json()
+    return user
+
+
+def test_every_replica_is_healthy_in_envoy(envoy_cluster: Cluster) -> None:
+    assert envoy_cluster.all_healthy(), envoy_cluster.health_flags()
+
+
+def test_create_user_by_post_then_get_user_by_get(envoy_cluster: Cluster) -> None:
+    created = create_user(envoy_cluster, "ada@example.com")
+    assert created["email"] == "ada@example.com"
+    assert created["isActive"] is True  # always_print_primitive_fields: false is printed too
+
+    fetched = curl(f"{envoy_cluster.url}/v1/users/{created['id']}")
+
+    assert fetched.status == 200
+    assert fetched.headers["content-type"] == "application/json"
+    assert fetched.json() == created
+
+
+def test_not_found_is_404_with_the_grpc_status_and_error_info(envoy_cluster: Cluster) -> None:
+    reply = curl(f"{envoy_cluster.url}/v1/users/987654321")
+
+    assert reply.status == 404
+    status = reply.json()
+    assert status["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert status["message"] == "user 987654321 not found"
+    [info] = [d for d in status["details"] if d["@type"] == ERROR_INFO]
+    assert info["reason"] == "USER_NOT_FOUND"
+    assert info["metadata"] == {"id": "987654321"}
+
+
+def test_invalid_argument_is_400_with_the_field_violations(envoy_cluster: Cluster) -> None:
+    reply = post_json(f"{envoy_cluster.url}/v1/users", {"email": "nope", "firstName": "Ada"})
+
+    assert reply.status == 400
+    status = reply.json()
+    assert status["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    [bad_request] = [d for d in status["details"] if d["@type"] == BAD_REQUEST]
+    fields = {v["field"] for v in bad_request["fieldViolations"]}
+    assert fields == {"email", "last_name"}
+
+
+def test_an_unknown_route_is_404_from_envoy(envoy_cluster: Cluster) -> None:
+    reply = curl(f"{envoy_cluster.url}/v1/nothing")
+
+    assert reply.status == 404
+    assert "Could not resolve /v1/nothing to a method" in reply.body
+
+
+def test_stream_users_is_newline_delimited_json_with_every_row(envoy_cluster: Cluster) -> None:
+    emails = {f"export{i}@example.com" for i in range(7)}
+    for email in emails:
+        create_user(envoy_cluster, email)
+
+    reply = curl(f"{envoy_cluster.url}/v1/users:stream?batchSize=3")
+
+    assert reply.status == 200
+    batches = reply.lines()
+    assert [len(b["users"]) for b in batches] == [3, 3, 1]
+    assert {u["email"] for b in batches for u in b["users"]} == emails
+    assert all(b["resumeToken"] for b in batches)
+
+
+def open_account(cluster: Cluster, user_id: object) -> dict[str, object]:
+    reply = post_json(
+        f"{cluster.url}/v1/accounts",
+        {"userId": user_id, "currency": "EUR", "requestId": f"open-{uuid.uuid4()}"},
+    )
+    assert reply.status == 200, reply
+    account: dict[str, object] = reply.json()
+    return account
+
+
+def test_transfer_by_post_is_idempotent_by_request_id(envoy_cluster: Cluster) -> None:
+    user = create_user(envoy_cluster, "payer@example.com")
+    payer, payee = open_account(envoy_cluster, user["id"]), open_account(envoy_cluster, user["id"])
+    deposit = post_json(
+        f"{envoy_cluster.url}/v1/accounts/{payer['id']}:deposit",
+        {"amount": "100.00", "requestId": "deposit-1"},
+    )
+    assert deposit.status == 200, deposit
+    transfer = {"toAccountId": payee["id"], "amount": "30.00", "requestId": "transfer-1"}
+    url = f"{envoy_cluster.url}/v1/accounts/{payer['id']}:transfer"
+
+    first, again = post_json(url, transfer), post_json(url, transfer)
+
+    assert first.status == again.status == 200, (first, again)
+    assert first.json() == again.json()
+    assert first.json()["fromAccountId"] == payer["id"]
+    balances = [
+        curl(f"{envoy_cluster.url}/v1/accounts/{account['id']}").json()["balance"]
+        for account in (payer, payee)
+    ]
+    assert balances == ["70.00", "30.00"]  # applied once
+
+
+def test_grpc_through_envoy(envoy_cluster: Cluster) -> None:
+    with grpc.insecure_channel(envoy_cluster.address) as channel:
+        users = UserServiceStub(channel)
+        created = users.CreateUser(
+            users_api.CreateUserRequest(email="grpc@example.com", first_name="G", last_name="R"),
+            timeout=30,
+        )
+        assert users.GetUser(users_api.GetUserRequest(id=created.id), timeout=30) == created
+        batches = list(users.StreamUsers(users_api.StreamUsersRequest(batch_size=10), timeout=30))
+        assert [u.id for b in batches for u in b.users] == [created.id]
+        with pytest.raises(grpc.RpcError) as missing:
+            users.GetUser(users_api.GetUserRequest(id=987654321), timeout=30)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cors_preflight_allows_a_local_page(envoy_cluster: Cluster) -> None:
+    reply = curl(
+        "-X",
+        "OPTIONS",
+        f"{envoy_cluster.url}/shop.v1.UserService/GetUser",
+        "-H",
+        "origin: http://127.0.0.1:5173",
+        "-H",
+        "access-control-request-method: POST",
+        "-H",
+        "access-control-request-headers: content-type,x-grpc-web",
+    )
+
+    assert reply.status == 200
+    assert reply.headers["access-control-allow-origin"] == "http://127.0.0.1:5173"
+    assert "x-grpc-web" in reply.headers["access-control-allow-headers"]
