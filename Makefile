@@ -76,7 +76,7 @@ run-cluster: $(STAMP)
 	$(PY) -m deploy.cluster --replicas $(REPLICAS)
 
 # The Node client test (tests/test_examples.py) needs examples/node's packages, and the browser
-# test (tests/test_browser.py) the page of examples/browser built into its dist/: `make test`
+# test (tests/cluster/test_browser.py) the page of examples/browser built into its dist/: `make test`
 # installs and builds them when node and npm are here, so a newcomer runs what CI runs. Without
 # node those tests skip (and fail under CI=true: tests/tools.py).
 NODE_MODULES := examples/node/node_modules/.package-lock.json
