@@ -75,6 +75,14 @@ REPLICAS ?= 3
 run-cluster: $(STAMP)
 	$(PY) -m deploy.cluster --replicas $(REPLICAS)
 
+# A Patroni cluster on this machine (etcd, a primary and a synchronous standby in a temporary
+# directory; Debian's patroni, etcd-server and postgresql-15), migrated, and the service on its
+# multi-host URL (target_session_attrs=read-write). Ctrl-C or SIGTERM stops everything
+# (deploy/patroni/cluster.py, README "High availability").
+.PHONY: run-ha
+run-ha: $(STAMP)
+	$(PY) -m deploy.patroni.cluster --serve
+
 # The Node client test (tests/test_examples.py) needs examples/node's packages, and the browser
 # test (tests/cluster/test_browser.py) the page of examples/browser built into its dist/: `make test`
 # installs and builds them when node and npm are here, so a newcomer runs what CI runs. Without

@@ -337,8 +337,14 @@ class Stopped(Exception):
     """SIGTERM or SIGINT arrived: unwind and stop everything."""
 
 
+_signalled: list[int] = []
+
+
 def _on_signal(signum: int, _frame: object) -> None:
-    raise Stopped(signal.Signals(signum).name)
+    # Only the first: a second Ctrl-C must not cut short the stopping of what we started.
+    if not _signalled:
+        _signalled.append(signum)
+        raise Stopped(signal.Signals(signum).name)
 
 
 def _serve(url: str) -> int:

@@ -178,7 +178,6 @@ async def test_failover_loses_no_acknowledged_transfer(
 
     new_leader = patroni.leader()
     assert new_leader is not None and new_leader is not old_leader
-    report(load, killed, new_primary_at, succeeded_at)
 
     # Every failure told the client to retry (ErrorInfo and RetryInfo), none was INTERNAL,
     # no request ran out of retries, and once the new primary served, calls succeeded.
@@ -198,6 +197,7 @@ async def test_failover_loses_no_acknowledged_transfer(
     assert late == [], f"{len(late)} calls failed after {RECOVERY_BOUND:.0f}s"
 
     await assert_survived(patroni.node_url(new_leader), load)
+    report(load, killed, new_primary_at, succeeded_at)
 
 
 async def assert_survived(new_primary_url: str, load: Load) -> None:
