@@ -40,12 +40,22 @@ def free_port() -> int:
 
 
 class OwnPostgres:
-    """One initdb'd cluster in `root`, listening on 127.0.0.1:`port`, trust auth."""
+    """One initdb'd cluster in `root`, listening on 127.0.0.1:`port`, trust auth. `also_listen`
+    adds addresses and `trusted` the subnets allowed to connect through them (the multi-host
+    tests' bridge: tests/multihost/)."""
 
-    def __init__(self, root: Path, port: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        port: int,
+        also_listen: tuple[str, ...] = (),
+        trusted: tuple[str, ...] = (),
+    ) -> None:
         self.root = root
         self.data = root / "data"
         self.port = port
+        self.listen = ",".join(("127.0.0.1", *also_listen))
+        self.trusted = trusted
         self.log = root / "postgres.log"
         self._as_postgres = os.geteuid() == 0
 
@@ -62,11 +72,13 @@ class OwnPostgres:
         initdb = pg_binary("initdb")
         assert initdb is not None
         self._run(initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        with (self.data / "pg_hba.conf").open("a") as hba:
+            hba.writelines(f"host all all {subnet} trust\n" for subnet in self.trusted)
 
     def start(self) -> None:
         pg_ctl = pg_binary("pg_ctl")
         assert pg_ctl is not None
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
+        options = f"-p {self.port} -c listen_addresses={self.listen} -k {self.root} -c fsync=off"
         self._run(pg_ctl, "start", "-w", "-t", str(START_TIMEOUT), "-D", str(self.data),
                   "-l", str(self.log), "-o", options)  # fmt: skip
 
@@ -95,10 +107,12 @@ class OwnPostgres:
 
 
 @contextmanager
-def own_postgres() -> Iterator[OwnPostgres]:
+def own_postgres(
+    also_listen: tuple[str, ...] = (), trusted: tuple[str, ...] = ()
+) -> Iterator[OwnPostgres]:
     """Initialise, start, yield; always stop (immediate) and delete at the end."""
     with tempfile.TemporaryDirectory(prefix="shop-own-pg-") as tmp:
-        server = OwnPostgres(Path(tmp), free_port())
+        server = OwnPostgres(Path(tmp), free_port(), also_listen, trusted)
         server.init()
         server.start()
         try:
