@@ -35,6 +35,20 @@ class Settings(BaseSettings):
     database_url: SecretStr | None = None
     data_dir: Path = Path(".data")
 
+    # Read replicas (service/db/replicas.py; service/db/routing.py says which RPCs read there):
+    # streaming standbys of SHOP_DATABASE_URL, comma-separated; empty: every read on the primary.
+    database_replica_urls: SecretStr = SecretStr("")
+    # A replica further behind than this (seconds) is skipped. 1 s: a standby streaming on the
+    # same network replays within milliseconds, so one a whole second behind is stuck (replay
+    # waiting out a recovery conflict, a saturated disk), not busy. Lower, and the clock skew
+    # between the servers plus the first replay after an idle spell (replicas.py) would skip
+    # healthy replicas now and then; higher, and a page may miss recent writes for longer.
+    replica_max_lag: float = Field(default=1.0, gt=0)
+    # How often each replica's lag is measured: a read's staleness is at most max lag plus this.
+    replica_check_interval: float = Field(default=0.5, gt=0)
+    # Each replica's pool: this many connections kept, as many more under load.
+    replica_pool_size: int = Field(default=5, ge=1)
+
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
 
@@ -120,6 +134,11 @@ class Settings(BaseSettings):
         if value is not None:
             parse_token_roles(value.get_secret_value())
         return value
+
+    def replica_urls(self) -> list[str]:
+        """SHOP_DATABASE_REPLICA_URLS as a list (empty entries ignored)."""
+        urls = self.database_replica_urls.get_secret_value().split(",")
+        return [url.strip() for url in urls if url.strip()]
 
     def safe_dump(self) -> dict[str, Any]:
         """Every setting, secrets masked: fit for a log line."""

@@ -97,6 +97,12 @@ def _postgres_server() -> str | None:
     return pg_binary("pg_ctl") if available() else None
 
 
+def _pg_basebackup() -> str | None:
+    from tests.faults.own_postgres import pg_binary
+
+    return pg_binary("pg_basebackup")
+
+
 def _grpcurl() -> str | None:
     from tests.process import grpcurl_binary
 
@@ -132,6 +138,12 @@ POSTGRES_SERVER = Tool(
     "Debian's postgresql-15 puts them in /usr/lib/postgresql/15/bin "
     "(.ci/run apt-get installs it when missing)",
     _postgres_server,
+)
+PG_BASEBACKUP = Tool(
+    "pg_basebackup",
+    "Debian's postgresql-client-15 puts it in /usr/lib/postgresql/15/bin (postgresql-15 "
+    "depends on it; .ci/run apt-get installs postgresql-15 when missing)",
+    _pg_basebackup,
 )
 GRPCURL = Tool(
     "grpcurl",

@@ -26,15 +26,40 @@ from service.db.transaction import AUTOCOMMIT_READS
 def create_engine(settings: Settings, url: str) -> AsyncEngine:
     """The serving engine: a pool (AsyncAdaptedQueuePool) sized by settings, pre-pinged, its
     transactions bounded by the calling RPC's deadline."""
+    return _serving_engine(settings, url, settings.pool_size, settings.max_overflow, "shop-service")
+
+
+def create_replica_engine(settings: Settings, url: str) -> AsyncEngine:
+    """A read replica's engine: the serving engine's rules on a smaller pool, its connections
+    named shop-service-replica/<pid> in pg_stat_activity, and a connect timeout of
+    SHOP_HEALTH_TIMEOUT, so a replica that went silent since its last check costs a read that
+    much before it falls back to the primary (service/db/unit_of_work.py)."""
+    size = settings.replica_pool_size
+    return _serving_engine(
+        settings, url, size, size, "shop-service-replica", timeout=settings.health_timeout
+    )
+
+
+def _serving_engine(
+    settings: Settings,
+    url: str,
+    pool_size: int,
+    max_overflow: int,
+    name: str,
+    timeout: float | None = None,
+) -> AsyncEngine:
+    args = connect_args(settings, name)
+    if timeout is not None:
+        args["timeout"] = timeout
     engine = create_async_engine(
         url,
-        pool_size=settings.pool_size,
-        max_overflow=settings.max_overflow,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
         pool_timeout=settings.pool_timeout,
         pool_recycle=settings.pool_recycle,
         pool_pre_ping=False,  # service/db/ping.py does it in one round trip
         echo=settings.debug,
-        connect_args=connect_args(settings),
+        connect_args=args,
         execution_options={AUTOCOMMIT_READS: not settings.pgbouncer},
     )
     if settings.pool_pre_ping:
@@ -45,10 +70,10 @@ def create_engine(settings: Settings, url: str) -> AsyncEngine:
     return engine
 
 
-def connect_args(settings: Settings) -> dict[str, Any]:
+def connect_args(settings: Settings, name: str = "shop-service") -> dict[str, Any]:
     """asyncpg.connect arguments for the serving engine."""
     # Names the process in pg_stat_activity: with SHOP_WORKERS > 1, which worker holds what.
-    args: dict[str, Any] = {"server_settings": {"application_name": f"shop-service/{os.getpid()}"}}
+    args: dict[str, Any] = {"server_settings": {"application_name": f"{name}/{os.getpid()}"}}
     if settings.pgbouncer:
         args.update(PGBOUNCER_CONNECT_ARGS)
     return args

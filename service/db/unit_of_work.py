@@ -3,6 +3,8 @@ few named doors. No handler reaches for a sessionmaker, an engine or a driver co
 
 - read(): a session for reads (no explicit transaction; closed at the end).
 - snapshot(): one REPEATABLE READ, READ ONLY transaction, for exports.
+  Both on a read replica when the RPC's row in service/db/routing.py says so and one is
+  usable (service/db/replicas.py); on the primary otherwise.
 - write(work): work(session) in a transaction, committed, retried on 40001/40P01.
 - transaction(): one transaction, not retried (work that cannot run twice: ImportUsers).
 - idempotent(...): write() once per request_id (handlers/idempotency.py holds the rule).
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -23,7 +25,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from service.db.coalescer import Coalescer, Outcome
 from service.db.deadlines import current_deadline, deadline_bound
+from service.db.errors import is_unavailable
+from service.db.replicas import Replica, Replicas
 from service.db.retry import retried, transactional
+from service.db.routing import REPLICA, current_reads_from
 from service.db.transaction import AUTOCOMMIT_READS, read_only_snapshot, transaction
 from service.errors import DeadlineExceeded
 
@@ -43,16 +48,60 @@ OVERLAP_FROM = 64
 class Database:
     """The engine, its sessions, and the doors to them."""
 
-    def __init__(self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        sessions: async_sessionmaker[AsyncSession],
+        replicas: Replicas | None = None,
+    ) -> None:
         self.engine = engine
         self.sessions = sessions
+        self.replicas = replicas
         self._coalescers: list[Coalescer[Any, Any]] = []
 
     def read(self) -> AbstractAsyncContextManager[AsyncSession]:
-        return self.sessions()
+        replica = self._replica()
+        if replica is None:
+            return self.sessions()
+        return self._on_replica(replica, connected)
 
     def snapshot(self) -> AbstractAsyncContextManager[AsyncSession]:
-        return read_only_snapshot(self.sessions)
+        replica = self._replica()
+        if replica is None:
+            return read_only_snapshot(self.sessions)
+        return self._on_replica(replica, read_only_snapshot)
+
+    def _replica(self) -> Replica | None:
+        """Where this RPC's reads go: a usable replica if routing.py sends them to one."""
+        if self.replicas is None or current_reads_from() is not REPLICA:
+            return None
+        return self.replicas.pick()
+
+    @asynccontextmanager
+    async def _on_replica(self, replica: Replica, opened: Opener) -> AsyncIterator[AsyncSession]:
+        """`opened` on the replica, its connection taken before the caller's block runs. When
+        that fails as an outage (the replica went down since its last check), nothing has been
+        read yet: the replica is marked down and the block runs on the primary instead. A
+        replica failing later, mid-read, fails the call (UNAVAILABLE; an export resumes from
+        its last token) and is marked down too, so the client's retry reads elsewhere."""
+        assert self.replicas is not None
+        on: Replica | None = replica
+        async with AsyncExitStack() as stack:
+            try:
+                session = await stack.enter_async_context(opened(replica.sessions))
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+                self.replicas.mark_down(replica, exc)
+                on = None
+            if on is None:
+                session = await stack.enter_async_context(opened(self.sessions))
+            try:
+                yield session
+            except Exception as exc:
+                if on is not None and is_unavailable(exc):
+                    self.replicas.mark_down(on, exc)
+                raise
 
     async def write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         return await transactional(self.sessions, work)
@@ -123,6 +172,18 @@ class Database:
         to finish (a money batch commits for the callers in it, whether or not they are still
         waiting), then are cancelled and roll back."""
         await asyncio.gather(*(c.drain(seconds) for c in self._coalescers))
+
+
+Opener = Callable[[async_sessionmaker[AsyncSession]], AbstractAsyncContextManager[AsyncSession]]
+
+
+@asynccontextmanager
+async def connected(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session from `sessions` that already holds its connection (so a server that cannot be
+    reached fails here, before the caller reads anything)."""
+    async with sessions() as session:
+        await session.connection()
+        yield session
 
 
 @dataclass(frozen=True, slots=True)

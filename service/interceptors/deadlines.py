@@ -1,4 +1,5 @@
-"""Hands each call's deadline to the database layer (service/db/deadlines.py)."""
+"""Hands each call's deadline and its read route to the database layer (service/db/deadlines.py,
+service/db/routing.py)."""
 
 from __future__ import annotations
 
@@ -7,33 +8,45 @@ from contextlib import aclosing
 from typing import Any
 
 from service.db.deadlines import bind_deadline
+from service.db.routing import ReadsFrom, bind_reads_from, route_of
 from service.handlers.context import Context
 from service.interceptors.wrapping import Handler, WrappingInterceptor, with_behaviours
 
 
-def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
-    async def call(request: Any, context: Context) -> Any:
-        bind_deadline(context.time_remaining())
-        return await fn(request, context)
+def _unary(reads_from: ReadsFrom) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: Context) -> Any:
+            bind_deadline(context.time_remaining())
+            bind_reads_from(reads_from)
+            return await fn(request, context)
 
-    return call
+        return call
+
+    return wrap
 
 
-def _streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
-    async def call(request: Any, context: Context) -> AsyncIterator[Any]:
-        bind_deadline(context.time_remaining())
-        # aclosing: when this stream is closed (client gone), the servicer's generator is closed
-        # now, in this task, rather than whenever the garbage collector finalizes it.
-        async with aclosing(fn(request, context)) as messages:
-            async for message in messages:
-                yield message
+def _streaming(reads_from: ReadsFrom) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
+            bind_deadline(context.time_remaining())
+            bind_reads_from(reads_from)
+            # aclosing: when this stream is closed (client gone), the servicer's generator is
+            # closed now, in this task, rather than whenever the garbage collector finalizes it.
+            async with aclosing(fn(request, context)) as messages:
+                async for message in messages:
+                    yield message
 
-    return call
+        return call
+
+    return wrap
 
 
 class DeadlineInterceptor(WrappingInterceptor):
     """Binds context.time_remaining() for the call, so every transaction it opens starts with a
-    statement_timeout no longer than what the caller still waits."""
+    statement_timeout no longer than what the caller still waits; and where the method reads
+    (its row in service/db/routing.py, looked up once per method), for Database.read() and
+    snapshot()."""
 
     def wrap(self, method: str, handler: Handler) -> Handler:
-        return with_behaviours(handler, _unary, _streaming)
+        reads_from = route_of(method)
+        return with_behaviours(handler, _unary(reads_from), _streaming(reads_from))

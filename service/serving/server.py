@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.config import Settings
 from service.db.closing import dispose_within
 from service.db.engine import create_engine, create_probe_engine, create_sessionmaker
+from service.db.replicas import open_replicas
 from service.db.schema_state import serving_features, session_info
 from service.db.unit_of_work import Database
 from service.handlers.accounts import AccountServicer
@@ -104,6 +105,8 @@ class RunningServer:
         if self.probe is not None:
             await self.probe.stop()
         await dispose_within(self.engine, POOL_CLOSE_SECONDS)
+        if self.db is not None and self.db.replicas is not None:
+            await self.db.replicas.close(POOL_CLOSE_SECONDS)
         if self.metrics is not None:
             self.metrics.close()
 
@@ -182,7 +185,8 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
         maximum_concurrent_rpcs=max_concurrent_rpcs(settings),
         compression=compression(settings),
     )
-    db = Database(engine, create_sessionmaker(engine, session_info(features)))
+    info = session_info(features)
+    db = Database(engine, create_sessionmaker(engine, info), open_replicas(settings, info))
     add_shop_services(server, db, settings)
     health_service = HealthService(("", *SHOP_SERVICES))
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
@@ -197,6 +201,9 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     await server.start()
     await probe.probe_once()  # so health is already true when start_server returns
     probe.start()
+    if db.replicas is not None:
+        await db.replicas.check_all()  # so reads use the replicas from the first call
+        db.replicas.start()
     transport = (
         "plaintext"
         if settings.tls_cert is None
