@@ -225,8 +225,10 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
 async def serve(settings: Settings, database_url: str) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
     log.info("settings: %s", settings.safe_dump())
-    running = await start_server(settings, database_url)
+    # Before the server starts: a signal that lands while it starts (a deploy rolled back, a
+    # Ctrl-C) is a graceful stop once it has started, never Python's default of dying at once.
     signals = StopSignals().install()
+    running = await start_server(settings, database_url)
     with contextlib.suppress(asyncio.CancelledError):
         await signals.first.wait()
     log.info(

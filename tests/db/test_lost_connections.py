@@ -69,13 +69,11 @@ async def test_no_host_that_takes_writes_is_unavailable(scratch_url: str) -> Non
     async with admin.begin() as conn:
         await conn.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
     await admin.dispose()
-    url = make_url(scratch_url)
-    multi_host = (
-        f"postgresql+asyncpg://{url.username or 'postgres'}"
-        f"{':' + url.password if url.password else ''}@/{name}"
-        f"?host={url.host}:{url.port or 5432}&target_session_attrs=read-write"
+    # The same URL (TCP or a socket directory) asking for a host that takes writes.
+    writable = make_url(scratch_url).update_query_dict({"target_session_attrs": "read-write"})
+    engine = create_engine(
+        Settings(pool_size=1, max_overflow=0), writable.render_as_string(hide_password=False)
     )
-    engine = create_engine(Settings(pool_size=1, max_overflow=0), multi_host)
     try:
         with pytest.raises(DBAPIError) as raised:
             await backend_pid(engine)
