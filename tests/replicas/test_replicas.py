@@ -382,10 +382,11 @@ EXPORTED = 50_000
 async def test_an_export_on_the_replica_completes_while_transfers_run_on_the_primary(
     served: Served, databases: Databases
 ) -> None:
-    """hot_standby_feedback=on on the standby (tests/replicas/standby.py), with a short
-    max_standby_streaming_delay: VACUUM on the primary keeps the rows the export's snapshot
-    needs, so replay never cancels it. The export reads one snapshot: every user it shows with
-    the same version of last_name, though the primary rewrites them all the while."""
+    """hot_standby_feedback=on on the standby (tests/replicas/standby.py), with
+    max_standby_streaming_delay=-1: VACUUM on the primary keeps the rows the export's snapshot
+    needs, so replay never cancels it (the 1M-row run is in docs/scale-out.md). The export
+    reads one snapshot: every user it shows with the same version of last_name, though the
+    primary rewrites them all the while."""
     await insert_users(databases, EXPORTED)
     sources = [await open_account(served, "1000.00") for _ in range(4)]
     await databases.replica_caught_up()
