@@ -354,11 +354,13 @@ def _serve(url: str) -> int:
     server = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env)
     try:
         return server.wait()
-    except Stopped:
+    except Stopped as stopped:
+        _say(f"{stopped}: stopping the service")
         # A terminal's Ctrl-C reached the server too (same process group); SIGTERM does not.
         with suppress(ProcessLookupError):
             server.terminate()
-        return server.wait()
+        server.wait()
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,27 +370,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    status = 0
     try:
         with patroni_cluster(args.root) as cluster:
-            leader, _ = cluster.wait_ready()
-            print(f"etcd:          127.0.0.1:{cluster.etcd_port}", flush=True)
-            for node in cluster.nodes:
-                role = "leader" if node is leader else "sync standby"
-                print(
-                    f"{node.name}:         127.0.0.1:{node.pg_port} ({role}), "
-                    f"Patroni API 127.0.0.1:{node.api_port}, log {node.log}",
-                    flush=True,
-                )
-            print(f"SHOP_DATABASE_URL={cluster.url()}", flush=True)
-            if args.serve:
-                return _serve(cluster.url())
-            print("Ctrl-C stops the cluster.", flush=True)
-            while True:
-                time.sleep(1)
-                cluster.check_running()
+            try:
+                status = _run(cluster, args.serve)
+            except Stopped as stopped:
+                # Said before the nodes stop (their PostgreSQL checkpoints: seconds), not after.
+                _say(f"{stopped}: stopping Patroni and etcd")
     except Stopped as stopped:
-        print(f"{stopped}: stopping", file=sys.stderr, flush=True)
-    return 0
+        _say(f"{stopped} while starting: stopped what had started")
+    _say("stopped")
+    return status
+
+
+def _run(cluster: Cluster, serve: bool) -> int:
+    leader, _ = cluster.wait_ready()
+    print(f"etcd:          127.0.0.1:{cluster.etcd_port}", flush=True)
+    for node in cluster.nodes:
+        role = "leader" if node is leader else "sync standby"
+        print(
+            f"{node.name}:         127.0.0.1:{node.pg_port} ({role}), "
+            f"Patroni API 127.0.0.1:{node.api_port}, log {node.log}",
+            flush=True,
+        )
+    print(f"SHOP_DATABASE_URL={cluster.url()}", flush=True)
+    if serve:
+        return _serve(cluster.url())
+    print("Ctrl-C stops the cluster.", flush=True)
+    while True:
+        time.sleep(1)
+        cluster.check_running()
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
