@@ -1,6 +1,7 @@
 """Graceful shutdown of a real `python -m service serve` process on a real SIGTERM: health goes
-NOT_SERVING, a response stream ends with UNAVAILABLE at once, new calls are refused, a unary call
-that was running (held on a row lock this test owns) still finishes OK, and the exit code is 0;
+NOT_SERVING, a response stream ends with UNAVAILABLE at once (one held back by a slow reader as
+soon as its write is taken, and it resumes exactly), new calls are refused, a unary call that
+was running (held on a row lock this test owns) still finishes OK, and the exit code is 0;
 one still held when SHOP_SHUTDOWN_GRACE runs out is cancelled, writes nothing, and the exit code
 is still 0. With SHOP_SHUTDOWN_DRAIN_DELAY, health says NOT_SERVING while calls are still served
 for the delay (a second signal cuts it short). And stop() closes the pool of a database gone
@@ -33,8 +34,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
 from service.serving.server import POOL_CLOSE_SECONDS, start_server
-from service.serving.shutdown import REPEAT_AFTER
+from service.serving.shutdown import REPEAT_AFTER, SHUTTING_DOWN
 from tests.process import service_process
+from tests.streams.helpers import insert_users, read_until_cut, resume
 from tests.tcp_proxy import database_proxy
 
 WAIT = 30.0  # bound on each expected event; none of them should take more than a second
@@ -213,6 +215,39 @@ async def test_a_call_still_running_when_the_grace_runs_out_is_cancelled_and_exi
         )
     )
     assert retried.balance == "5.00"
+
+
+# --- A stream cut while its reader is behind -------------------------------------------------
+
+EXPORT_USERS = 30_000  # ~2.2 MB: far more than the reader's window and the server's one message
+EXPORT_BATCH = 200
+
+
+async def test_an_export_cut_by_sigterm_ends_unavailable_and_resumes_exactly(
+    database_url: str, engine: AsyncEngine, user_stub: Any, tmp_path: Path
+) -> None:
+    """Issue 13: a slow reader's export, its server held back by flow control (the stream waits
+    on a write, not on the database), ends with UNAVAILABLE "server shutting down" after a
+    SIGTERM; resumed from its last token on another server, every user arrives exactly once."""
+    await insert_users(engine, EXPORT_USERS)
+    async with engine.connect() as conn:
+        everyone = list((await conn.scalars(text("SELECT id FROM users ORDER BY id"))).all())
+    log = tmp_path / "serve.log"
+    with service_process(database_url, log, SHOP_SHUTDOWN_GRACE="3") as (address, process):
+        cut = await read_until_cut(
+            address, EXPORT_BATCH, lambda: process.send_signal(signal.SIGTERM)
+        )
+        assert cut.error is not None, "the export finished before the shutdown cut it"
+        assert cut.error.code() == grpc.StatusCode.UNAVAILABLE, cut.error
+        assert cut.error.details() == SHUTTING_DOWN
+        try:
+            code = await asyncio.to_thread(process.wait, WAIT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {WAIT:.0f}s after the cut:\n{log.read_text()}")
+        assert code == 0, f"exit code {code}:\n{log.read_text()}"
+    assert 0 < len(cut.ids) < len(everyone)
+    # The session's server plays the other replica (same page-token secret).
+    assert cut.ids + await resume(user_stub, cut.token) == everyone
 
 
 # --- The drain delay ----------------------------------------------------------------------

@@ -88,17 +88,24 @@ class RunningServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for((cut_short or asyncio.Event()).wait(), delay)
 
-    async def stop(self, grace: float | None) -> None:
+    async def stop(self, grace: float | None, cut_short: asyncio.Event | None = None) -> None:
         """NOT_SERVING (if drain() did not say so already); then new calls are refused and
         streams end at once, while unary calls get `grace` seconds to finish; batches already
         running finish (a money batch commits for its callers, even those cut off by the
         grace); then the pools close, within POOL_CLOSE_SECONDS even if the database is
-        silent."""
+        silent.
+
+        A stream cut while its reader was behind keeps its connection open for the rest of the
+        grace (or until `cut_short` is set): see _hold_connections."""
         await self.health.enter_graceful_shutdown()
         log.info("refusing new calls; streams told to stop, unary calls get %ss", grace)
+        deadline = None if grace is None else asyncio.get_running_loop().time() + grace
         if self.streams is not None:
             self.streams.stop()
-        await self.server.stop(grace)
+            if deadline is not None and self.streams.behind:
+                await self._hold_connections(deadline, cut_short)
+        left = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+        await self.server.stop(left)
         log.info("calls ended; closing the database pool")
         if self.db is not None:
             await self.db.drain(BATCH_DRAIN_SECONDS)
@@ -109,6 +116,29 @@ class RunningServer:
             await self.db.replicas.close(POOL_CLOSE_SECONDS)
         if self.metrics is not None:
             self.metrics.close()
+
+    async def _hold_connections(self, deadline: float, cut_short: asyncio.Event | None) -> None:
+        """Keep the connections open until `deadline` (or `cut_short`), GOAWAY not yet sent.
+
+        Through a proxy, a cut stream's status reaches its reader only after the bytes the
+        proxy still holds for it; Envoy keeps the end of such a backed-up stream buffered
+        behind them, and drops it (resetting the stream: the client sees INTERNAL) if the
+        upstream connection closes first. grpc closes a connection as soon as its last stream
+        ends once server.stop() has sent GOAWAY, so GOAWAY waits: new calls are refused by
+        ActiveStreams meanwhile, unary calls run on, and the proxy delivers the tail at the
+        reader's pace. The wait ends with the grace, which bounds it; a reader too slow to take
+        the proxy's buffered bytes within it still sees a reset (and resumes all the same).
+        """
+        assert self.streams is not None
+        loop = asyncio.get_running_loop()
+        log.info(
+            "%d stream(s) cut with the reader behind: connections held %.1fs for their tails",
+            self.streams.behind,
+            deadline - loop.time(),
+        )
+        with contextlib.suppress(TimeoutError):
+            left = max(0.0, deadline - loop.time())
+            await asyncio.wait_for((cut_short or asyncio.Event()).wait(), left)
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -238,5 +268,5 @@ async def serve(settings: Settings, database_url: str) -> None:
         settings.shutdown_grace,
     )
     await running.drain(settings.shutdown_drain_delay, signals.again)
-    await running.stop(settings.shutdown_grace)
+    await running.stop(settings.shutdown_grace, signals.again)
     log.info("stopped: calls finished, database pool closed")

@@ -1,7 +1,7 @@
 """Shutdown's moving parts: the stop signals (the first starts the drain delay, a second cuts
 it short), and an interceptor that tracks response streams so that, when the server stops, each
 one ends at once with UNAVAILABLE "server shutting down" instead of running out the grace period
-(unary calls keep their grace and finish).
+(unary calls keep their grace and finish), and that refuses calls that start after that.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import asyncio
 import contextvars
 import inspect
 import signal
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -25,6 +25,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # comes later than this.
 REPEAT_AFTER = 0.3
 _END = object()  # what a step returns when the stream is exhausted
+
+
+async def _refuse(request: Any, context: Context) -> None:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
 
 class StopSignals:
@@ -61,21 +65,29 @@ async def _next(messages: AsyncIterator[Any]) -> Any:
 
 
 class ActiveStreams(WrappingInterceptor):
-    """Wraps every async-generator response stream; `stop()` ends them all with UNAVAILABLE.
+    """Wraps every async-generator response stream; `stop()` ends them all with UNAVAILABLE,
+    and from then on refuses every new call, unary ones included, with the same status.
 
     Install it innermost (next to the servicers), so the status it sets passes through the
     other interceptors like any abort. Services in `exempt` end their streams themselves
-    (health Watch sends NOT_SERVING and returns).
+    (health Watch sends NOT_SERVING and returns) and are still answered after stop().
+
+    A stream whose last message is still being written when stop() comes (its reader is
+    behind: flow control holds the write) is counted in `behind`: the bytes before its status
+    may still sit in a proxy's buffers (RunningServer.stop keeps the connections open for them).
     """
 
     def __init__(self, exempt: Iterable[str] = ()) -> None:
         super().__init__()
         self._stopping = asyncio.Event()
         self._exempt = tuple(f"/{service}/" for service in exempt)
+        self._writing: set[object] = set()  # streams whose last message is not yet written
         self.active = 0
+        self.behind = 0
 
     def stop(self) -> None:
-        """Tell every running stream to end; streams that start later end at once too."""
+        """Tell every running stream to end; calls that start later are refused."""
+        self.behind = len(self._writing)
         self._stopping.set()
 
     def wrap(self, method: str, handler: Handler) -> Handler:
@@ -87,6 +99,23 @@ class ActiveStreams(WrappingInterceptor):
             if inspect.isasyncgenfunction(fn := getattr(handler, name))
         }
         return handler._replace(**replaced) if replaced else handler  # type: ignore[attr-defined]
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await super().intercept_service(continuation, handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not self._stopping.is_set() or method.startswith(self._exempt):
+            return handler
+        # Streams started now end at once (their loop never runs); unary calls are refused.
+        refused = {
+            name: _refuse
+            for name in ("unary_unary", "stream_unary")
+            if getattr(handler, name) is not None
+        }
+        return handler._replace(**refused) if refused else handler  # type: ignore[attr-defined]
 
     def _tracked(
         self, fn: Callable[..., AsyncGenerator[Any, None]]
@@ -109,10 +138,13 @@ class ActiveStreams(WrappingInterceptor):
         Each step runs as a task raced against stop(), so a stream waiting on the database is
         interrupted too: cancelling the step runs the servicer's `finally` (results closed).
         All steps share one copied context, so context variables behave as in a plain loop.
+        A stream waiting for its last message to be written (flow control: the reader is
+        behind) is not interrupted: it ends once the write is taken, and its status follows.
         """
         steps = contextvars.copy_context()
         stopping = asyncio.ensure_future(self._stopping.wait())
         step: asyncio.Task[Any] | None = None
+        me = object()
         try:
             while not self._stopping.is_set():
                 step = asyncio.create_task(_next(messages), context=steps)
@@ -122,7 +154,12 @@ class ActiveStreams(WrappingInterceptor):
                 message = step.result()  # the servicer's exception, if any, goes up from here
                 if message is _END:
                     return
-                yield message
+                # Suspended at the yield for as long as the caller writes it.
+                self._writing.add(me)
+                try:
+                    yield message
+                finally:
+                    self._writing.discard(me)
         finally:
             stopping.cancel()
             if step is not None and not step.done():

@@ -1,11 +1,16 @@
-"""Shared by the stream tests: bulk users and waiting for the server's database sessions."""
+"""Shared by the stream tests: bulk users, waiting for the server's database sessions, and a
+slow reader whose export is cut by its server's shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
+import grpc
+from shop.v1 import user_service_pb2 as api
+from shop.v1 import user_service_pb2_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -58,3 +63,55 @@ async def eventually(check: Callable[[], Awaitable[bool]], attempts: int = 400) 
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+# A slow reader, as a client's channel would be once its buffers are full: grpc's fixed 64 KiB
+# window (by default BDP probing grows it to several MB on loopback).
+SLOW_READER_OPTIONS = [("grpc.http2.bdp_probe", 0)]
+SLOW_READ_PACE = 0.02  # seconds per batch
+CUT_WITHIN = 300  # batches: a bound on the reading loop, far past any tail
+
+
+@dataclass
+class CutExport:
+    """What a reader of StreamUsers saw up to the end of its call."""
+
+    ids: list[int]
+    token: str
+    error: grpc.aio.AioRpcError | None
+
+
+async def read_until_cut(
+    address: str, batch_size: int, stop: Callable[[], None], after: int = 5
+) -> CutExport:
+    """Read StreamUsers slowly through `address`; call `stop()` (a SIGTERM, say) after `after`
+    batches and read on until the call ends, keeping the last resume token."""
+    ids: list[int] = []
+    token = ""
+    async with grpc.aio.insecure_channel(address, options=SLOW_READER_OPTIONS) as channel:
+        call = user_service_pb2_grpc.UserServiceStub(channel).StreamUsers(
+            api.StreamUsersRequest(batch_size=batch_size), timeout=60
+        )
+        try:
+            for read in range(CUT_WITHIN):
+                batch = await call.read()
+                if batch is grpc.aio.EOF:
+                    return CutExport(ids, token, None)
+                ids.extend(user.id for user in batch.users)
+                token = batch.resume_token
+                if read + 1 == after:
+                    stop()
+                await asyncio.sleep(SLOW_READ_PACE)
+        except grpc.aio.AioRpcError as error:
+            return CutExport(ids, token, error)
+        finally:
+            call.cancel()
+    raise AssertionError(f"still reading {CUT_WITHIN} batches after the stop")
+
+
+async def resume(stub: user_service_pb2_grpc.UserServiceStub, token: str) -> list[int]:
+    """The rest of the export from `token`, read whole."""
+    ids: list[int] = []
+    async for batch in stub.StreamUsers(api.StreamUsersRequest(resume_token=token)):
+        ids.extend(user.id for user in batch.users)
+    return ids
