@@ -95,17 +95,19 @@ class RunningServer:
         grace); then the pools close, within POOL_CLOSE_SECONDS even if the database is
         silent.
 
-        A stream cut while its reader was behind keeps its connection open for the rest of the
-        grace (or until `cut_short` is set): see _hold_connections."""
+        If a stream was behind its reader within the grace before (a proxy may still hold part of
+        it), the connections stay open for the rest of the grace (or until `cut_short` is set):
+        see _hold_connections."""
         await self.health.enter_graceful_shutdown()
         log.info("refusing new calls; streams told to stop, unary calls get %ss", grace)
-        deadline = None if grace is None else asyncio.get_running_loop().time() + grace
+        loop = asyncio.get_running_loop()
+        deadline = None if grace is None else loop.time() + grace
         if self.streams is not None:
             self.streams.stop()
-            if deadline is not None and self.streams.behind:
-                await self._hold_connections(deadline, cut_short)
-        left = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
-        await self.server.stop(left)
+            behind_at = self.streams.behind_at
+            if grace and behind_at is not None and loop.time() - behind_at < grace:
+                await self._hold_connections(loop.time() + grace, cut_short)
+        await self.server.stop(None if deadline is None else max(0.0, deadline - loop.time()))
         log.info("calls ended; closing the database pool")
         if self.db is not None:
             await self.db.drain(BATCH_DRAIN_SECONDS)
@@ -124,7 +126,8 @@ class RunningServer:
         proxy still holds for it; Envoy keeps the end of such a backed-up stream buffered
         behind them, and drops it (resetting the stream: the client sees INTERNAL) if the
         upstream connection closes first. grpc closes a connection as soon as its last stream
-        ends once server.stop() has sent GOAWAY, so GOAWAY waits: new calls are refused by
+        ends once server.stop() has sent GOAWAY (the same for a stream that ended on its own a
+        moment ago, its tail still in the proxy), so GOAWAY waits: new calls are refused by
         ActiveStreams meanwhile, unary calls run on, and the proxy delivers the tail at the
         reader's pace. The wait ends with the grace, which bounds it; a reader too slow to take
         the proxy's buffered bytes within it still sees a reset (and resumes all the same).
@@ -132,8 +135,8 @@ class RunningServer:
         assert self.streams is not None
         loop = asyncio.get_running_loop()
         log.info(
-            "%d stream(s) cut with the reader behind: connections held %.1fs for their tails",
-            self.streams.behind,
+            "a stream's reader was behind %.1fs ago: connections held %.1fs for its tail",
+            loop.time() - (self.streams.behind_at or loop.time()),
             deadline - loop.time(),
         )
         with contextlib.suppress(TimeoutError):

@@ -24,6 +24,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # terminal (the whole process group) and forwarded by the parent. A person's second Ctrl-C
 # comes later than this.
 REPEAT_AFTER = 0.3
+# A write that takes longer than this was held by flow control: its reader is behind, and a
+# proxy in between may hold that stream's bytes. A write with room in its window is done within
+# a turn or two of the loop; a busy loop mistaken for a slow reader costs only a longer stop.
+HELD_BACK = 0.02
 _END = object()  # what a step returns when the stream is exhausted
 
 
@@ -72,9 +76,9 @@ class ActiveStreams(WrappingInterceptor):
     other interceptors like any abort. Services in `exempt` end their streams themselves
     (health Watch sends NOT_SERVING and returns) and are still answered after stop().
 
-    A stream whose last message is still being written when stop() comes (its reader is
-    behind: flow control holds the write) is counted in `behind`: the bytes before its status
-    may still sit in a proxy's buffers (RunningServer.stop keeps the connections open for them).
+    `behind_at` is when a stream was last seen behind its reader: a write held by flow control
+    (or one still being written when stop() comes). Since then a proxy in between may still
+    hold bytes of it, the status after them (RunningServer.stop keeps the connections open).
     """
 
     def __init__(self, exempt: Iterable[str] = ()) -> None:
@@ -83,11 +87,12 @@ class ActiveStreams(WrappingInterceptor):
         self._exempt = tuple(f"/{service}/" for service in exempt)
         self._writing: set[object] = set()  # streams whose last message is not yet written
         self.active = 0
-        self.behind = 0
+        self.behind_at: float | None = None  # loop time
 
     def stop(self) -> None:
         """Tell every running stream to end; calls that start later are refused."""
-        self.behind = len(self._writing)
+        if self._writing:
+            self.behind_at = asyncio.get_running_loop().time()
         self._stopping.set()
 
     def wrap(self, method: str, handler: Handler) -> Handler:
@@ -145,6 +150,7 @@ class ActiveStreams(WrappingInterceptor):
         stopping = asyncio.ensure_future(self._stopping.wait())
         step: asyncio.Task[Any] | None = None
         me = object()
+        loop = asyncio.get_running_loop()
         try:
             while not self._stopping.is_set():
                 step = asyncio.create_task(_next(messages), context=steps)
@@ -156,10 +162,13 @@ class ActiveStreams(WrappingInterceptor):
                     return
                 # Suspended at the yield for as long as the caller writes it.
                 self._writing.add(me)
+                began = loop.time()
                 try:
                     yield message
                 finally:
                     self._writing.discard(me)
+                    if (now := loop.time()) - began > HELD_BACK:
+                        self.behind_at = now
         finally:
             stopping.cancel()
             if step is not None and not step.done():
