@@ -22,7 +22,7 @@ from tests.faults.own_postgres import OwnPostgres, own_postgres
 from tests.multihost.cluster import Envoy, Replica, envoy_in_front
 from tests.multihost.hosts import Network, network
 
-USERS = 20_000
+USERS = 40_000  # an export of ~3 MB: ~11 s for a slow reader, longer than a restart
 ACCOUNTS = 12
 START_BALANCE = "1000000.00"
 

@@ -1,6 +1,6 @@
 """A steady mixed load through the front door, bounded in calls and in time: GetUser callers,
-Transfer callers with unique request_ids, and an exporter that reads StreamUsers slowly and
-resumes from its last token when a stream is cut. Every outcome is counted."""
+Transfer callers with unique request_ids, and exporters that read StreamUsers slowly and resume
+from their last token when a stream is cut. Every outcome is counted."""
 
 from __future__ import annotations
 
@@ -20,19 +20,26 @@ T = TypeVar("T")
 
 GETTERS = 3
 TRANSFERRERS = 3
-EXPORTERS = 3  # spread over the replicas, so each shutdown finds an export to cut
+# Spread over the replicas (LEAST_REQUEST), so each shutdown finds exports to cut: with 6 the
+# odds that none is on the stopped replica are about (2/3)^6, 9% per stop.
+EXPORTERS = 6
 PAUSE = 0.01  # between one caller's calls: a steady load, not a flood on two shared cores
 MAX_CALLS = 20_000  # per caller; the stop event ends them long before
 CALL_TIMEOUT = 10.0
 # The client's contract for a write with a request_id: send it again, same id, on UNAVAILABLE.
 CLIENT_RETRIES = 3
 EXPORT_BATCH = 200
-EXPORT_PACE = 0.05  # per batch read: a 20,000-user export takes ~5 s, longer than the drain
-# Each export is read as several calls: after CHUNK batches the reader cancels and resumes from
-# its last token, so every export crosses replicas (Envoy balances each call) whether or not
-# a shutdown cuts it. Shutdowns rarely do: with Envoy's default 256 MiB HTTP/2 windows a
-# replica hands a whole export (~2 MB) to Envoy in about 0.1 s (docs/scale-out.md).
-CHUNK = 20
+# Per batch read (~15 KB): ~280 KB/s, so a 40,000-user export (~3 MB) takes ~11 s, and until
+# its last ~0.6 MB (what Envoy and the reader hold) it is on its replica, held back by flow
+# control. The tail a cut leaves, ~0.6 MB, reaches the reader in ~2 s, inside the 5 s grace.
+EXPORT_PACE = 0.05
+# The exporters' channel keeps grpc's 64 KiB stream window: by default the client grows it
+# (BDP probing) to several MB on loopback, and a reader holding that much unread can't take a
+# cut stream's tail within the replica's grace; Envoy's own windows are bounded in its config.
+EXPORT_CHANNEL_OPTIONS = [("grpc.http2.bdp_probe", 0)]
+# How an export's call may end and still be resumed from the last token: UNAVAILABLE (a
+# replica shutting down), INTERNAL (a stream reset: a replica killed, or a tail not delivered).
+RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
 MAX_EXPORTS = 100
 MAX_RESUMES = 40
 STOP_TIMEOUT = 60.0
@@ -40,7 +47,7 @@ STOP_TIMEOUT = 60.0
 
 @dataclass
 class Tally:
-    """Calls made per method; errors per "Method CODE"; stream cuts resumed, by code."""
+    """Calls made per method; errors per "Method CODE"; stream cuts resumed, by "CODE: details"."""
 
     calls: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
@@ -66,14 +73,18 @@ class MixedLoad:
 
     async def while_running(self, scenario: Awaitable[T]) -> T:
         """Run the load around `scenario`; stop it when the scenario ends, however it ends."""
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with (
+            grpc.aio.insecure_channel(self.address) as channel,
+            grpc.aio.insecure_channel(self.address, options=EXPORT_CHANNEL_OPTIONS) as exports,
+        ):
             users = user_service_pb2_grpc.UserServiceStub(channel)
             accounts = account_service_pb2_grpc.AccountServiceStub(channel)
+            exporter = user_service_pb2_grpc.UserServiceStub(exports)
             tasks = [asyncio.create_task(self._getter(users, i)) for i in range(GETTERS)]
             tasks += [
                 asyncio.create_task(self._transferrer(accounts, i)) for i in range(TRANSFERRERS)
             ]
-            tasks += [asyncio.create_task(self._exporter(users)) for _ in range(EXPORTERS)]
+            tasks += [asyncio.create_task(self._exporter(exporter)) for _ in range(EXPORTERS)]
             try:
                 return await scenario
             finally:
@@ -130,30 +141,25 @@ class MixedLoad:
                 self.exports.append(ids)
 
     async def _export(self, users: user_service_pb2_grpc.UserServiceStub) -> list[int] | None:
-        """One whole export, resumed from the last token after each chunk and after each
-        UNAVAILABLE cut; None if a call ended any other way."""
+        """One whole export, read as one call and resumed from the last token after each cut;
+        None if a call ended any other way."""
         ids: list[int] = []
         token = ""
         for _ in range(MAX_RESUMES):
             self.tally.calls["StreamUsers"] += 1
             request = users_pb.StreamUsersRequest(batch_size=EXPORT_BATCH, resume_token=token)
             call = users.StreamUsers(request, timeout=CALL_TIMEOUT * 6)
-            batches = 0
             try:
                 async for batch in call:
                     ids.extend(user.id for user in batch.users)
                     token = batch.resume_token
-                    batches += 1
                     await asyncio.sleep(EXPORT_PACE)
-                    if batches == CHUNK:
-                        break
-                else:
-                    return ids
+                return ids
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                if error.code() not in RESUMABLE:
                     self.tally.error("StreamUsers", error.code())
                     return None
-                self.tally.cuts[error.code().name] += 1
+                self.tally.cuts[f"{error.code().name}: {error.details()}"] += 1
             finally:
                 call.cancel()
         self.tally.error("StreamUsers", grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -162,7 +168,7 @@ class MixedLoad:
     def summary(self) -> str:
         calls = ", ".join(f"{m} {n}" for m, n in sorted(self.tally.calls.items()))
         errors = ", ".join(f"{m} {n}" for m, n in sorted(self.tally.errors.items())) or "none"
-        cuts = ", ".join(f"{c} {n}" for c, n in sorted(self.tally.cuts.items())) or "none"
+        cuts = ", ".join(f"{n} x {c}" for c, n in sorted(self.tally.cuts.items())) or "none"
         return (
             f"calls: {calls}; errors: {errors}; streams cut and resumed: {cuts}; "
             f"exports finished: {len(self.exports)}; transfers acknowledged: "
