@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy.envoy.admin import EnvoyAdmin
 from deploy.envoy.binary import envoy_binary
 from deploy.envoy.config import DESCRIPTOR, render
 from service.config import Settings
@@ -95,21 +95,13 @@ class Cluster:
     def upstreams(self) -> list[str]:
         return [f"{HOST}:{port}" for port in self.layout.replica_ports]
 
-    def admin(self, path: str) -> str:
-        """GET Envoy's admin interface: "/clusters", "/stats?filter=...", "/ready"."""
-        url = f"http://{HOST}:{self.layout.admin_port}{path}"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return str(reply.read().decode())
+    @property
+    def admin(self) -> EnvoyAdmin:
+        """Envoy's admin interface: health flags of the replicas, counters, "/ready"."""
+        return EnvoyAdmin(HOST, self.layout.admin_port)
 
     def health_flags(self) -> dict[str, str]:
-        """Each upstream's health flags as Envoy's /clusters shows them ("healthy", or e.g.
-        "/failed_active_hc")."""
-        flags: dict[str, str] = {}
-        for line in self.admin("/clusters").splitlines():
-            parts = line.split("::")
-            if len(parts) == 4 and parts[0] == "shop" and parts[2] == "health_flags":
-                flags[parts[1]] = parts[3]
-        return flags
+        return self.admin.health_flags()
 
     def all_healthy(self) -> bool:
         flags = self.health_flags()
@@ -263,7 +255,7 @@ def running_cluster(
 
 def _envoy_ready(cluster: Cluster) -> bool:
     try:
-        return cluster.admin("/ready").strip() == "LIVE" and cluster.all_healthy()
+        return cluster.admin.get("/ready").strip() == "LIVE" and cluster.all_healthy()
     except OSError:
         return False
 

@@ -121,7 +121,7 @@ async def test_page_shows_the_user_and_every_streamed_row(
     envoy_cluster: Cluster, page_origin: str, engine: AsyncEngine, tmp_path: Path
 ) -> None:
     cluster = envoy_cluster
-    cors_passed = _stat(cluster, "http.front.cors.origin_valid")
+    cors_passed = cluster.admin.stat("http.front.cors.origin_valid")
     user = create_users(cluster.address)
     assert await visible_users(engine) == STREAM_ROWS
 
@@ -140,21 +140,13 @@ async def test_page_shows_the_user_and_every_streamed_row(
     last_id = await _last_visible_id(engine)
     assert page.text["stream-last-id"] == str(last_id)
     # The page's origin is not Envoy's: its calls passed Envoy's cors filter.
-    assert _stat(cluster, "http.front.cors.origin_valid") - cors_passed >= 2
+    assert cluster.admin.stat("http.front.cors.origin_valid") - cors_passed >= 2
 
 
 async def _last_visible_id(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
         last = await conn.scalar(text("SELECT max(id) FROM users WHERE deleted_at IS NULL"))
     return int(last or 0)
-
-
-def _stat(cluster: Cluster, name: str) -> int:
-    for line in cluster.admin(f"/stats?filter=^{name}$").splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    raise AssertionError(f"Envoy has no stat {name}")
 
 
 async def test_page_shows_not_found_for_a_missing_user(

@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deploy.envoy.admin import EnvoyAdmin
 from deploy.envoy.config import render
 from tests import tools
 from tests.multihost.hosts import Host
@@ -102,28 +102,15 @@ class Envoy:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _admin(self, path: str) -> str:
-        url = f"http://127.0.0.1:{self.admin_port}{path}"
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return str(reply.read().decode())
+    @property
+    def admin(self) -> EnvoyAdmin:
+        return EnvoyAdmin("127.0.0.1", self.admin_port)
 
     def health_flags(self) -> dict[str, str]:
-        """Each upstream's health flags as /clusters shows them: "healthy", or e.g.
-        "/failed_active_hc", "/failed_outlier_check" (several joined by "/")."""
-        flags = {}
-        for line in self._admin("/clusters").splitlines():
-            parts = line.split("::")
-            if len(parts) == 4 and parts[2] == "health_flags":
-                flags[parts[1]] = parts[3]
-        return flags
+        return self.admin.health_flags()
 
-    def stats(self, prefix: str) -> dict[str, int]:
-        found = {}
-        for line in self._admin(f"/stats?filter={prefix}").splitlines():
-            name, _, value = line.partition(": ")
-            with suppress(ValueError):
-                found[name] = int(value)
-        return found
+    def stats(self, pattern: str) -> dict[str, int]:
+        return self.admin.stats(pattern)
 
     def wait_for(self, upstream: str, healthy: bool, timeout: float = 30.0) -> float:
         """Poll /clusters until `upstream` is (or is no longer) healthy; the seconds it took."""
