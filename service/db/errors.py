@@ -66,6 +66,13 @@ def is_retryable(exc: BaseException) -> bool:
     return sqlstate(exc) in RETRYABLE_SQLSTATES
 
 
+def is_recovery_conflict(exc: BaseException) -> bool:
+    """A hot standby cancelled the statement so that its replay could go on (a read routed to
+    a replica, db/routing.py): the same SQLSTATE as a serialization failure, its own message."""
+    message = error_field(exc, "message") or ""
+    return is_retryable(exc) and "conflict with recovery" in message
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """The database went away or cannot serve now: the client may retry later."""
     if isinstance(exc, sa_exc.DBAPIError) and (
@@ -104,6 +111,12 @@ def discard_lost_connections(engine: AsyncEngine) -> None:
 
 def as_domain_error(exc: BaseException) -> errors.DomainError | None:
     """What a database error means to the client; None for one that is a bug (INTERNAL)."""
+    if is_recovery_conflict(exc):
+        # The read, not the database, was refused: an export resumes from its last token.
+        return errors.Unavailable(
+            "the read replica cancelled this read to replay the primary's changes; retry or resume",
+            reason="REPLICA_CONFLICT",
+        )
     if is_retryable(exc):
         # Only when db/retry.py gave up (or could not replay, as for ImportUsers): nothing
         # was applied, so the client may safely send the request again.
