@@ -83,6 +83,9 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
+                # Read again: shutdown may have begun while that message was on its way, and
+                # the watcher must see its NOT_SERVING before the stream ends.
+                continue
             if self._closing:
                 return
             await changed.wait()
