@@ -32,7 +32,7 @@ from service.handlers.paging import PageTokens
 from service.handlers.users import UserServicer
 from service.handlers.users_encode import serialize_user_batch
 from service.interceptors.auth import AuthInterceptor
-from service.interceptors.deadlines import DeadlineInterceptor
+from service.interceptors.call_scope import CallScopeInterceptor
 from service.interceptors.errors import ErrorInterceptor
 from service.interceptors.observability import ObservabilityInterceptor
 from service.interceptors.streams import StreamWriter
@@ -157,7 +157,7 @@ def interceptors(settings: Settings, metrics: RpcMetrics | None = None) -> list[
     if tokens is not None:
         chain.append(AuthInterceptor(tokens))
     chain.append(ErrorInterceptor())
-    chain.append(DeadlineInterceptor())
+    chain.append(CallScopeInterceptor())
     return chain
 
 

@@ -1,5 +1,5 @@
-"""Hands each call's deadline and its read route to the database layer (service/db/deadlines.py,
-service/db/routing.py)."""
+"""Hands the database layer what it must know of each call: its deadline (service/db/deadlines.py)
+and where it reads (service/db/routing.py)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _streaming(reads_from: ReadsFrom) -> Callable[[Callable[..., Any]], Callable
     return wrap
 
 
-class DeadlineInterceptor(WrappingInterceptor):
+class CallScopeInterceptor(WrappingInterceptor):
     """Binds context.time_remaining() for the call, so every transaction it opens starts with a
     statement_timeout no longer than what the caller still waits; and where the method reads
     (its row in service/db/routing.py, looked up once per method), for Database.read() and
