@@ -122,6 +122,23 @@ def test_transfer_by_post_is_idempotent_by_request_id(envoy_cluster: Cluster) ->
     assert balances == ["70.00", "30.00"]  # applied once
 
 
+def test_already_exists_is_409_and_failed_precondition_is_400(envoy_cluster: Cluster) -> None:
+    user = create_user(envoy_cluster, "twice@example.com")
+    again = post_json(
+        f"{envoy_cluster.url}/v1/users",
+        {"email": "twice@example.com", "firstName": "Ada", "lastName": "Lovelace"},
+    )
+    assert again.status == 409
+    assert again.json()["code"] == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    account = open_account(envoy_cluster, user["id"])
+    broke = post_json(
+        f"{envoy_cluster.url}/v1/accounts/{account['id']}:withdraw",
+        {"amount": "1.00", "requestId": "withdraw-from-nothing"},
+    )
+    assert broke.status == 400
+    assert broke.json()["code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
 def test_grpc_through_envoy(envoy_cluster: Cluster) -> None:
     with grpc.insecure_channel(envoy_cluster.address) as channel:
         users = UserServiceStub(channel)
@@ -137,13 +154,16 @@ def test_grpc_through_envoy(envoy_cluster: Cluster) -> None:
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_cors_preflight_allows_a_local_page(envoy_cluster: Cluster) -> None:
+@pytest.mark.parametrize(
+    "origin", ["http://127.0.0.1:5173", "http://localhost:3000", "http://[::1]:8000"]
+)
+def test_cors_preflight_allows_a_local_page(envoy_cluster: Cluster, origin: str) -> None:
     reply = curl(
         "-X",
         "OPTIONS",
         f"{envoy_cluster.url}/shop.v1.UserService/GetUser",
         "-H",
-        "origin: http://127.0.0.1:5173",
+        f"origin: {origin}",
         "-H",
         "access-control-request-method: POST",
         "-H",
@@ -151,5 +171,5 @@ def test_cors_preflight_allows_a_local_page(envoy_cluster: Cluster) -> None:
     )
 
     assert reply.status == 200
-    assert reply.headers["access-control-allow-origin"] == "http://127.0.0.1:5173"
+    assert reply.headers["access-control-allow-origin"] == origin
     assert "x-grpc-web" in reply.headers["access-control-allow-headers"]

@@ -9,7 +9,7 @@ import re
 from shop.v1 import account_service_pb2, order_service_pb2, user_service_pb2
 
 from service.config import Settings
-from service.db.replicas import ReplayClock
+from service.db.replicas import ReplayClock, Replica, Replicas
 from service.db.routing import PRIMARY, REPLICA, ROUTES, route_of
 from tests.tools import ROOT
 
@@ -87,3 +87,12 @@ def test_a_stopped_replay_lags_more_at_every_check() -> None:
 
 def test_a_lag_with_nothing_to_go_on_is_unknown() -> None:
     assert ReplayClock().lag(0.0, received=None, replayed=5, replay_age=None) == math.inf
+
+
+def test_reads_take_the_usable_replicas_in_turn_and_none_means_the_primary() -> None:
+    a, b, c = (Replica(name, None, None, None) for name in "abc")  # type: ignore[arg-type]
+    a.usable = c.usable = True
+    replicas = Replicas([a, b, c], max_lag=1.0, interval=0.5, timeout=1.0)
+    assert [replicas.pick() for _ in range(4)] == [a, c, a, c]  # round robin, b skipped
+    a.usable = c.usable = False
+    assert replicas.pick() is None  # read the primary
