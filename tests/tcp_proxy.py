@@ -39,11 +39,26 @@ class TcpProxy:
         self.port = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
+        self._listener: asyncio.Server | None = None
+        # While set, connections made from now on are silent from the start too (a host that
+        # stopped answering rather than one that refuses).
+        self.new_links_silent = False
 
     def go_silent(self) -> None:
         """Every connection stops forwarding, as if the client's host vanished."""
         for link in self.links:
             link.silent = True
+
+    async def close(self) -> None:
+        """Stop listening and end every connection (silent ones too); a second call is a no-op."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for writer in self._writers:
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _accept(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
         if self.upstream_socket is not None:
@@ -51,7 +66,7 @@ class TcpProxy:
         else:
             server, to_server = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         self._writers += [to_client, to_server]
-        link = Link()
+        link = Link(silent=self.new_links_silent)
         self.links.append(link)
         for pump in (
             self._pump(client, to_server, link),
@@ -90,17 +105,12 @@ async def tcp_proxy(
     upstream_port: int, upstream_socket: str | None = None
 ) -> AsyncIterator[TcpProxy]:
     proxy = TcpProxy(upstream_port, upstream_socket)
-    listener = await asyncio.start_server(proxy._accept, "127.0.0.1", 0)
-    proxy.port = listener.sockets[0].getsockname()[1]
+    proxy._listener = await asyncio.start_server(proxy._accept, "127.0.0.1", 0)
+    proxy.port = proxy._listener.sockets[0].getsockname()[1]
     try:
         yield proxy
     finally:
-        listener.close()
-        for writer in proxy._writers:
-            writer.close()
-        for task in list(proxy._tasks):
-            task.cancel()
-        await asyncio.gather(*proxy._tasks, return_exceptions=True)
+        await proxy.close()
 
 
 @asynccontextmanager

@@ -23,7 +23,7 @@ from shop.v1 import order_service_pb2 as orders_api
 from shop.v1 import resources_pb2 as orders_pb
 from shop.v1 import user_service_pb2 as users_api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
-from sqlalchemy import event, make_url, select, text, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -40,7 +40,7 @@ from tests.process import STOP_TIMEOUT, service_process
 from tests.rpc import rpc_fails, stream_fails
 from tests.servers import own_server
 from tests.streams.helpers import insert_users
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import database_proxy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -80,18 +80,6 @@ async def test_every_start_without_tokens_logs_a_warning(
 # --- Health -------------------------------------------------------------------------------
 
 
-class _ProxyThatCanFallSilent(TcpProxy):
-    """The TCP proxy of tests/tcp_proxy.py, whose new connections also stay silent while
-    `silent` is set (a database host that stopped answering, rather than one that refuses)."""
-
-    silent = False
-
-    async def _accept(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
-        await super()._accept(client, to_client)
-        if self.silent:
-            self.links[-1].silent = True
-
-
 async def test_health_timeout_turns_a_silent_database_not_serving_and_back(
     database_url: str,
 ) -> None:
@@ -99,41 +87,25 @@ async def test_health_timeout_turns_a_silent_database_not_serving_and_back(
     answering (its connections hang, nothing is refused) makes health NOT_SERVING, where a
     probe without that bound would hang and leave SERVING standing. Once it answers again,
     SERVING. (20 s only turns a hang into a failure.)"""
-    url = make_url(database_url)
-    # The embedded PostgreSQL listens on a Unix socket only (?host=<dir> in its URL).
-    socket_dir = url.query.get("host")
-    socket = f"{socket_dir}/.s.PGSQL.{url.port or 5432}" if isinstance(socket_dir, str) else None
-    proxy = _ProxyThatCanFallSilent(url.port or 5432, socket)
-    listener = await asyncio.start_server(proxy._accept, "127.0.0.1", 0)
-    proxy.port = listener.sockets[0].getsockname()[1]
-    through_proxy = (
-        url.difference_update_query(["host"])
-        .set(host="127.0.0.1", port=proxy.port)
-        .render_as_string(hide_password=False)
-    )
-    settings = Settings(grpc_port=0, health_interval=0.2, health_timeout=0.5)
-    running = await start_server(settings, through_proxy)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
-            assert (await asyncio.wait_for(watch.read(), 20)).status == SERVING
-            proxy.silent = True
-            proxy.go_silent()
-            assert (await asyncio.wait_for(watch.read(), 20)).status == NOT_SERVING
-            proxy.silent = False
-            assert (await asyncio.wait_for(watch.read(), 20)).status == SERVING
-            watch.cancel()
-    finally:
-        # The proxy first: its silent connections then end, and the pool's close need not
-        # wait on them.
-        listener.close()
-        for writer in proxy._writers:
-            writer.close()
-        for task in list(proxy._tasks):
-            task.cancel()
-        await asyncio.gather(*proxy._tasks, return_exceptions=True)
-        await running.stop(grace=None)
+    async with database_proxy(database_url) as (proxy, through_proxy):
+        settings = Settings(grpc_port=0, health_interval=0.2, health_timeout=0.5)
+        running = await start_server(settings, through_proxy)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+                assert (await asyncio.wait_for(watch.read(), 20)).status == SERVING
+                proxy.new_links_silent = True
+                proxy.go_silent()
+                assert (await asyncio.wait_for(watch.read(), 20)).status == NOT_SERVING
+                proxy.new_links_silent = False
+                assert (await asyncio.wait_for(watch.read(), 20)).status == SERVING
+                watch.cancel()
+        finally:
+            # The proxy first: its silent connections then end, and the pool's close need not
+            # wait on them.
+            await proxy.close()
+            await running.stop(grace=None)
 
 
 # --- TLS ----------------------------------------------------------------------------------
