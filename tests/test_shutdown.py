@@ -67,26 +67,30 @@ async def _drain(call: Any) -> None:
             pass
 
 
+async def _open_account(channel: grpc.aio.Channel, tag: str) -> Any:
+    """A new user's EUR account, opened through the server under test."""
+    user = await user_service_pb2_grpc.UserServiceStub(channel).CreateUser(
+        user_service_pb2.CreateUserRequest(
+            email=f"{tag}@example.com", first_name=tag.title(), last_name="Shutdown"
+        )
+    )
+    return await account_service_pb2_grpc.AccountServiceStub(channel).OpenAccount(
+        account_service_pb2.OpenAccountRequest(
+            user_id=user.id, currency="EUR", request_id=f"open-{tag}"
+        )
+    )
+
+
 async def test_sigterm_finishes_unary_ends_streams_and_exits_0(
     database_url: str, engine: AsyncEngine, tmp_path: Path
 ) -> None:
     log = tmp_path / "serve.log"
     with service_process(database_url, log, SHOP_SHUTDOWN_GRACE=GRACE) as (address, process):
         async with grpc.aio.insecure_channel(address) as channel:
-            users = user_service_pb2_grpc.UserServiceStub(channel)
             accounts = account_service_pb2_grpc.AccountServiceStub(channel)
             orders = order_service_pb2_grpc.OrderServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
-            user = await users.CreateUser(
-                user_service_pb2.CreateUserRequest(
-                    email="sigterm@example.com", first_name="Sig", last_name="Term"
-                )
-            )
-            account = await accounts.OpenAccount(
-                account_service_pb2.OpenAccountRequest(
-                    user_id=user.id, currency="EUR", request_id="open-sigterm"
-                )
-            )
+            account = await _open_account(channel, "sigterm")
             watch = health.Watch(health_pb2.HealthCheckRequest())
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
 
@@ -118,7 +122,8 @@ async def test_sigterm_finishes_unary_ends_streams_and_exits_0(
                 async with grpc.aio.insecure_channel(address) as fresh:
                     stub = user_service_pb2_grpc.UserServiceStub(fresh)
                     with pytest.raises(grpc.aio.AioRpcError) as refused:
-                        await stub.GetUser(user_service_pb2.GetUserRequest(id=user.id), timeout=5)
+                        request = user_service_pb2.GetUserRequest(id=account.user_id)
+                        await stub.GetUser(request, timeout=5)
                     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
                 # Still waiting on our lock: shutdown did not cut it off.
                 assert not deposit.done()
@@ -147,19 +152,9 @@ async def test_a_call_still_running_when_the_grace_runs_out_is_cancelled_and_exi
     grace = {"SHOP_SHUTDOWN_GRACE": str(SHORT_GRACE)}
     with service_process(database_url, log, **grace) as (address, process):
         async with grpc.aio.insecure_channel(address) as channel:
-            users = user_service_pb2_grpc.UserServiceStub(channel)
             accounts = account_service_pb2_grpc.AccountServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
-            user = await users.CreateUser(
-                user_service_pb2.CreateUserRequest(
-                    email="grace@example.com", first_name="Out", last_name="Ofgrace"
-                )
-            )
-            account = await accounts.OpenAccount(
-                account_service_pb2.OpenAccountRequest(
-                    user_id=user.id, currency="EUR", request_id="open-grace"
-                )
-            )
+            account = await _open_account(channel, "grace")
             watch = health.Watch(health_pb2.HealthCheckRequest())
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
 
