@@ -10,8 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -105,3 +106,20 @@ def service_process(
         if process.poll() is None:
             process.kill()
             process.wait(timeout=STOP_TIMEOUT)
+
+
+@dataclass
+class Served:
+    """A `serve` process and a channel open to it."""
+
+    address: str
+    channel: grpc.aio.Channel
+    log: Path
+
+
+@asynccontextmanager
+async def served_process(database_url: str, log: Path, **env: str) -> AsyncIterator[Served]:
+    """service_process() with a channel open to it, for tests that only talk to it."""
+    with service_process(database_url, log, **env) as (address, _process):
+        async with grpc.aio.insecure_channel(address) as channel:
+            yield Served(address, channel, log)

@@ -5,17 +5,15 @@ migrated, and shop-service serving on its multi-host URL as a real process."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import pytest_asyncio
 
 from deploy.patroni.cluster import Cluster, patroni_cluster
 from service.db.migrate import upgrade
 from tests import tools
-from tests.process import service_process
+from tests.process import Served, served_process
 
 
 @pytest.fixture
@@ -29,18 +27,10 @@ def patroni() -> Iterator[Cluster]:
         yield cluster
 
 
-@dataclass
-class Served:
-    address: str
-    channel: grpc.aio.Channel
-    log: Path
-
-
 @pytest_asyncio.fixture
 async def ha_served(patroni: Cluster, tmp_path: Path) -> AsyncIterator[Served]:
     """`python -m service serve` with SHOP_DATABASE_URL the cluster's multi-host URL."""
     log = tmp_path / "serve.log"
     env = {"SHOP_POOL_TIMEOUT": "2", "SHOP_HEALTH_INTERVAL": "0.5"}
-    with service_process(patroni.url(), log, **env) as (address, _process):
-        async with grpc.aio.insecure_channel(address) as channel:
-            yield Served(address, channel, log)
+    async with served_process(patroni.url(), log, **env) as served:
+        yield served

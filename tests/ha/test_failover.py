@@ -32,8 +32,8 @@ from service.db.models import Account, Transfer
 from tests.factories import Factory
 from tests.faults.retry_info import DATABASE_UNAVAILABLE, retry_hint
 from tests.faults.traffic import Call, assert_balances_match_transfers
-from tests.ha.conftest import Served
 from tests.ledger import assert_ledger_balances
+from tests.process import Served
 
 CALLERS = 16
 ACCOUNTS = 8

@@ -14,7 +14,6 @@ from pathlib import Path
 from subprocess import SubprocessError
 
 import asyncpg
-import grpc
 import pytest
 import pytest_asyncio
 from sqlalchemy.engine import make_url
@@ -23,7 +22,7 @@ from service.db.migrate import upgrade
 from tests import tools
 from tests.faults.own_postgres import OwnPostgres, own_postgres
 from tests.postgres import fresh_database_on
-from tests.process import service_process
+from tests.process import Served, served_process
 from tests.replicas.standby import start_standby
 
 # Short, so the tests that wait for a replica to be skipped (or used again) wait little.
@@ -112,13 +111,6 @@ def databases(pair: Pair) -> Iterator[Databases]:
         yield Databases(url, pair.standby.url(name))
 
 
-@dataclass
-class Served:
-    address: str
-    channel: grpc.aio.Channel
-    log: Path
-
-
 @pytest_asyncio.fixture
 async def served(databases: Databases, tmp_path: Path) -> AsyncIterator[Served]:
     """`python -m service serve` on the primary, with the standby as its read replica."""
@@ -130,6 +122,5 @@ async def served(databases: Databases, tmp_path: Path) -> AsyncIterator[Served]:
         "SHOP_REPLICA_CHECK_INTERVAL": str(CHECK_INTERVAL),
         "SHOP_HEALTH_INTERVAL": "0.2",
     }
-    with service_process(databases.primary_url, log, **env) as (address, _process):
-        async with grpc.aio.insecure_channel(address) as channel:
-            yield Served(address, channel, log)
+    async with served_process(databases.primary_url, log, **env) as served:
+        yield served

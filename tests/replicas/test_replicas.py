@@ -26,7 +26,8 @@ from shop.v1 import (
 )
 from shop.v1 import user_service_pb2 as users_api
 
-from tests.replicas.conftest import CHECK_INTERVAL, MAX_LAG, Databases, Pair, Served
+from tests.process import Served
+from tests.replicas.conftest import CHECK_INTERVAL, MAX_LAG, Databases, Pair
 
 T = TypeVar("T")
 DEADLINE = 20.0
