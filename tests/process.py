@@ -63,6 +63,26 @@ def service_env(database_url: str, port: int) -> dict[str, str]:
     return env
 
 
+def user_env(**shop: str) -> dict[str, str]:
+    """The caller's environment without any SHOP_* (a user's shell: no SHOP_DATABASE_URL),
+    plus `shop`, with Python's output unbuffered so logs show lines as they happen."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOP_")}
+    return env | {"PYTHONUNBUFFERED": "1"} | shop
+
+
+def make_target(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`make -s <args>` from the repository root, output to `log`. -o: the venv counts as
+    installed, since the tests are about the target's recipe, not a reinstall."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            ["make", "-s", "-o", ".venv/.installed-stamp", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def wait_until_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     with grpc.insecure_channel(address) as channel:

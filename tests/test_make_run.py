@@ -18,21 +18,18 @@ import pytest
 from shop.v1 import user_service_pb2 as users_api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
 
-from tests.process import ROOT, START_TIMEOUT, STOP_TIMEOUT, free_port, wait_until_serving
+from tests.process import ROOT, START_TIMEOUT, STOP_TIMEOUT, free_port, user_env, wait_until_serving
 
 
 def embedded_env(data_dir: Path, port: int) -> dict[str, str]:
     """The caller's environment without any SHOP_* (so no SHOP_DATABASE_URL), as `make run`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOP_")}
-    env.update(
+    return user_env(
         SHOP_DATA_DIR=str(data_dir),
         SHOP_GRPC_HOST="127.0.0.1",
         SHOP_GRPC_PORT=str(port),
         SHOP_SHUTDOWN_GRACE="2",
         SHOP_SHUTDOWN_DRAIN_DELAY="0",
-        PYTHONUNBUFFERED="1",
     )
-    return env
 
 
 def postmaster_pid(pgdata: Path) -> int | None:

@@ -5,14 +5,13 @@ JSON over HTTP as a user's shell would."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from deploy.cluster import Cluster, Layout, running_cluster
 from tests import tools
-from tests.process import free_port
+from tests.process import free_port, user_env
 
 REPLICAS = 2
 
@@ -28,8 +27,7 @@ def envoy_cluster(database_url: str, tmp_path_factory: pytest.TempPathFactory) -
         envoy_port=free_port(),
         admin_port=free_port(),
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOP_")}
-    env.update(SHOP_SHUTDOWN_GRACE="2", SHOP_SHUTDOWN_DRAIN_DELAY="0", SHOP_POOL_SIZE="4")
+    env = user_env(SHOP_SHUTDOWN_GRACE="2", SHOP_SHUTDOWN_DRAIN_DELAY="0", SHOP_POOL_SIZE="4")
     with running_cluster(
         layout, database_url=database_url, workdir=workdir, env=env, logs=workdir
     ) as cluster:

@@ -18,7 +18,7 @@ import pytest
 
 from tests import tools
 from tests.cluster.curl import curl
-from tests.process import ROOT, free_port
+from tests.process import free_port, make_target, user_env
 
 pytestmark = pytest.mark.requires(tools.ENVOY, tools.CURL)
 
@@ -64,8 +64,7 @@ def test_make_run_cluster_serves_json_and_stops_everything_on_sigterm(
     tmp_path: Path, data_dir: Path
 ) -> None:
     envoy_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOP_")}
-    env.update(
+    env = user_env(
         SHOP_DATA_DIR=str(data_dir),
         SHOP_GRPC_PORT=str(two_free_ports()),
         SHOP_METRICS_PORT="0",
@@ -73,18 +72,9 @@ def test_make_run_cluster_serves_json_and_stops_everything_on_sigterm(
         SHOP_ENVOY_ADMIN_PORT=str(free_port()),
         SHOP_SHUTDOWN_DRAIN_DELAY="1",
         SHOP_SHUTDOWN_GRACE="2",
-        PYTHONUNBUFFERED="1",
     )
     log = tmp_path / "run-cluster.log"
-    with log.open("wb") as out:
-        # -o: the test is about the target's recipe, not a reinstall of the venv.
-        make = subprocess.Popen(
-            ["make", "-s", "-o", ".venv/.installed-stamp", "run-cluster", "REPLICAS=2"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    make = make_target(["run-cluster", "REPLICAS=2"], env, log)
     started: list[psutil.Process] = []
     postmaster: int | None = None
     try:

@@ -25,7 +25,7 @@ from shop.v1 import user_service_pb2 as users_api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
 
 from tests import tools
-from tests.process import ROOT, free_port, wait_until_serving
+from tests.process import free_port, make_target, user_env, wait_until_serving
 
 pytestmark = pytest.mark.requires(tools.PATRONI, tools.ETCD, tools.POSTGRES_SERVER)
 
@@ -94,27 +94,17 @@ def test_make_run_ha_serves_on_the_cluster_and_stops_everything_on_sigterm(
     tmp_path: Path, tmpdir_root: Path
 ) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOP_")}
-    env.update(
+    env = user_env(
         TMPDIR=str(tmpdir_root),
         SHOP_GRPC_HOST="127.0.0.1",
         SHOP_GRPC_PORT=str(port),
         SHOP_METRICS_PORT="0",
         SHOP_SHUTDOWN_DRAIN_DELAY="0",
         SHOP_SHUTDOWN_GRACE="2",
-        PYTHONUNBUFFERED="1",
     )
     log = tmp_path / "run-ha.log"
     deadline = time.monotonic() + READY_TIMEOUT
-    with log.open("wb") as out:
-        # -o: the test is about the target's recipe, not a reinstall of the venv.
-        make = subprocess.Popen(
-            ["make", "-s", "-o", ".venv/.installed-stamp", "run-ha"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    make = make_target(["run-ha"], env, log)
     started: list[psutil.Process] = []
     root: Path | None = None
     try:
