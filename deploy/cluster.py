@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from deploy.envoy.admin import EnvoyAdmin
 from deploy.envoy.binary import envoy_binary
 from deploy.envoy.config import DESCRIPTOR, render
+from deploy.processes import stop
 from service.config import Settings
 from service.db.database import database_url
 from service.db.migrate import upgrade
@@ -143,20 +144,6 @@ def spawn(
         process_group=0,
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
-
-
-def stop(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
-    """SIGTERM all at once, wait up to `timeout`, then SIGKILL what is left."""
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _serving(address: str) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,15 +13,9 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 from shop.v1 import account_service_pb2_grpc, order_service_pb2_grpc, user_service_pb2_grpc
 
+from deploy.processes import free_port as free_port  # one definition, re-exported
 from service.config import Settings
 from service.serving.server import RunningServer, start_server
-
-
-def free_port() -> int:
-    """A port free right now, for endpoints that cannot take port 0 (metrics)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from deploy.processes import free_port, stop
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TEMPLATE = HERE / "node.yml.template"
@@ -42,12 +43,6 @@ LOOP_WAIT = 1
 RETRY_TIMEOUT = 4
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def bin_dir() -> Path:
@@ -262,18 +257,6 @@ def _start_etcd(launcher: _Launcher, root: Path) -> tuple[int, subprocess.Popen[
         time.sleep(0.1)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (Patroni then stops its PostgreSQL), SIGKILL if it lingers."""
-    if process.poll() is None:
-        with suppress(ProcessLookupError):
-            process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def _kill_postmaster(node: Node) -> None:
     """A postmaster left behind by a Patroni that was killed: stop it immediately."""
     pid = node.postmaster_pid()
@@ -297,7 +280,7 @@ def patroni_cluster(
         launcher = _Launcher(root)
         launcher.own(root).chmod(0o755)
         etcd_port, etcd = _start_etcd(launcher, root)
-        stack.callback(_stop, etcd)
+        stack.callback(stop, [etcd], STOP_TIMEOUT)
         nodes = [
             Node(f"node{n}", free_port(), free_port(), launcher.own(root / f"node{n}"))
             for n in (1, 2)
@@ -309,7 +292,7 @@ def patroni_cluster(
             node.process = launcher.start([executable("patroni"), str(config)], node.log)
             cluster.processes.append(node.process)
             stack.callback(_kill_postmaster, node)
-            stack.callback(_stop, node.process)
+            stack.callback(stop, [node.process], STOP_TIMEOUT)
             if node is nodes[0]:
                 cluster.wait_leader()  # the first bootstraps; the second copies it
         cluster.wait_ready()

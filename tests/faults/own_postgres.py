@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from deploy.processes import free_port as free_port  # one definition, re-exported
+
 BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 START_TIMEOUT = 30
 
@@ -31,12 +33,6 @@ def pg_binary(name: str) -> str | None:
 
 def available() -> bool:
     return pg_binary("initdb") is not None and pg_binary("pg_ctl") is not None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class OwnPostgres:

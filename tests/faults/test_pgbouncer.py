@@ -29,10 +29,10 @@ from shop.v1 import order_service_pb2 as orders_api
 from shop.v1 import user_service_pb2 as users_api
 from sqlalchemy.engine import make_url
 
+from deploy.processes import free_port, stop
 from service.config import Settings
 from service.serving.server import RunningServer, start_server
 from tests import tools
-from tests.faults.own_postgres import free_port
 
 PGBOUNCER = tools.PGBOUNCER.path()
 CLIENTS = 12
@@ -114,12 +114,7 @@ def pgbouncer_url(database_url: str) -> Iterator[str]:
                     time.sleep(0.1)
             yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/shop"
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop([process], 10)
 
 
 @pytest_asyncio.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from deploy.envoy.admin import EnvoyAdmin
 from deploy.envoy.config import render
+from deploy.processes import stop
 from tests import tools
 from tests.multihost.hosts import Host
 from tests.process import ROOT, free_port, service_env, wait_until_serving
@@ -158,9 +159,4 @@ def envoy_in_front(replicas: list[Replica], logs: Path) -> Iterator[Envoy]:
             time.sleep(0.1)
         yield envoy
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop([process], 10)
