@@ -119,6 +119,30 @@ class Settings(BaseSettings):
     max_concurrent_rpcs: int = Field(default=1000, ge=0)  # 0: no limit
     compression: Compression = Compression.NONE
 
+    # Admission (service/interceptors/admission.py): health and reflection answer anyone, so
+    # they have a budget of their own, apart from SHOP_MAX_CONCURRENT_RPCS (counted only once a
+    # call is authenticated): strangers holding Watch or reflection streams never block a token
+    # holder's call.
+    max_public_rpcs: int = Field(default=32, ge=1)
+    # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS advertised on every connection.
+    max_streams_per_connection: int = Field(default=100, ge=1)
+    # Seconds: a connection with no call for this long gets GOAWAY (0: never).
+    max_connection_idle: float = Field(default=300.0, ge=0)
+    # Seconds: a connection this old gets GOAWAY (clients reconnect, and a balancer spreads them
+    # again), then calls still running on it get the grace before it is closed (0: never).
+    max_connection_age: float = Field(default=1800.0, ge=0)
+    max_connection_age_grace: float = Field(default=600.0, ge=0)
+
+    # Exports (StreamUsers, StreamOrders, StreamTransfers) each hold a database connection and
+    # a snapshot for as long as they run: at most this many at once per process, so unary
+    # calls always find a connection; one more is refused with RESOURCE_EXHAUSTED. Unset: half
+    # of SHOP_POOL_SIZE, at least 1 (export_budget()).
+    max_concurrent_exports: int | None = Field(default=None, ge=1)
+    # Seconds a stream may wait on its peer: a reader that takes no message (or an ImportUsers
+    # client that sends none) for this long ends with ABORTED / STREAM_STALLED (an export with
+    # its resume token), and its connection and transaction are released.
+    stream_stall_timeout: float = Field(default=60.0, gt=0)
+
     # Security (service/serving/security.py): "token:role,token:role", role read or write.
     auth_tokens: SecretStr | None = None
     allow_insecure: bool = False  # serve a non-loopback address without tokens
@@ -134,6 +158,10 @@ class Settings(BaseSettings):
         if value is not None:
             parse_token_roles(value.get_secret_value())
         return value
+
+    def export_budget(self) -> int:
+        """How many exports may hold a connection at once (SHOP_MAX_CONCURRENT_EXPORTS)."""
+        return self.max_concurrent_exports or max(1, self.pool_size // 2)
 
     def replica_urls(self) -> list[str]:
         """SHOP_DATABASE_REPLICA_URLS as a list (empty entries ignored)."""
