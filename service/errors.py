@@ -74,6 +74,13 @@ class Unavailable(DomainError):
         return cls("the database is unavailable; retry later")
 
 
+class ResourceExhausted(DomainError):
+    """A budget is spent (TOO_MANY_CALLS, TOO_MANY_PUBLIC_CALLS, ...): refused at once, never
+    queued; the client may retry shortly."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+
 class Unauthenticated(DomainError):
     """No bearer token, or one the server does not know."""
 

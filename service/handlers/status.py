@@ -1,6 +1,6 @@
 """A domain error as a google.rpc.Status: its code, a message safe to show, ErrorInfo with the
-reason, BadRequest field violations, RetryInfo for UNAVAILABLE. The error interceptor sends it
-as a call's status; BatchTransfer puts one in each refused item's result."""
+reason, BadRequest field violations, RetryInfo for UNAVAILABLE and RESOURCE_EXHAUSTED. The error
+interceptor sends it as a call's status; BatchTransfer puts one in each refused item's result."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ _CODES: list[tuple[type[errors.DomainError], int]] = [
     (errors.AlreadyExists, code_pb2.ALREADY_EXISTS),
     (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
     (errors.Unavailable, code_pb2.UNAVAILABLE),
+    (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
     (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
     (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
     (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
@@ -40,7 +41,7 @@ def status_message(error: errors.DomainError) -> status_pb2.Status:
             for v in error.violations
         ]
         details.append(packed(error_details_pb2.BadRequest(field_violations=violations)))
-    if isinstance(error, errors.Unavailable):
+    if isinstance(error, errors.Unavailable | errors.ResourceExhausted):
         retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1))
         details.append(packed(retry))
     return status_pb2.Status(code=code, message=error.message, details=details)
