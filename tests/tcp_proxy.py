@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import make_url
 
 DATA = 0x0
+SETTINGS = 0x4
+GOAWAY = 0x7
 PADDED = 0x8
 
 
@@ -126,6 +128,36 @@ async def database_proxy(database_url: str) -> AsyncIterator[tuple[TcpProxy, str
 
 
 @dataclass(frozen=True)
+class Frame:
+    kind: int
+    flags: int
+    stream_id: int
+    payload: bytes
+
+
+def http2_frames(from_server: bytes) -> list[Frame]:
+    """The HTTP/2 frames of a server's byte stream (a server sends no preface)."""
+    frames = []
+    at = 0
+    while at + 9 <= len(from_server):
+        length = int.from_bytes(from_server[at : at + 3], "big")
+        stream_id = int.from_bytes(from_server[at + 5 : at + 9], "big") & 0x7FFFFFFF
+        payload = bytes(from_server[at + 9 : at + 9 + length])
+        frames.append(Frame(from_server[at + 3], from_server[at + 4], stream_id, payload))
+        at += 9 + length
+    return frames
+
+
+def settings_of(frame: Frame) -> dict[int, int]:
+    """A SETTINGS frame's parameters: identifier -> value."""
+    body = frame.payload
+    return {
+        int.from_bytes(body[at : at + 2], "big"): int.from_bytes(body[at + 2 : at + 6], "big")
+        for at in range(0, len(body) - 5, 6)
+    }
+
+
+@dataclass(frozen=True)
 class GrpcMessage:
     stream_id: int
     compressed: bool  # the message's Compressed-Flag: its bytes are in the call's grpc-encoding
@@ -135,17 +167,12 @@ class GrpcMessage:
 def grpc_messages(from_server: bytes) -> list[GrpcMessage]:
     """The length-prefixed gRPC messages in the DATA frames of a server's HTTP/2 byte stream."""
     streams: dict[int, bytearray] = defaultdict(bytearray)
-    at = 0
-    while at + 9 <= len(from_server):
-        length = int.from_bytes(from_server[at : at + 3], "big")
-        kind, flags = from_server[at + 3], from_server[at + 4]
-        stream_id = int.from_bytes(from_server[at + 5 : at + 9], "big") & 0x7FFFFFFF
-        payload = from_server[at + 9 : at + 9 + length]
-        at += 9 + length
-        if kind == DATA:
-            if flags & PADDED:
+    for frame in http2_frames(from_server):
+        if frame.kind == DATA:
+            payload = frame.payload
+            if frame.flags & PADDED:
                 payload = payload[1 : len(payload) - payload[0]]
-            streams[stream_id] += payload
+            streams[frame.stream_id] += payload
     messages = []
     for stream_id, body in sorted(streams.items()):
         at = 0

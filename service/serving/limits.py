@@ -1,4 +1,6 @@
-"""Server limits from Settings: message sizes, keepalive, concurrency and compression."""
+"""Server limits from Settings: message sizes, keepalive, streams per connection, connection
+idle and age, and compression. How many calls run at once is admission's
+(service/interceptors/admission.py)."""
 
 from __future__ import annotations
 
@@ -32,12 +34,21 @@ def limit_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.http2.min_ping_interval_without_data_ms", settings.keepalive_min_ping_interval_ms),
         # Idle connections are kept healthy too, and clients may ping them.
         ("grpc.keepalive_permit_without_calls", 1),
+        # SETTINGS_MAX_CONCURRENT_STREAMS: one connection cannot hold more streams than this
+        # (a client's next stream waits for one to end); spreading past it costs a connection
+        # each, and every call still counts against admission's budgets.
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        *_milliseconds("grpc.max_connection_idle_ms", settings.max_connection_idle),
+        # grpc core jitters the age by +-10%, so connections opened together do not all get
+        # GOAWAY at once.
+        *_milliseconds("grpc.max_connection_age_ms", settings.max_connection_age),
+        *_milliseconds("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace),
     ]
 
 
-def max_concurrent_rpcs(settings: Settings) -> int | None:
-    """None: no limit. Past the limit grpc answers RESOURCE_EXHAUSTED at once, never queues."""
-    return settings.max_concurrent_rpcs or None
+def _milliseconds(option: str, seconds: float) -> list[tuple[str, int]]:
+    """The option in milliseconds (at least 1), or none for 0: grpc's default, no limit."""
+    return [(option, max(1, round(seconds * 1000)))] if seconds else []
 
 
 def compression(settings: Settings) -> grpc.Compression:

@@ -31,6 +31,7 @@ from service.handlers.orders import OrderServicer
 from service.handlers.paging import PageTokens
 from service.handlers.users import UserServicer
 from service.handlers.users_encode import serialize_user_batch
+from service.interceptors.admission import AdmissionInterceptor
 from service.interceptors.auth import AuthInterceptor
 from service.interceptors.call_scope import CallScopeInterceptor
 from service.interceptors.errors import ErrorInterceptor
@@ -40,7 +41,7 @@ from service.interceptors.wrapping import Interceptor
 from service.observability.metrics import MetricsEndpoint, RpcMetrics, serve_metrics, server_metrics
 from service.observability.tracing import tracing_interceptors
 from service.serving.health import HealthProbe, HealthService
-from service.serving.limits import compression, limit_options, max_concurrent_rpcs
+from service.serving.limits import compression, limit_options
 from service.serving.reflection import enable_reflection
 from service.serving.security import TokenTable, check_exposure
 from service.serving.shutdown import ActiveStreams, StopSignals
@@ -150,12 +151,14 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
 
 
 def interceptors(settings: Settings, metrics: RpcMetrics | None = None) -> list[Interceptor]:
-    """Outermost first: request id, access log and metrics see every outcome, auth's refusals
-    included; the error interceptor sits innermost, next to the servicers."""
+    """Outermost first: request id, access log and metrics see every outcome, auth's and
+    admission's refusals included; admission after auth, so a call without a valid token is
+    refused before it takes a slot; the error interceptor sits innermost, next to the servicers."""
     chain: list[Interceptor] = [ObservabilityInterceptor(metrics)]
     tokens = TokenTable.from_settings(settings)
     if tokens is not None:
         chain.append(AuthInterceptor(tokens))
+    chain.append(AdmissionInterceptor.from_settings(settings))
     chain.append(ErrorInterceptor())
     chain.append(CallScopeInterceptor())
     return chain
@@ -215,7 +218,6 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
             streams,
         ],
         options=server_options(settings),
-        maximum_concurrent_rpcs=max_concurrent_rpcs(settings),
         compression=compression(settings),
     )
     info = session_info(features)
