@@ -7,6 +7,8 @@ import asyncio
 import logging
 from datetime import timedelta
 
+from pydantic import ValidationError
+
 from service.config import Settings
 from service.db.database import database_url
 from service.db.housekeeping import purge_idempotency_keys
@@ -34,7 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # Status 2 and one line, as for a bad argument: the fix is in the environment, and
+        # a traceback would only bury which variable it is.
+        parser.exit(2, f"{parser.prog}: invalid configuration: {describe(exc)}\n")
     configure_logging(settings)
     if args.command == "serve":
         refuse_insecure_exposure(settings)
@@ -55,6 +62,20 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(3) from None
             if status:
                 raise SystemExit(status)
+
+
+def describe(error: ValidationError) -> str:
+    """Each problem with the SHOP_* variable it concerns; never the value (it may be a secret:
+    errors() carries each input, so only the location and message are read)."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    problems = []
+    for problem in error.errors():
+        message = problem["msg"].removeprefix("Value error, ")
+        variable = "".join(f"{prefix}{part}".upper() for part in problem["loc"][:1])
+        if variable and variable not in message:
+            message = f"{variable}: {message}"
+        problems.append(message)
+    return "; ".join(problems)
 
 
 def refuse_insecure_exposure(settings: Settings) -> None:

@@ -24,6 +24,10 @@ class Compression(StrEnum):
 # A PostgreSQL duration: digits and an optional unit; 0 turns the timeout off.
 POSTGRES_DURATION = r"^[0-9]+(us|ms|s|min|h|d)?$"
 
+# The page-token key a checkout runs with: it is public, so anyone can sign tokens with it.
+# `serve` refuses it on a non-loopback address and warns on loopback (serving/security.py).
+DEV_PAGE_TOKEN_SECRET = "dev-only-page-token-secret-change-me"
+
 
 class Settings(BaseSettings):
     """Every SHOP_* setting; the README has a table of them."""
@@ -68,7 +72,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     # Signs page tokens. Set it in production so tokens survive restarts and work across replicas.
-    page_token_secret: SecretStr = SecretStr("dev-only-page-token-secret-change-me")
+    page_token_secret: SecretStr = SecretStr(DEV_PAGE_TOKEN_SECRET)
 
     # How long a request_id is remembered (see service/db/housekeeping.py).
     idempotency_retention_hours: float = Field(default=24.0, gt=0)
@@ -155,8 +159,18 @@ class Settings(BaseSettings):
     @field_validator("auth_tokens", mode="after")
     @classmethod
     def _tokens_well_formed(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            parse_token_roles(value.get_secret_value())
+        # Blank is unset, here and only here: `auth_tokens is None` means auth is off, and
+        # anything else is at least one well-formed pair.
+        if value is None or not value.get_secret_value().strip():
+            return None
+        parse_token_roles(value.get_secret_value())
+        return value
+
+    @field_validator("page_token_secret", mode="after")
+    @classmethod
+    def _page_secret_not_blank(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("SHOP_PAGE_TOKEN_SECRET is empty: page tokens need a signing key")
         return value
 
     def export_budget(self) -> int:
@@ -176,9 +190,13 @@ class Settings(BaseSettings):
 def parse_token_roles(spec: str) -> dict[str, str]:
     """'tok1:read,tok2:write' -> {token: role}; raises ValueError without echoing a token."""
     roles: dict[str, str] = {}
-    for number, pair in enumerate(filter(None, (p.strip() for p in spec.split(","))), start=1):
+    for number, pair in enumerate((p.strip() for p in spec.split(",")), start=1):
+        if not pair:
+            continue  # a stray comma ("a:read,"): nothing to misread
         token, _, role = pair.rpartition(":")
         if not token or role not in ("read", "write"):
             raise ValueError(f"SHOP_AUTH_TOKENS entry {number} is not token:read or token:write")
         roles[token] = role
+    if not roles:
+        raise ValueError("SHOP_AUTH_TOKENS holds no token:read or token:write pair")
     return roles

@@ -1,5 +1,5 @@
 """Who may call what: bearer tokens with a role, the read/write class of every shop.v1 RPC, and
-the rule that an unauthenticated server stays on loopback."""
+the rules that keep a server without tokens, or with the public page-token key, on loopback."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import hmac
 import ipaddress
 from enum import StrEnum
 
-from service.config import Settings, parse_token_roles
+from service.config import DEV_PAGE_TOKEN_SECRET, Settings, parse_token_roles
 
 
 class Role(StrEnum):
@@ -67,10 +67,10 @@ class TokenTable:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenTable | None:
+        """None when auth is off; Settings guarantees tokens that are set hold a pair."""
         if settings.auth_tokens is None:
             return None
-        roles = parse_token_roles(settings.auth_tokens.get_secret_value())
-        return cls(roles) if roles else None
+        return cls(parse_token_roles(settings.auth_tokens.get_secret_value()))
 
     def role_of(self, token: str) -> Role | None:
         """The token's role; every entry is compared, whether or not one matched already."""
@@ -92,14 +92,42 @@ def is_loopback(host: str) -> bool:
 
 
 class InsecureBindError(RuntimeError):
-    """No tokens, a non-loopback address and no SHOP_ALLOW_INSECURE."""
+    """A non-loopback address with no tokens (and no SHOP_ALLOW_INSECURE) or with the
+    development page-token secret."""
+
+
+def uses_dev_page_token_secret(settings: Settings) -> bool:
+    return settings.page_token_secret.get_secret_value() == DEV_PAGE_TOKEN_SECRET
 
 
 def check_exposure(settings: Settings) -> None:
-    """Refuse to serve every client on the network without authentication."""
-    open_to_all = settings.auth_tokens is None and not settings.allow_insecure
-    if open_to_all and not is_loopback(settings.grpc_host):
-        raise InsecureBindError(
-            f"refusing to serve {settings.grpc_host} without SHOP_AUTH_TOKENS; set tokens, "
-            "bind 127.0.0.1, or set SHOP_ALLOW_INSECURE=true"
+    """Refuse to serve the network without authentication, or with page tokens anyone can sign."""
+    if is_loopback(settings.grpc_host):
+        return
+    problems = []
+    if settings.auth_tokens is None and not settings.allow_insecure:
+        problems.append(
+            "without SHOP_AUTH_TOKENS (set tokens, bind 127.0.0.1, or set SHOP_ALLOW_INSECURE=true)"
         )
+    # SHOP_ALLOW_INSECURE opts out of tokens only: the development secret is in the repository,
+    # and a new secret costs an operator one variable.
+    if uses_dev_page_token_secret(settings):
+        problems.append(
+            "with the development page-token secret (set SHOP_PAGE_TOKEN_SECRET to a long random "
+            "string, the same on every replica)"
+        )
+    if problems:
+        raise InsecureBindError(f"refusing to serve {settings.grpc_host} " + " and ".join(problems))
+
+
+def exposure_warnings(settings: Settings) -> list[str]:
+    """What a server that check_exposure let through should say at start."""
+    warnings = []
+    if settings.auth_tokens is None:
+        warnings.append("SHOP_AUTH_TOKENS is unset: every caller may read and write")
+    if uses_dev_page_token_secret(settings):
+        warnings.append(
+            "the development page-token secret is in use: anyone can sign page tokens this "
+            "server accepts; set SHOP_PAGE_TOKEN_SECRET"
+        )
+    return warnings

@@ -43,7 +43,7 @@ from service.observability.tracing import tracing_interceptors
 from service.serving.health import HealthProbe, HealthService
 from service.serving.limits import compression, limit_options
 from service.serving.reflection import enable_reflection
-from service.serving.security import TokenTable, check_exposure
+from service.serving.security import TokenTable, check_exposure, exposure_warnings
 from service.serving.shutdown import ActiveStreams, StopSignals
 from service.serving.tls import server_credentials
 
@@ -247,8 +247,8 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
         else "TLS"
     )
     log.info("serving shop.v1 on %s:%d (%s)", settings.grpc_host, port, transport)
-    if settings.auth_tokens is None:
-        log.warning("SHOP_AUTH_TOKENS is unset: every caller may read and write")
+    for warning in exposure_warnings(settings):
+        log.warning("%s", warning)
     endpoint = serve_metrics(settings, metrics)
     if endpoint is not None:
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, endpoint.port)

@@ -92,7 +92,9 @@ async def test_no_tokens_refuses_a_non_loopback_address(database_url: str) -> No
     with pytest.raises(InsecureBindError, match="SHOP_ALLOW_INSECURE"):
         async with own_server(database_url, grpc_host="0.0.0.0"):
             pass
-    async with own_server(database_url, grpc_host="0.0.0.0", allow_insecure=True) as server:
+    # Beyond loopback the development page-token secret is refused too (test_settings.py).
+    own = {"grpc_host": "0.0.0.0", "page_token_secret": "test-auth-page-secret"}
+    async with own_server(database_url, **own, allow_insecure=True) as server:
         assert server.running.port > 0
-    async with own_server(database_url, grpc_host="0.0.0.0", auth_tokens=f"{READ}:read") as server:
+    async with own_server(database_url, **own, auth_tokens=f"{READ}:read") as server:
         assert server.running.port > 0

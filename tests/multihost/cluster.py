@@ -4,6 +4,7 @@ host in front of them, with its admin endpoint read for what Envoy thinks of eac
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,6 +25,9 @@ PORT = 50051  # each namespace has a port space of its own
 # Long enough for Envoy's 1 s health check to see NOT_SERVING before the listener closes.
 DRAIN_DELAY = 2.0
 GRACE = 5.0
+# One per run, shared by every replica: a resume token from one is good on another, and a
+# replica beyond loopback refuses the development secret.
+PAGE_TOKEN_SECRET = secrets.token_urlsafe(32)
 
 
 @dataclass
@@ -43,12 +47,11 @@ class Replica:
     def env(self) -> dict[str, str]:
         return service_env(self.database_url, PORT) | {
             "SHOP_GRPC_HOST": self.host.address,
-            # Plain text between Envoy and the replicas on the test's own bridge.
+            # No tokens (and plain text) between Envoy and the replicas on the test's own bridge.
             "SHOP_ALLOW_INSECURE": "true",
             "SHOP_SHUTDOWN_DRAIN_DELAY": str(DRAIN_DELAY),
             "SHOP_SHUTDOWN_GRACE": str(GRACE),
-            # One secret for all replicas: a resume token from one is good on another.
-            "SHOP_PAGE_TOKEN_SECRET": "multihost-shared-secret",
+            "SHOP_PAGE_TOKEN_SECRET": PAGE_TOKEN_SECRET,
             "SHOP_POOL_SIZE": "4",
             "SHOP_MAX_OVERFLOW": "4",
             "SHOP_HEALTH_INTERVAL": "0.5",
