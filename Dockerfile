@@ -38,6 +38,9 @@ COPY --from=builder /src/service ./service
 COPY generated ./generated
 COPY alembic ./alembic
 COPY alembic.ini ./
+# SHOP_GRPC_HOST=0.0.0.0 is beyond loopback: `serve` exits with status 2 unless the container
+# gets SHOP_PAGE_TOKEN_SECRET (the built-in one is public) and SHOP_AUTH_TOKENS (or, to serve
+# without tokens on purpose, SHOP_ALLOW_INSECURE=true).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
