@@ -137,11 +137,13 @@ class Settings(BaseSettings):
     max_connection_age: float = Field(default=1800.0, ge=0)
     max_connection_age_grace: float = Field(default=600.0, ge=0)
 
-    # Exports (StreamUsers, StreamOrders, StreamTransfers) each hold a database connection and
-    # a snapshot for as long as they run: at most this many at once per process, so unary
-    # calls always find a connection; one more is refused with RESOURCE_EXHAUSTED. Unset: half
-    # of SHOP_POOL_SIZE, at least 1 (export_budget()).
-    max_concurrent_exports: int | None = Field(default=None, ge=1)
+    # Streaming calls hold a database connection for as long as they run: an export (StreamUsers,
+    # StreamOrders, StreamTransfers) its snapshot, ImportUsers its transaction. At most this many
+    # at once per process, so unary calls always find a connection; one more is refused at once
+    # with RESOURCE_EXHAUSTED. Unset: half the pool (SHOP_POOL_SIZE + SHOP_MAX_OVERFLOW), at
+    # least 1 (stream_budget()): the other half is left to the unary calls, which hold theirs
+    # for a statement or a batch.
+    max_stream_connections: int | None = Field(default=None, ge=1)
     # Seconds a stream may wait on its peer: a reader that takes no message (or an ImportUsers
     # client that sends none) for this long ends with ABORTED / STREAM_STALLED (an export with
     # its resume token), and its connection and transaction are released.
@@ -173,9 +175,9 @@ class Settings(BaseSettings):
             raise ValueError("SHOP_PAGE_TOKEN_SECRET is empty: page tokens need a signing key")
         return value
 
-    def export_budget(self) -> int:
-        """How many exports may hold a connection at once (SHOP_MAX_CONCURRENT_EXPORTS)."""
-        return self.max_concurrent_exports or max(1, self.pool_size // 2)
+    def stream_budget(self) -> int:
+        """How many streaming calls may hold a connection at once (SHOP_MAX_STREAM_CONNECTIONS)."""
+        return self.max_stream_connections or max(1, (self.pool_size + self.max_overflow) // 2)
 
     def replica_urls(self) -> list[str]:
         """SHOP_DATABASE_REPLICA_URLS as a list (empty entries ignored)."""

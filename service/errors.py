@@ -81,6 +81,14 @@ class ResourceExhausted(DomainError):
     reason = "RESOURCE_EXHAUSTED"
 
 
+class Aborted(DomainError):
+    """The server gave up on the call (STREAM_STALLED: the peer neither read nor sent for
+    SHOP_STREAM_STALL_TIMEOUT); nothing half-done is kept, and the client may go on from where
+    it was (an export's resume_token) or send again."""
+
+    reason = "ABORTED"
+
+
 class Unauthenticated(DomainError):
     """No bearer token, or one the server does not know."""
 

@@ -7,6 +7,9 @@ few named doors. No handler reaches for a sessionmaker, an engine or a driver co
   usable (service/db/replicas.py); on the primary otherwise.
 - write(work): work(session) in a transaction, committed, retried on 40001/40P01.
 - transaction(): one transaction, not retried (work that cannot run twice: ImportUsers).
+  snapshot() and transaction() hold their connection for as long as a client streams: at most
+  `stream_connections` of them at once (StreamSlots), so the rest of the pool stays for the
+  short doors.
 - idempotent(...): write() once per request_id (handlers/idempotency.py holds the rule).
 - point_reads(read): concurrent point reads answered by one statement per batch.
 - batched(apply): concurrent writes applied together in one transaction per batch (group
@@ -30,7 +33,7 @@ from service.db.replicas import Replica, Replicas
 from service.db.retry import retried, transactional
 from service.db.routing import REPLICA, current_reads_from
 from service.db.transaction import AUTOCOMMIT_READS, read_only_snapshot, transaction
-from service.errors import DeadlineExceeded
+from service.errors import DeadlineExceeded, ResourceExhausted
 
 T = TypeVar("T")
 In = TypeVar("In")
@@ -45,6 +48,41 @@ WRITE_BATCHES = 2
 OVERLAP_FROM = 64
 
 
+class StreamSlots:
+    """How many streaming calls may hold a connection at once; past that, one more is refused
+    at once (RESOURCE_EXHAUSTED, with a retry delay), never queued.
+
+    An export holds its connection and snapshot for as long as its reader takes (bounded by
+    SHOP_STREAM_STALL_TIMEOUT only while it takes nothing), so without a bound 30 exports that
+    read slowly held every pooled connection and a GetUser beside them waited out
+    SHOP_POOL_TIMEOUT for UNAVAILABLE. Refused rather than queued: a queue would hold calls
+    open invisibly behind readers that may never return, while a refusal tells the client to
+    come back (RetryInfo) and costs the server nothing. One budget for the process rather than
+    per caller: behind Envoy every call comes from Envoy's address and a token names a calling
+    service, not a person, so a per-caller key would be either meaningless or as coarse as this.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @asynccontextmanager
+    async def hold(self, opened: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
+        if self.limit is not None and self.held >= self.limit:
+            raise ResourceExhausted(
+                f"{self.limit} streaming calls already hold a database connection on this "
+                "server (SHOP_MAX_STREAM_CONNECTIONS); retry shortly",
+                reason="TOO_MANY_STREAMS",
+                limit=self.limit,
+            )
+        self.held += 1
+        try:
+            async with opened as value:
+                yield value
+        finally:
+            self.held -= 1
+
+
 class Database:
     """The engine, its sessions, and the doors to them."""
 
@@ -53,10 +91,12 @@ class Database:
         engine: AsyncEngine,
         sessions: async_sessionmaker[AsyncSession],
         replicas: Replicas | None = None,
+        stream_connections: int | None = None,
     ) -> None:
         self.engine = engine
         self.sessions = sessions
         self.replicas = replicas
+        self.streams = StreamSlots(stream_connections)
         self._coalescers: list[Coalescer[Any, Any]] = []
 
     def read(self) -> AbstractAsyncContextManager[AsyncSession]:
@@ -68,8 +108,8 @@ class Database:
     def snapshot(self) -> AbstractAsyncContextManager[AsyncSession]:
         replica = self._replica()
         if replica is None:
-            return read_only_snapshot(self.sessions)
-        return self._on_replica(replica, read_only_snapshot)
+            return self.streams.hold(read_only_snapshot(self.sessions))
+        return self.streams.hold(self._on_replica(replica, read_only_snapshot))
 
     def _replica(self) -> Replica | None:
         """Where this RPC's reads go: a usable replica if routing.py sends them to one."""
@@ -109,7 +149,7 @@ class Database:
     def transaction(self) -> AbstractAsyncContextManager[AsyncSession]:
         """One transaction, committed at the end and not retried: for work that cannot run
         twice (ImportUsers reads its client stream once)."""
-        return transaction(self.sessions)
+        return self.streams.hold(transaction(self.sessions))
 
     @asynccontextmanager
     async def statement(self) -> AsyncIterator[AsyncConnection]:

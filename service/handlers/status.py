@@ -19,6 +19,7 @@ _CODES: list[tuple[type[errors.DomainError], int]] = [
     (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
     (errors.Unavailable, code_pb2.UNAVAILABLE),
     (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
+    (errors.Aborted, code_pb2.ABORTED),
     (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
     (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
     (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),

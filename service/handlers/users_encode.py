@@ -30,13 +30,15 @@ COMPILED = _encode is not None
 
 
 class EncodedBatch:
-    """A UserBatch already serialized, and the users it carries (for the rows-sent metric)."""
+    """A UserBatch already serialized, the users it carries (for the rows-sent metric) and its
+    resume token (for the status of a stream whose reader stalled)."""
 
-    __slots__ = ("data", "rows")
+    __slots__ = ("data", "resume_token", "rows")
 
-    def __init__(self, data: bytes, rows: int) -> None:
+    def __init__(self, data: bytes, rows: int, resume_token: str) -> None:
         self.data = data
         self.rows = rows
+        self.resume_token = resume_token
 
 
 def encode_user_batch(rows: Sequence[Any], resume_token: str) -> api.UserBatch:
@@ -48,7 +50,8 @@ def encode_user_batch(rows: Sequence[Any], resume_token: str) -> api.UserBatch:
     declares."""
     if _encode is None:
         return user_rows_to_batch(rows, resume_token)
-    return cast(api.UserBatch, EncodedBatch(_encode(rows, resume_token), len(rows)))
+    batch = EncodedBatch(_encode(rows, resume_token), len(rows), resume_token)
+    return cast(api.UserBatch, batch)
 
 
 def serialize_user_batch(batch: api.UserBatch | EncodedBatch) -> bytes:

@@ -212,7 +212,7 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     server = grpc.aio.server(
         interceptors=[
             # Outermost: a cancelled stream closes its whole chain in the call's own task.
-            StreamWriter(),
+            StreamWriter(settings.stream_stall_timeout),
             *tracing_interceptors(settings, engine),
             *interceptors(settings, metrics),
             streams,
@@ -221,7 +221,12 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
         compression=compression(settings),
     )
     info = session_info(features)
-    db = Database(engine, create_sessionmaker(engine, info), open_replicas(settings, info))
+    db = Database(
+        engine,
+        create_sessionmaker(engine, info),
+        open_replicas(settings, info),
+        stream_connections=settings.stream_budget(),
+    )
     add_shop_services(server, db, settings)
     health_service = HealthService(("", *SHOP_SERVICES))
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
