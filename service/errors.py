@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -25,13 +26,56 @@ class DomainError(Exception):
         self.metadata = {key: str(value) for key, value in metadata.items()}
 
 
+# An error status travels in trailing metadata: grpc-message, and grpc-status-details-bin (the
+# google.rpc.Status, with the message again, ErrorInfo and the violations, base64'd). A grpc
+# client takes at most 16 KiB of it (grpc core's hard limit; past its 8 KiB soft limit a
+# growing share of calls fail), and what it refuses reaches it as RESOURCE_EXHAUSTED: 1000 bad
+# rows of an UpsertUsers made 62,685 bytes. So an INVALID_ARGUMENT carries the first
+# MAX_VIOLATIONS violations, each field and description cut to the bytes below, and the count of
+# the rest in ErrorInfo's metadata (omitted_violations); every status's message and metadata
+# values are cut too (handlers/status.py). The worst INVALID_ARGUMENT is 5,541 bytes of
+# trailing metadata (tests/unit/test_validation.py builds and measures it).
+MAX_VIOLATIONS = 10
+MAX_FIELD_BYTES = 100
+MAX_DESCRIPTION_BYTES = 200
+MAX_SUMMARY_BYTES = 200
+MAX_MESSAGE_BYTES = 512
+MAX_METADATA_BYTES = 1024
+
+
+def cut(text: str, limit: int) -> str:
+    """text, or its first bytes of UTF-8 (whole characters) and "..." to stay within limit."""
+    if len(text) <= limit // 4:  # at most 4 bytes a character: short enough without encoding
+        return text
+    encoded = text.encode(errors="replace")
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "..."
+
+
+def _bounded(violation: FieldViolation) -> FieldViolation:
+    field = cut(violation.field, MAX_FIELD_BYTES)
+    description = cut(violation.description, MAX_DESCRIPTION_BYTES)
+    if field is violation.field and description is violation.description:
+        return violation
+    return FieldViolation(field, description)
+
+
 class InvalidArgument(DomainError):
+    """The first MAX_VIOLATIONS field violations, bounded, and how many more there were."""
+
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, violations: list[FieldViolation]) -> None:
-        fields = ", ".join(v.field for v in violations)
-        super().__init__(f"invalid request: {fields}")
-        self.violations = violations
+    def __init__(self, violations: Sequence[FieldViolation], *, omitted: int = 0) -> None:
+        kept = [_bounded(v) for v in violations[:MAX_VIOLATIONS]]
+        omitted += len(violations) - len(kept)
+        fields = cut(", ".join(dict.fromkeys(v.field for v in kept)), MAX_SUMMARY_BYTES)
+        more = f" and {omitted:,} more" if omitted else ""
+        super().__init__(f"invalid request: {fields}{more}")
+        if omitted:
+            self.metadata["omitted_violations"] = str(omitted)
+        self.violations = kept
+        self.omitted = omitted
 
     @classmethod
     def single(cls, field: str, description: str) -> InvalidArgument:

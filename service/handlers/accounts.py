@@ -96,13 +96,16 @@ class AccountServicer(api_grpc.AccountServiceServicer):
             raise InvalidArgument.single(
                 "requests", f"must hold 1 to {MAX_BATCH_TRANSFER} transfers"
             )
+        # Both lists are bounded by MAX_BATCH_TRANSFER, checked by len() above; each refused
+        # item's status holds its own violations (5 at most, _transfer's checks).
         results: list[api.TransferResult | None] = []
         valid: list[tuple[api.TransferRequest, Posting]] = []
         for index, item in enumerate(request.requests):
             v = Violations()
             posting = _transfer(v, f"requests[{index}].", item)
-            if v.items:
-                results.append(api.TransferResult(error=status_message(InvalidArgument(v.items))))
+            error = v.error()
+            if error is not None:
+                results.append(api.TransferResult(error=status_message(error)))
             else:
                 results.append(None)
                 valid.append((item, posting))

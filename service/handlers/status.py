@@ -34,7 +34,10 @@ def packed(message: Message) -> any_pb2.Any:
 
 def status_message(error: errors.DomainError) -> status_pb2.Status:
     code = next(c for cls, c in _CODES if isinstance(error, cls))
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+    # Cut to what trailing metadata carries (see service/errors.py): a message or metadata may
+    # name what the request held (USER_DELETED lists up to 10 emails of up to 320 characters).
+    metadata = {k: errors.cut(v, errors.MAX_METADATA_BYTES) for k, v in error.metadata.items()}
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
     details = [packed(info)]
     if isinstance(error, errors.InvalidArgument):
         violations = [
@@ -45,4 +48,5 @@ def status_message(error: errors.DomainError) -> status_pb2.Status:
     if isinstance(error, errors.Unavailable | errors.ResourceExhausted):
         retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1))
         details.append(packed(retry))
-    return status_pb2.Status(code=code, message=error.message, details=details)
+    message = errors.cut(error.message, errors.MAX_MESSAGE_BYTES)
+    return status_pb2.Status(code=code, message=message, details=details)

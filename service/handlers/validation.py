@@ -1,4 +1,5 @@
-"""Request validation that collects every field violation before answering INVALID_ARGUMENT."""
+"""Request validation that collects the field violations (the first MAX_VIOLATIONS, and a count
+of the rest) before answering INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import re
 from collections.abc import Sequence
 from decimal import Decimal
 
-from service.errors import FieldViolation, InvalidArgument
+from service.errors import MAX_VIOLATIONS, FieldViolation, InvalidArgument
 from service.money import parse_amount
 
 DEFAULT_PAGE_SIZE = 50
@@ -52,17 +53,29 @@ def all_names(stripped: Sequence[str], max_length: int = MAX_NAME_LENGTH) -> boo
 
 
 class Violations:
-    """Collects field violations; `raise_if_any` ends validation with one INVALID_ARGUMENT."""
+    """Collects field violations; `raise_if_any` ends validation with one INVALID_ARGUMENT.
+    It keeps the first MAX_VIOLATIONS (what one status can carry, see service/errors.py) and
+    counts the rest: past the cap a violation costs an increment, not an object. A valid
+    request makes one Violations and adds nothing."""
+
+    __slots__ = ("items", "omitted")
 
     def __init__(self) -> None:
         self.items: list[FieldViolation] = []
+        self.omitted = 0
 
     def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
+        if len(self.items) < MAX_VIOLATIONS:
+            self.items.append(FieldViolation(field, description))
+        else:
+            self.omitted += 1
+
+    def error(self) -> InvalidArgument | None:
+        return InvalidArgument(self.items, omitted=self.omitted) if self.items else None
 
     def raise_if_any(self) -> None:
         if self.items:
-            raise InvalidArgument(self.items)
+            raise InvalidArgument(self.items, omitted=self.omitted)
 
     def email(self, field: str, value: str) -> str:
         if len(value) > MAX_EMAIL_LENGTH or not _EMAIL.fullmatch(value):

@@ -1,10 +1,20 @@
-"""Validation collects every violation before answering."""
+"""Validation collects the violations (the first ten, and a count of the rest) before answering."""
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
-from service.errors import InvalidArgument
+from service.errors import (
+    MAX_DESCRIPTION_BYTES,
+    MAX_FIELD_BYTES,
+    MAX_SUMMARY_BYTES,
+    MAX_VIOLATIONS,
+    FieldViolation,
+    InvalidArgument,
+)
+from service.handlers.status import status_message
 from service.handlers.validation import MAX_BATCH_SIZE, MAX_PAGE_SIZE, Violations
 
 
@@ -46,3 +56,88 @@ def test_negative_sizes_are_violations() -> None:
 def test_batch_size_caps() -> None:
     assert Violations().batch_size("batch_size", 0) == 500
     assert Violations().batch_size("batch_size", 10**6) == MAX_BATCH_SIZE
+
+
+# --- The cap on violations ---------------------------------------------------------------------
+
+
+def test_a_valid_request_adds_nothing() -> None:
+    v = Violations()
+    v.email("email", "ada@example.com")
+    v.name("first_name", "Zoë Ångström")
+    v.raise_if_any()
+    assert (v.items, v.omitted, v.error()) == ([], 0, None)
+
+
+def test_violations_keep_the_first_ten_and_count_the_rest() -> None:
+    v = Violations()
+    for i in range(2_000_000):
+        v.add(f"update_mask[{i}]", "unknown path")
+    with pytest.raises(InvalidArgument) as caught:
+        v.raise_if_any()
+    error = caught.value
+    assert [item.field for item in error.violations] == [f"update_mask[{i}]" for i in range(10)]
+    assert error.omitted == 1_999_990
+    assert error.metadata == {"omitted_violations": "1999990"}
+    assert error.message == (
+        "invalid request: "
+        + ", ".join(f"update_mask[{i}]" for i in range(10))
+        + " and 1,999,990 more"
+    )
+
+
+def test_invalid_argument_caps_a_list_given_to_it() -> None:
+    error = InvalidArgument([FieldViolation("users", "bad")] * 25)
+    assert (len(error.violations), error.omitted) == (MAX_VIOLATIONS, 15)
+    # A repeated field is named once.
+    assert error.message == "invalid request: users and 15 more"
+
+
+def test_long_fields_descriptions_and_messages_are_cut_on_character_boundaries() -> None:
+    error = InvalidArgument([FieldViolation("f" * 1_000, "\U0001f600" * 1_000)])
+    (violation,) = error.violations
+    assert len(violation.field.encode()) <= MAX_FIELD_BYTES
+    assert violation.field.endswith("...")
+    assert len(violation.description.encode()) <= MAX_DESCRIPTION_BYTES
+    assert violation.description == "\U0001f600" * 49 + "..."
+    assert len(error.message.encode()) <= len("invalid request: ") + MAX_SUMMARY_BYTES
+
+
+def _percent_encoded(message: str) -> str:
+    """grpc-message as grpc sends it: bytes outside 0x20-0x7E, and %, as %XX."""
+    return "".join(
+        chr(b) if 0x20 <= b <= 0x7E and b != ord("%") else f"%{b:02X}" for b in message.encode()
+    )
+
+
+def test_the_largest_invalid_argument_fits_a_default_clients_metadata_limit() -> None:
+    # The worst we can build: more violations than kept, every field and description longer
+    # than kept and made of 4-byte characters (which also make grpc-message's percent-encoding
+    # largest), the largest count.
+    v = Violations()
+    for i in range(2_000_000):
+        v.add(f"{i}" + "\U0001f600" * 200, "\U0001f600" * 1_000)
+    with pytest.raises(InvalidArgument) as caught:
+        v.raise_if_any()
+    status = status_message(caught.value)
+    details = base64.b64encode(status.SerializeToString())
+    message = _percent_encoded(status.message)
+    # HPACK counts each entry as its name, its value and 32 bytes; grpc-status and the
+    # x-request-id echo are the other trailers.
+    trailers = (
+        len("grpc-status-details-bin")
+        + len(details)
+        + 32
+        + len("grpc-message")
+        + len(message)
+        + 32
+        + len("grpc-status")
+        + 1
+        + 32
+        + len("x-request-id")
+        + 128
+        + 32
+    )
+    print(f"worst INVALID_ARGUMENT: {trailers:,} bytes of trailing metadata")
+    # 16 KiB is the hard limit; calls past the 8 KiB soft limit may fail too.
+    assert trailers < 8 * 1024
