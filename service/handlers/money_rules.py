@@ -80,7 +80,9 @@ def plan(
     writes: Writes,
 ) -> list[Posted | DomainError]:
     """Each claimed posting's outcome, in order, against running balances; what the applied
-    ones write goes to `writes`. The accounts' balances move as postings are applied."""
+    ones write goes to `writes`. The accounts' balances move as postings are applied.
+    `postings` is one group-commit batch: at most money.MAX_BATCH (1000), as are the outcomes
+    and what goes to `writes`."""
     outcomes: list[Posted | DomainError] = []
     for posting in postings:
         try:

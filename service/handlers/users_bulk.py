@@ -13,6 +13,7 @@ from operator import attrgetter
 
 from shop.v1 import user_service_pb2 as api
 
+from service.errors import InvalidArgument
 from service.handlers.validation import Violations, all_emails, all_names
 from service.repositories.users import UserFields
 
@@ -23,6 +24,10 @@ StagedUser = tuple[str, str, str, bool]
 # meanwhile goes in the next COPY (fewer, larger statements when the client is faster than the
 # database), and a client faster still meets grpc's flow control, not an unbounded queue.
 READ_AHEAD_ROWS = 16_384
+# Users in one ImportUsers message, checked by len() before a row is read: a message is checked
+# and turned into records whole, and one 16 MiB message could otherwise hold 8.4M rows. Clients
+# send hundreds to thousands (the benchmarks 1000); 10,000 of the longest valid rows are ~21 MB.
+MAX_MESSAGE_USERS = 10_000
 
 _FIELDS = attrgetter("email", "first_name", "last_name", "is_active")
 
@@ -38,7 +43,8 @@ def _user_fields(v: Violations, field: str, user: api.UpsertUser) -> UserFields:
 
 def user_rows(v: Violations, field: str, users: list[api.UpsertUser]) -> list[UserFields]:
     """The batch's rows, each field checked, and an email twice in the batch named; the
-    violations go to v."""
+    violations go to v. The callers bound the batch (MAX_UPSERT_BATCH, MAX_MESSAGE_USERS), and
+    with it the rows and the set of emails seen."""
     rows = [_user_fields(v, f"{field}[{i}]", u) for i, u in enumerate(users)]
     seen: set[str] = set()
     for i, row in enumerate(rows):
@@ -84,7 +90,10 @@ async def import_batches(
     """Each message's records, checked; field names count messages from 0 (empty ones too)."""
     batch_no = 0
     async for request in requests:
-        yield batch_records(f"batch[{batch_no}].users", request.users)
+        field = f"batch[{batch_no}].users"
+        if len(request.users) > MAX_MESSAGE_USERS:
+            raise InvalidArgument.single(field, f"at most {MAX_MESSAGE_USERS:,} users per message")
+        yield batch_records(field, request.users)
         batch_no += 1
 
 

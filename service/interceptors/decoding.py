@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError
 
 from service.errors import InvalidArgument
 from service.handlers.context import Context
+from service.interceptors.element_budget import bounded
 from service.interceptors.wrapping import Handler
 
 Decode = Callable[[bytes], Any]
@@ -30,7 +31,8 @@ async def _decoded_stream(decode: Decode, raws: AsyncIterator[bytes]) -> AsyncIt
 
 def decode_in_handler(handler: Handler) -> Handler:
     """The same handler, taking raw bytes and decoding them as its first step."""
-    decode: Decode | None = handler.request_deserializer
+    # A request over 1 MiB has its elements counted before protobuf parses it (element_budget).
+    decode: Decode | None = bounded(handler.request_deserializer)
     if decode is None:
         return handler
 

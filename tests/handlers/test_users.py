@@ -16,6 +16,8 @@ from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.models import User
+from service.handlers.users import MAX_MASK_PATHS
+from service.handlers.users_bulk import MAX_MESSAGE_USERS
 from tests.factories import Factory
 from tests.rpc import rpc_fails, stream_fails
 from tests.servers import own_server
@@ -297,6 +299,29 @@ async def test_update_user_with_bad_mask_is_invalid(
     assert set(failure.violations) == {field}
     row = next(iter((await db_users(engine)).values()))
     assert row.first_name == "Ada"
+
+
+async def test_update_user_with_more_mask_paths_than_the_bound_is_invalid(
+    user_stub, factory: Factory
+) -> None:
+    user = await factory.user()
+    paths = ["first_name"] * (MAX_MASK_PATHS + 1)
+    failure = await rpc_fails(user_stub.UpdateUser(update(user.id, paths, first_name="X")))
+    assert failure.code == INVALID
+    assert failure.violations == {"update_mask.paths": f"at most {MAX_MASK_PATHS} paths"}
+
+
+async def test_update_user_with_many_unknown_paths_names_ten_and_counts_the_rest(
+    user_stub, factory: Factory
+) -> None:
+    user = await factory.user()
+    paths = [f"p{i}" for i in range(MAX_MASK_PATHS)]
+    failure = await rpc_fails(user_stub.UpdateUser(update(user.id, paths)))
+    assert failure.code == INVALID
+    # One field, so one entry in the dict: the tenth violation's, the last one sent.
+    assert failure.violations == {"update_mask": "unknown path 'p9'"}
+    assert failure.metadata == {"omitted_violations": "90"}
+    assert failure.message == "invalid request: update_mask and 90 more"
 
 
 async def test_update_user_validates_masked_values(user_stub, factory: Factory) -> None:
@@ -978,6 +1003,14 @@ async def test_import_users_updates_only(user_stub, factory: Factory, engine) ->
     assert {(rows[u.email].id, rows[u.email].last_name) for u in existing} == {
         (u.id, "New") for u in existing
     }
+
+
+async def test_import_users_message_past_its_row_bound_writes_nothing(user_stub, engine) -> None:
+    many = [upsert_user(f"m{i}@example.com") for i in range(MAX_MESSAGE_USERS + 1)]
+    failure = await rpc_fails(user_stub.ImportUsers(requests([upsert_user("a@example.com")], many)))
+    assert failure.code == INVALID
+    assert failure.violations == {"batch[1].users": "at most 10,000 users per message"}
+    assert await user_count(engine) == 0
 
 
 async def test_import_users_bad_row_late_in_a_long_stream_writes_nothing(user_stub, engine) -> None:
