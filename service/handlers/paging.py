@@ -12,6 +12,10 @@ from service.errors import InvalidArgument
 
 _SIG_BYTES = 16
 _MAX_KEY = 2**63 - 1  # BIGINT
+# The tokens we issue are 91 characters at most (a 19-digit key); anything much longer is refused
+# before it is decoded, and with it any payload deep enough to trouble json (a 100k-deep one
+# raised RecursionError: INTERNAL).
+MAX_TOKEN_LENGTH = 512
 
 
 def _b64(data: bytes) -> str:
@@ -51,13 +55,21 @@ class PageTokens:
         return encode
 
     def decode(self, token: str, filters: Mapping[str, object], field: str = "page_token") -> int:
-        """The last key of the previous page; raises InvalidArgument for a forged, corrupt or
-        foreign token."""
+        """The last key of the previous page; raises InvalidArgument for a forged, corrupt,
+        foreign or oversized token."""
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidArgument.single(
+                field,
+                f"is longer than any token this service issues (at most {MAX_TOKEN_LENGTH})",
+            )
         try:
             payload_text, sig_text = token.split(".")
             payload = _unb64(payload_text)
             valid = hmac.compare_digest(self._sign(payload), _unb64(sig_text))
-            data = json.loads(payload) if valid else None
+            # Ours is one flat object: a signed payload that nests (signed with a leaked or the
+            # dev secret) is refused unread.
+            flat = payload.count(b"{") == 1 and b"[" not in payload
+            data = json.loads(payload) if valid and flat else None
         except (ValueError, UnicodeDecodeError):
             data = None
         if not isinstance(data, dict):

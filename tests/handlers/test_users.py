@@ -15,12 +15,15 @@ from shop.v1 import user_service_pb2 as api
 from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.config import Settings
 from service.db.models import User
+from service.handlers.paging import MAX_TOKEN_LENGTH, PageTokens
 from service.handlers.users import MAX_MASK_PATHS
 from service.handlers.users_bulk import MAX_MESSAGE_USERS
 from tests.factories import Factory
 from tests.rpc import rpc_fails, stream_fails
 from tests.servers import own_server
+from tests.unit.test_paging import signed_token
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -513,6 +516,36 @@ async def test_list_users_token_is_bound_to_filters(user_stub, engine, other) ->
     assert failure.code == INVALID
     assert set(failure.violations) == {"page_token"}
     assert "other filters" in failure.violations["page_token"]
+
+
+def _deep_token(secret: bytes, *, depth: int = 100_000) -> str:
+    """A page token whose payload is JSON `depth` arrays deep, signed with `secret`."""
+    payload = b'{"k": ' + b"[" * depth + b"]" * depth + b"}"
+    return signed_token(PageTokens(secret), payload)
+
+
+SERVER_SECRET = Settings().page_token_secret.get_secret_value().encode()  # the tests' server's
+BAD_TOKENS = {
+    "100k-deep, signed with the server's secret": _deep_token(SERVER_SECRET),
+    "100k-deep, unsigned": _deep_token(b"not-the-secret"),
+    "150-deep, signed with the server's secret": _deep_token(SERVER_SECRET, depth=150),
+    "oversized": "A" * (MAX_TOKEN_LENGTH + 1),
+    "forged": _deep_token(b"not-the-secret", depth=1),
+}
+
+
+@pytest.mark.parametrize("token", BAD_TOKENS.values(), ids=BAD_TOKENS.keys())
+async def test_list_users_refuses_deep_oversized_and_forged_tokens(user_stub, token) -> None:
+    failure = await rpc_fails(user_stub.ListUsers(api.ListUsersRequest(page_token=token)))
+    assert failure.code == INVALID
+    assert set(failure.violations) == {"page_token"}
+
+
+@pytest.mark.parametrize("token", BAD_TOKENS.values(), ids=BAD_TOKENS.keys())
+async def test_stream_users_refuses_deep_oversized_and_forged_tokens(user_stub, token) -> None:
+    failure = await stream_fails(user_stub.StreamUsers(api.StreamUsersRequest(resume_token=token)))
+    assert failure.code == INVALID
+    assert set(failure.violations) == {"resume_token"}
 
 
 async def test_list_users_token_may_change_page_size(user_stub, engine) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from service.errors import InvalidArgument
-from service.handlers.paging import PageTokens
+from service.handlers.paging import MAX_TOKEN_LENGTH, PageTokens
 
 FILTERS = {"show_deleted": False, "full_name": "ada"}
 
@@ -53,3 +55,58 @@ def test_signed_token_with_a_key_outside_bigint_is_refused(key: int) -> None:
     with pytest.raises(InvalidArgument):
         tokens = PageTokens(b"secret")
         tokens.decode(tokens.encode(key, FILTERS), FILTERS)
+
+
+def signed_token(tokens: PageTokens, payload: bytes) -> str:
+    """A token carrying `payload`, signed as `tokens` signs: what a holder of the secret (a
+    leaked one, or the public dev default) could make."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    return f"{b64(payload)}.{b64(tokens._sign(payload))}"
+
+
+DEEP = b'{"k": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+def test_issued_tokens_are_far_shorter_than_the_maximum() -> None:
+    tokens = PageTokens(b"secret")
+    longest = tokens.encode(2**63 - 1, {**FILTERS, "full_name": "x" * 201})
+    assert len(longest) == 91
+    assert 5 * len(longest) <= MAX_TOKEN_LENGTH
+
+
+@pytest.mark.parametrize("field", ["page_token", "resume_token"])
+def test_an_oversized_token_is_refused_before_it_is_decoded(field: str) -> None:
+    tokens = PageTokens(b"secret")
+    token = tokens.encode(42, FILTERS) + "A" * MAX_TOKEN_LENGTH
+    with pytest.raises(InvalidArgument) as caught:
+        tokens.decode(token, FILTERS, field=field)
+    assert [v.field for v in caught.value.violations] == [field]
+    assert "at most 512" in caught.value.violations[0].description
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_a_100k_deep_json_token_is_invalid_argument(signed: bool) -> None:
+    # It raised RecursionError in json.loads (INTERNAL) once its signature checked out.
+    tokens = PageTokens(b"secret")
+    token = signed_token(tokens, DEEP) if signed else signed_token(PageTokens(b"other"), DEEP)
+    with pytest.raises(InvalidArgument):
+        tokens.decode(token, FILTERS)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"k": ' + b"[" * 150 + b"1" + b"]" * 150 + b', "f": "x"}',
+        b'{"k": {"k": {"k": 1}}}',
+        b'[{"k": 1}]',
+    ],
+)
+def test_a_signed_token_that_nests_is_refused_unread(payload: bytes) -> None:
+    tokens = PageTokens(b"secret")
+    token = signed_token(tokens, payload)
+    assert len(token) <= MAX_TOKEN_LENGTH
+    with pytest.raises(InvalidArgument):
+        tokens.decode(token, FILTERS)
