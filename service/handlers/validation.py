@@ -18,14 +18,42 @@ MAX_ID = 2**63 - 1
 MAX_EMAIL_LENGTH = 320
 MAX_NAME_LENGTH = 100
 
-_EMAIL_CHAR = r"[^@\s\x00-\x1f\x7f]"
-_EMAIL_PATTERN = rf"{_EMAIL_CHAR}{{1,64}}@{_EMAIL_CHAR}+\.{_EMAIL_CHAR}+"
-_EMAIL = re.compile(_EMAIL_PATTERN)
-# Many emails joined by newlines (which no email may hold), each one matched as by _EMAIL. Atomic
-# and possessive, so a failure costs one pass instead of backtracking into earlier emails (whose
-# dots could otherwise be re-split in exponentially many ways).
-_EMAILS = re.compile(rf"(?:(?>{_EMAIL_PATTERN})\n)*+(?>{_EMAIL_PATTERN})")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Characters no name or email may hold: Unicode's control (Cc: C0, DEL, C1) and format (Cf: bidi
+# overrides such as U+202E, zero-width spaces and joiners, U+FEFF, soft hyphen, tags) characters,
+# and the line and paragraph separators (Zl, Zp). Listed rather than read from unicodedata at
+# import (a scan of the planes that hold them costs ~60 ms per process start); one character
+# class, so a whole column is still checked by one regex search. Unicode 14.0's (Python 3.11)
+# set plus 15.0's Egyptian format controls (U+13439-U+1343F); tests/unit/test_validation.py
+# checks the list against the running Python's unicodedata.
+_UNPRINTABLE = (
+    r"\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+    r"\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+    r"\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    r"\U000e0001\U000e0020-\U000e007f"
+)
+# Its ASCII part: ASCII text (nearly every batch; str.isascii() reads a flag) is checked against
+# this smaller class, which sre matches ~3x faster (10,000 emails: 2 ms instead of 6 ms).
+_ASCII_UNPRINTABLE = r"\x00-\x1f\x7f"
+
+
+def _email_pattern(unprintable: str) -> str:
+    char = rf"[^@\s{unprintable}]"
+    return rf"{char}{{1,64}}@{char}+\.{char}+"
+
+
+def _emails_pattern(unprintable: str) -> re.Pattern[str]:
+    """Many emails joined by newlines (which no email may hold), each one matched as by _EMAIL.
+    Atomic and possessive, so a failure costs one pass instead of backtracking into earlier
+    emails (whose dots could otherwise be re-split in exponentially many ways)."""
+    email = _email_pattern(unprintable)
+    return re.compile(rf"(?:(?>{email})\n)*+(?>{email})")
+
+
+_EMAIL = re.compile(_email_pattern(_UNPRINTABLE))
+_EMAILS = _emails_pattern(_UNPRINTABLE)
+_ASCII_EMAILS = _emails_pattern(_ASCII_UNPRINTABLE)
+_CONTROL = re.compile(f"[{_UNPRINTABLE}]")
+_ASCII_CONTROL = re.compile(f"[{_ASCII_UNPRINTABLE}]")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
@@ -36,20 +64,20 @@ def all_emails(values: Sequence[str]) -> bool:
     if not values:
         return True
     joined = "\n".join(values)
+    emails = _ASCII_EMAILS if joined.isascii() else _EMAILS
     return (
         max(map(len, values)) <= MAX_EMAIL_LENGTH
         and joined.count("\n") == len(values) - 1
-        and _EMAILS.fullmatch(joined) is not None
+        and emails.fullmatch(joined) is not None
     )
 
 
 def all_names(stripped: Sequence[str], max_length: int = MAX_NAME_LENGTH) -> bool:
     """Whether Violations.name accepts every value, given the values already stripped."""
-    return (
-        all(stripped)
-        and max(map(len, stripped), default=0) <= max_length
-        and _CONTROL.search("".join(stripped)) is None
-    )
+    if not all(stripped) or max(map(len, stripped), default=0) > max_length:
+        return False
+    joined = "".join(stripped)
+    return (_ASCII_CONTROL if joined.isascii() else _CONTROL).search(joined) is None
 
 
 class Violations:
@@ -86,8 +114,10 @@ class Violations:
         value = value.strip()
         if not value:
             self.add(field, "must not be empty")
-        elif len(value) > max_length or _CONTROL.search(value):
-            self.add(field, f"must be at most {max_length} printable characters")
+        elif len(value) > max_length:
+            self.add(field, f"must be at most {max_length} characters")
+        elif _CONTROL.search(value):
+            self.add(field, "must not hold control or format characters (such as U+202E)")
         return value
 
     def id(self, field: str, value: int) -> int:

@@ -68,9 +68,12 @@ async def user_id(engine: AsyncEngine, email: str) -> int:
         ).scalar_one()
 
 
-# Printable: no C0/C1 controls (the server rejects them), no surrogates (not UTF-8).
+# Printable: no control or format characters, line or paragraph separators (the server rejects
+# them), no surrogates (not UTF-8), nothing unassigned (a later Unicode's format characters).
 _core = st.text(
-    alphabet=st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=100
+    alphabet=st.characters(exclude_categories=("Cc", "Cf", "Zl", "Zp", "Cs", "Cn")),
+    min_size=1,
+    max_size=100,
 ).filter(lambda s: bool(s.strip()))
 # Surrounding whitespace is stripped by the server before it checks the name.
 _pad = st.sampled_from(["", "", " ", "  ", "\t", "\n ", "\u00a0"])

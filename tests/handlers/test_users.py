@@ -167,6 +167,39 @@ async def test_create_user_rejects_bad_names(user_stub, engine, bad) -> None:
     assert await user_count(engine) == 0
 
 
+@pytest.mark.parametrize("char", ["\u202e", "\u200b", "\ufeff", "\x85"])
+async def test_create_user_refuses_control_and_format_characters_in_names(
+    user_stub, engine, char
+) -> None:
+    failure = await rpc_fails(
+        user_stub.CreateUser(
+            api.CreateUserRequest(email="ada@example.com", first_name=f"Ad{char}a", last_name="K")
+        )
+    )
+    assert failure.code == INVALID
+    assert failure.violations == {
+        "first_name": "must not hold control or format characters (such as U+202E)"
+    }
+    assert await user_count(engine) == 0
+
+
+async def test_create_user_refuses_a_right_to_left_override_in_the_email(user_stub) -> None:
+    failure = await rpc_fails(
+        user_stub.CreateUser(
+            api.CreateUserRequest(email="moc.elpmaxe@\u202eada", first_name="A", last_name="B")
+        )
+    )
+    assert failure.code == INVALID
+    assert set(failure.violations) == {"email"}
+
+
+async def test_create_user_accepts_letters_beyond_ascii(user_stub) -> None:
+    created = await user_stub.CreateUser(
+        api.CreateUserRequest(email="zoe@example.com", first_name="Zoë", last_name="Ångström")
+    )
+    assert created.full_name == "Zoë Ångström"
+
+
 async def test_create_user_reports_every_violation_at_once(user_stub) -> None:
     failure = await rpc_fails(user_stub.CreateUser(api.CreateUserRequest()))
     assert failure.code == INVALID

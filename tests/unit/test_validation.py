@@ -1,8 +1,10 @@
-"""Validation collects the violations (the first ten, and a count of the rest) before answering."""
+"""Validation collects the violations (the first ten, and a count of the rest) before answering,
+and refuses control and format characters in names and emails."""
 
 from __future__ import annotations
 
 import base64
+import unicodedata
 
 import pytest
 
@@ -15,7 +17,14 @@ from service.errors import (
     InvalidArgument,
 )
 from service.handlers.status import status_message
-from service.handlers.validation import MAX_BATCH_SIZE, MAX_PAGE_SIZE, Violations
+from service.handlers.validation import (
+    _CONTROL,
+    MAX_BATCH_SIZE,
+    MAX_PAGE_SIZE,
+    Violations,
+    all_emails,
+    all_names,
+)
 
 
 def test_collects_all_violations() -> None:
@@ -141,3 +150,67 @@ def test_the_largest_invalid_argument_fits_a_default_clients_metadata_limit() ->
     print(f"worst INVALID_ARGUMENT: {trailers:,} bytes of trailing metadata")
     # 16 KiB is the hard limit; calls past the 8 KiB soft limit may fail too.
     assert trailers < 8 * 1024
+
+
+# --- Control and format characters -------------------------------------------------------------
+
+_REFUSED = {
+    "U+202E right-to-left override": "\u202e",
+    "U+200B zero width space": "\u200b",
+    "U+FEFF byte order mark": "\ufeff",
+    "U+00AD soft hyphen": "\xad",
+    "U+0080 C1 control": "\x80",
+    "U+0085 next line": "\x85",
+    "U+009F C1 control": "\x9f",
+    "U+2028 line separator": "\u2028",
+    "U+2066 left-to-right isolate": "\u2066",
+    "U+E0041 tag latin capital a": "\U000e0041",
+    "tab": "\t",
+    "NUL": "\x00",
+    "DEL": "\x7f",
+}
+
+
+@pytest.mark.parametrize("char", _REFUSED.values(), ids=_REFUSED.keys())
+def test_names_refuse_control_and_format_characters(char: str) -> None:
+    v = Violations()
+    v.name("first_name", f"Ada{char}Lovelace")
+    assert [(i.field, i.description) for i in v.items] == [
+        ("first_name", "must not hold control or format characters (such as U+202E)")
+    ]
+    assert not all_names([f"Ada{char}Lovelace"])
+    assert not all_names(["Zoë", f"Ada{char}"])  # the non-ASCII column path too
+
+
+@pytest.mark.parametrize("char", _REFUSED.values(), ids=_REFUSED.keys())
+def test_emails_refuse_control_and_format_characters(char: str) -> None:
+    v = Violations()
+    v.email("email", f"ada{char}@example.com")
+    assert [i.field for i in v.items] == ["email"]
+    assert not all_emails([f"ada{char}@example.com"])
+    assert not all_emails(["zoë@example.com", f"ada{char}@example.com"])
+
+
+@pytest.mark.parametrize(
+    "name", ["Zoë Ångström", "Ada Lovelace", "李小龍", "Ἀριστοτέλης", "محمد", "Zoë\u00a0Å", "🙂"]
+)
+def test_names_of_any_script_are_accepted(name: str) -> None:
+    v = Violations()
+    assert v.name("first_name", name) == name
+    v.raise_if_any()
+    assert all_names([name, "Ada"])
+
+
+def test_the_refused_characters_are_unicodes_controls_formats_and_separators() -> None:
+    # Against the running Python's Unicode database: every Cc, Cf, Zl and Zp character is
+    # refused, and nothing else that Unicode assigns (the list may name format characters of
+    # a later Unicode, which this one leaves unassigned).
+    refused = {"Cc", "Cf", "Zl", "Zp"}
+    for code_point in range(0x110000):
+        char = chr(code_point)
+        category = unicodedata.category(char)
+        found = _CONTROL.search(char) is not None
+        if category in refused:
+            assert found, f"U+{code_point:04X} ({category}) is accepted"
+        elif category != "Cn":
+            assert not found, f"U+{code_point:04X} ({category}) is refused"
