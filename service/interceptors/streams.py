@@ -13,6 +13,7 @@ from typing import Any
 from service import errors
 from service.handlers.context import Context
 from service.interceptors.errors import to_status
+from service.interceptors.peer_gone import sent
 from service.interceptors.wrapping import Handler, WrappingInterceptor
 
 STALLED = "STREAM_STALLED"
@@ -56,11 +57,11 @@ def _written(fn: Callable[..., Any], stall: float) -> Callable[..., Awaitable[No
                     # OPERATIONS, a traceback, no status). Not earlier: an error before any
                     # message stays a trailers-only answer (Envoy's JSON routes map its code
                     # to the HTTP status only then).
-                    await context.send_initial_metadata(())
+                    await sent(context.send_initial_metadata(()))
                     first = False
                 try:
                     async with asyncio.timeout(stall):
-                        await context.write(message)
+                        await sent(context.write(message))
                 except TimeoutError:
                     # The write was cancelled, but grpc already holds the message: the reader
                     # gets it, then this status (so its token is the one to resume from).
