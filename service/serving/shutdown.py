@@ -175,4 +175,9 @@ class ActiveStreams(WrappingInterceptor):
                 step.cancel()
                 # wait(), not `await step`: the step's CancelledError is not ours to raise.
                 await asyncio.wait((step,))
+            if step is not None and not step.cancelled():
+                # Read, so asyncio does not log it as "Task exception was never retrieved": a
+                # step that failed as the call was cancelled (measured: a refused export whose
+                # deadline passed in the same loop turn) fails a call no one is waiting for.
+                step.exception()
             await messages.aclose()
