@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+LOCK := requirements/runtime.lock
 PROTOS := $(wildcard protos/shop/v1/*.proto)
 
 .PHONY: install generate check-generated run migrate test lint bench clean
@@ -11,11 +12,37 @@ PROTOS := $(wildcard protos/shop/v1/*.proto)
 install: $(STAMP)
 
 # setup.py and the C source: the compiled batch encoder is rebuilt when they change.
-$(STAMP): pyproject.toml setup.py service/handlers/_user_batch.c
+# The runtime dependencies come from the lock, hashes checked; the project and its dev extra
+# after them find those already satisfied (pip upgrades none of them), so the service runs on
+# the versions the image has.
+$(STAMP): pyproject.toml setup.py service/handlers/_user_batch.c $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The runtime dependencies of pyproject.toml, pinned with the hash of every file of each pinned
+# version (so one lock serves Linux x86_64 and aarch64 alike), for Python 3.11 and later,
+# markers kept (uvloop's sys_platform). `make lock` resolves from scratch, as of now (the moment
+# goes into the lock's header as --exclude-newer): each pin is the newest release its range in
+# pyproject.toml allows. To hold a package back, narrow its range there.
+LOCK_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	--generate-hashes --upgrade --quiet
+.PHONY: lock check-lock
+lock: $(STAMP)
+	$(LOCK_COMPILE) --exclude-newer "$$(date -u +%Y-%m-%dT%H:%M:%SZ)" -o $(LOCK)
+
+# Fails when the lock is not what `make lock` made of pyproject.toml: the same resolution again,
+# as of the lock's own moment, so releases (or files) published since change nothing; a change
+# to pyproject.toml's dependencies or a hand edit of the lock (a pin, a hash) does.
+check-lock: $(STAMP)
+	@at=$$(sed -n 's/.*--exclude-newer \([^ ]*\).*/\1/p' $(LOCK)); \
+	test -n "$$at" || { echo "$(LOCK): no --exclude-newer in its header: run make lock" >&2; exit 1; }; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(LOCK_COMPILE) --exclude-newer "$$at" -o "$$tmp/again" || exit 1; \
+	grep -v '^#' $(LOCK) > "$$tmp/locked"; grep -v '^#' "$$tmp/again" > "$$tmp/made"; \
+	diff -u "$$tmp/locked" "$$tmp/made" || { echo "$(LOCK) is stale: run make lock" >&2; exit 1; }
 
 # Regenerate generated/ from protos/ (messages, services and typed stubs), and the descriptor
 # set of the three services with every import and the comments, which Envoy's
