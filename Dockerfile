@@ -17,11 +17,15 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# The runtime dependencies exactly as locked (`make lock`), each file's hash checked; then the
+# project alone, its dependencies already there.
+COPY requirements/runtime.lock ./requirements/
+RUN pip install --upgrade pip \
+ && pip install --require-hashes -r requirements/runtime.lock
 COPY pyproject.toml setup.py README.md ./
 COPY service ./service
 COPY generated ./generated
-RUN pip install --upgrade pip \
- && pip install . \
+RUN pip install --no-deps . \
  && python setup.py build_ext --inplace
 
 # ---- runtime: the venv plus the source the service reads at run time ----
