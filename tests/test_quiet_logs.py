@@ -265,6 +265,9 @@ async def test_thirty_cancelled_or_expired_calls_log_one_info_line_each_and_noth
     assert {e["level"] for e in access} == {"INFO"}
     seen = [e["code"] for e in access]
     assert {code: seen.count(code) for code in set(seen)} == expected, seen
+    async with engine.connect() as conn:  # grpc hands a cut client stream over as its end
+        imported = await conn.scalar(text("SELECT count(*) FROM users WHERE first_name = 'I'"))
+    assert imported == 0
 
 
 # A client process that reads one message of StreamUsers through a small window (the server is
