@@ -36,6 +36,7 @@ from service.serving.server import RunningServer, start_server
 from tests.certs import make_certificates
 from tests.conftest import StatementCounter
 from tests.factories import Factory
+from tests.ids import rid
 from tests.process import STOP_TIMEOUT, service_process
 from tests.rpc import rpc_fails, stream_fails
 from tests.servers import own_server
@@ -44,10 +45,6 @@ from tests.tcp_proxy import database_proxy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def rid() -> str:
-    return f"promise-{uuid.uuid4().hex}"
 
 
 # --- Security -----------------------------------------------------------------------------

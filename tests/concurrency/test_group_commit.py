@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections import Counter
 from decimal import Decimal
 
@@ -23,16 +22,13 @@ from service.serving.server import RunningServer
 from tests.concurrency.test_retry import wait_for_a_lock_waiter
 from tests.conftest import StatementCounter
 from tests.factories import Factory
+from tests.ids import rid
 from tests.ledger import assert_ledger_balances, customer_transfers
 from tests.rpc import failure_of
 from tests.servers import own_server
 
 BOUND_SECONDS = 30
 CALLS = 48
-
-
-def rid() -> str:
-    return uuid.uuid4().hex
 
 
 def batches(statements: StatementCounter) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from collections import Counter
 from decimal import Decimal
 
@@ -15,15 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.models import Account, Transfer
 from tests.factories import Factory
+from tests.ids import rid
 from tests.ledger import assert_ledger_balances, customer_transfers
 from tests.rpc import failure_of
 
 # Every test here must end well within this; a deadlock or lost wake-up fails instead of hanging.
 BOUND_SECONDS = 30
-
-
-def rid() -> str:
-    return f"conc-{uuid.uuid4().hex}"
 
 
 async def balances(

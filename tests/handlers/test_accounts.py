@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from decimal import Decimal
 
 import grpc
@@ -13,14 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.db.models import Account, IdempotencyKey, Transfer
 from tests.factories import OPENING_PREFIX, Factory
+from tests.ids import rid
 from tests.ledger import customer_transfers
 from tests.rpc import RpcFailure, rpc_fails, stream_fails
 
 MISSING_ID = 987654321
-
-
-def rid() -> str:
-    return f"test-{uuid.uuid4().hex}"
 
 
 async def balance_of(sessions: async_sessionmaker[AsyncSession], account_id: int) -> Decimal:

@@ -3,7 +3,6 @@ or refused on its own and idempotent by its own request_id."""
 
 from __future__ import annotations
 
-import uuid
 from decimal import Decimal
 
 import grpc
@@ -14,12 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.models import Account, Transfer
 from tests.factories import Factory
+from tests.ids import rid
 from tests.ledger import assert_ledger_balances
 from tests.rpc import rpc_fails
-
-
-def rid() -> str:
-    return uuid.uuid4().hex
 
 
 def transfer(source: int, target: int, amount: str, request_id: str = "") -> api.TransferRequest:

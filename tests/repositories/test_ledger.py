@@ -4,7 +4,6 @@ reach, and a journal the database itself refuses to change."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from decimal import Decimal
 
 import grpc
@@ -16,12 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.models import Account, AccountKind, IdempotencyKey, LedgerEntry, Transfer
 from tests.factories import Factory
+from tests.ids import rid
 from tests.ledger import assert_ledger_balances
 from tests.rpc import rpc_fails
-
-
-def rid() -> str:
-    return f"ledger-{uuid.uuid4().hex}"
 
 
 async def external_accounts(sessions: async_sessionmaker[AsyncSession]) -> list[Account]:
