@@ -15,7 +15,7 @@ install: $(STAMP)
 # The runtime dependencies come from the lock, hashes checked; the project and its dev extra
 # after them find those already satisfied (pip upgrades none of them), so the service runs on
 # the versions the image has.
-$(STAMP): pyproject.toml setup.py service/handlers/_user_batch.c $(LOCK)
+$(STAMP): pyproject.toml setup.py service/api/_user_batch.c $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)

@@ -1,8 +1,8 @@
-"""The one compiled module: StreamUsers' batch encoder (service/handlers/_user_batch.c).
+"""The one compiled module: StreamUsers' batch encoder (service/api/_user_batch.c).
 
 Everything else is declared in pyproject.toml. The extension is optional: where it does not
 compile (no C compiler, another platform) the install goes on without it and
-service/handlers/users_encode.py falls back to upb.
+service/api/users_encode.py falls back to upb.
 """
 
 from setuptools import Extension, setup
@@ -10,8 +10,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "service.handlers._user_batch",
-            sources=["service/handlers/_user_batch.c"],
+            "service.api._user_batch",
+            sources=["service/api/_user_batch.c"],
             optional=True,
         )
     ]

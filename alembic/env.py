@@ -15,10 +15,10 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from service.config import Settings
-from service.db.database import database_url
 from service.db.engine import create_unpooled_engine
 from service.db.migration_safety import apply_timeouts, migration_lock, timeout_statements
 from service.db.models import Base
+from service.db.url import database_url
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -37,8 +37,8 @@ from deploy.envoy.binary import envoy_binary
 from deploy.envoy.config import DESCRIPTOR, render
 from deploy.processes import stop
 from service.config import Settings
-from service.db.database import database_url
 from service.db.migrate import upgrade
+from service.db.url import database_url
 from service.observability.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ from datetime import timedelta
 from pydantic import ValidationError
 
 from service.config import Settings
-from service.db.database import database_url
-from service.db.housekeeping import purge_idempotency_keys
 from service.db.migrate import upgrade
 from service.db.schema_state import SchemaBehind
+from service.db.url import database_url
+from service.housekeeping import purge_idempotency_keys
 from service.observability.logs import configure_logging
 from service.serving.security import InsecureBindError, check_exposure
 from service.serving.workers import serve_processes

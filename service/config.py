@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     # Signs page tokens. Set it in production so tokens survive restarts and work across replicas.
     page_token_secret: SecretStr = SecretStr(DEV_PAGE_TOKEN_SECRET)
 
-    # How long a request_id is remembered (see service/db/housekeeping.py).
+    # How long a request_id is remembered (see service/housekeeping.py).
     idempotency_retention_hours: float = Field(default=24.0, gt=0)
 
     # Seconds in-flight RPCs get to finish after SIGTERM/SIGINT.
@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     max_concurrent_rpcs: int = Field(default=1000, ge=0)  # 0: no limit
     compression: Compression = Compression.NONE
 
-    # Admission (service/interceptors/admission.py): health and reflection answer anyone, so
+    # Admission (service/api/interceptors/admission.py): health and reflection answer anyone, so
     # they have a budget of their own, apart from SHOP_MAX_CONCURRENT_RPCS (counted only once a
     # call is authenticated): strangers holding Watch or reflection streams never block a token
     # holder's call.

@@ -1,5 +1,5 @@
 """Domain errors. Repositories and handlers raise these; the error interceptor
-(service/interceptors/errors.py) turns them into google.rpc.Status with ErrorInfo."""
+(service/api/interceptors/errors.py) turns them into google.rpc.Status with ErrorInfo."""
 
 from __future__ import annotations
 

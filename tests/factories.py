@@ -10,6 +10,9 @@ from shop.v1 import account_service_pb2 as api
 from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.app.money_rules import Kind, Posting
+from service.app.money_writer import MoneyWriter
+from service.db.database import Database
 from service.db.engine import engine_of
 from service.db.models import (
     ORDER_CURRENCY,
@@ -20,9 +23,6 @@ from service.db.models import (
     Transfer,
     User,
 )
-from service.db.unit_of_work import Database
-from service.handlers.money import MoneyWriter
-from service.handlers.money_rules import Kind, Posting
 
 # request_id of the deposit that gives a factory account its opening balance.
 OPENING_PREFIX = "factory-opening-"

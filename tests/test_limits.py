@@ -60,7 +60,7 @@ async def test_oversized_messages_are_resource_exhausted(
 async def test_past_max_concurrent_rpcs_is_resource_exhausted_not_a_hang(
     database_url: str,
 ) -> None:
-    """Admission (service/interceptors/admission.py) refuses the call past the budget at once,
+    """Admission (service/api/interceptors/admission.py) refuses the call past the budget at once,
     with the reason TOO_MANY_CALLS and a RetryInfo, and serves again once a slot is free."""
     limited = own_server(database_url, max_concurrent_rpcs=1, metrics_port=free_port())
     async with limited as server:

@@ -34,7 +34,7 @@ import pytest
 from shop.v1 import account_service_pb2 as accounts_api
 from shop.v1 import user_service_pb2 as api
 
-from service.interceptors.element_budget import SCAN_ABOVE_BYTES
+from service.api.interceptors.element_budget import SCAN_ABOVE_BYTES
 from tests.process import service_process
 from tests.rpc import failure_of
 

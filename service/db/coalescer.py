@@ -6,7 +6,7 @@ Python's per-statement cost through SQLAlchemy (~0.5 ms of CPU more than the bar
 once. There is no timer: a lone caller's batch starts on the next turn of the event loop (one
 in flight stays one statement), and under load the batch is whatever arrived during the last
 one, so the batch size follows the load by itself. Used by the group commit for money
-(handlers/money.py) and the coalesced point reads (GetUser, GetAccount)."""
+(app/money_writer.py) and the coalesced point reads (GetUser, GetAccount)."""
 
 from __future__ import annotations
 

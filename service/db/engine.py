@@ -33,7 +33,7 @@ def create_replica_engine(settings: Settings, url: str) -> AsyncEngine:
     """A read replica's engine: the serving engine's rules on a smaller pool, its connections
     named shop-service-replica/<pid> in pg_stat_activity, and a connect timeout of
     SHOP_HEALTH_TIMEOUT, so a replica that went silent since its last check costs a read that
-    much before it falls back to the primary (service/db/unit_of_work.py)."""
+    much before it falls back to the primary (service/db/database.py)."""
     size = settings.replica_pool_size
     return _serving_engine(
         settings, url, size, size, "shop-service-replica", timeout=settings.health_timeout

@@ -1,4 +1,4 @@
-"""The retried unit of work: a serialization failure or a deadlock rolls the whole transaction
+"""Retries for the write doors: a serialization failure or a deadlock rolls the whole transaction
 back and runs it again (reads included), a bounded number of times, with jittered backoff.
 
 PostgreSQL's advice for 40001 and 40P01 is exactly this: the transaction did nothing, and run

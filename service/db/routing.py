@@ -9,7 +9,7 @@ decides otherwise here. The README's "Which RPC reads where" mirrors this table,
 tests/unit/test_routing.py holds the two together.
 
 Database.read() and Database.snapshot() follow the table for the RPC being served (bound per
-call by service/interceptors/call_scope.py); write(), transaction(), point_reads() and batched()
+call by service/api/interceptors/call_scope.py); write(), transaction(), point_reads() and batched()
 always use the primary.
 """
 

@@ -1,4 +1,4 @@
-"""The unit of work: one session and one transaction per RPC."""
+"""Transaction scopes the doors of service/db/database.py open: committed, or read-only."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The double-entry ledger: every balance change is a transfer (the journal) with two entries,
 a debit and a credit that sum to zero, and the cached balances move with them.
 
-Postings are written a batch at a time (handlers/money.py): per batch, whatever its size, the
+Postings are written a batch at a time (app/money_writer.py): per batch, whatever its size, the
 idempotency claims (one INSERT ... ON CONFLICT DO NOTHING, which also draws the transfer ids),
 the customer accounts locked (one SELECT ... FOR UPDATE in id order), and one statement that
 writes everything (balances, journal, both legs of every transfer, audit rows, stored responses,

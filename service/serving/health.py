@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.handlers.context import Context
+from service.api.context import Context
 
 log = logging.getLogger(__name__)
 

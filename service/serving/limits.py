@@ -1,6 +1,6 @@
 """Server limits from Settings: message sizes, keepalive, streams per connection, connection
 idle and age, and compression. How many calls run at once is admission's
-(service/interceptors/admission.py)."""
+(service/api/interceptors/admission.py)."""
 
 from __future__ import annotations
 

@@ -20,24 +20,24 @@ from shop.v1 import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.api.accounts import AccountServicer
+from service.api.interceptors.admission import AdmissionInterceptor
+from service.api.interceptors.auth import AuthInterceptor
+from service.api.interceptors.call_scope import CallScopeInterceptor
+from service.api.interceptors.errors import ErrorInterceptor
+from service.api.interceptors.observability import ObservabilityInterceptor
+from service.api.interceptors.streams import StreamWriter
+from service.api.interceptors.wrapping import Interceptor
+from service.api.orders import OrderServicer
+from service.api.paging import PageTokens
+from service.api.users import UserServicer
+from service.api.users_encode import serialize_user_batch
 from service.config import Settings
 from service.db.closing import dispose_within
+from service.db.database import Database
 from service.db.engine import create_engine, create_probe_engine, create_sessionmaker
 from service.db.replicas import open_replicas
 from service.db.schema_state import serving_features, session_info
-from service.db.unit_of_work import Database
-from service.handlers.accounts import AccountServicer
-from service.handlers.orders import OrderServicer
-from service.handlers.paging import PageTokens
-from service.handlers.users import UserServicer
-from service.handlers.users_encode import serialize_user_batch
-from service.interceptors.admission import AdmissionInterceptor
-from service.interceptors.auth import AuthInterceptor
-from service.interceptors.call_scope import CallScopeInterceptor
-from service.interceptors.errors import ErrorInterceptor
-from service.interceptors.observability import ObservabilityInterceptor
-from service.interceptors.streams import StreamWriter
-from service.interceptors.wrapping import Interceptor
 from service.observability.metrics import MetricsEndpoint, RpcMetrics, serve_metrics, server_metrics
 from service.observability.tracing import tracing_interceptors
 from service.serving.health import HealthProbe, HealthService

@@ -15,8 +15,8 @@ from typing import Any
 
 import grpc
 
-from service.handlers.context import Context
-from service.interceptors.wrapping import Handler, WrappingInterceptor
+from service.api.context import Context
+from service.api.interceptors.wrapping import Handler, WrappingInterceptor
 
 SHUTTING_DOWN = "server shutting down"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

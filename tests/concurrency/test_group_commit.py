@@ -1,4 +1,4 @@
-"""Group commit for money (service/handlers/money.py): concurrent Transfer, Deposit and
+"""Group commit for money (service/app/money_writer.py): concurrent Transfer, Deposit and
 Withdraw calls share transactions, and each still gets its own outcome, through a real server
 and PostgreSQL."""
 

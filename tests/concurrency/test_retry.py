@@ -14,11 +14,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from service.api.interceptors.errors import as_domain_error
 from service.db.errors import DEADLOCK_DETECTED, sqlstate
 from service.db.models import Account, Transfer, User
 from service.db.retry import RetryPolicy, transactional
 from service.errors import Unavailable
-from service.interceptors.errors import as_domain_error
 from tests.factories import Factory
 from tests.ledger import assert_ledger_balances
 

@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.config import Settings
 from service.db.coalescer import Outcome
+from service.db.database import Database
 from service.db.engine import create_engine, create_sessionmaker
-from service.db.unit_of_work import Database
 from service.errors import NotFound
 from service.serving.server import RunningServer
 from tests.factories import Factory

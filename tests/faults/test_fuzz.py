@@ -23,8 +23,8 @@ from shop.v1 import (
     user_service_pb2,
 )
 
+from service.api.paging import PageTokens
 from service.config import Settings
-from service.handlers.paging import PageTokens
 from service.serving.server import server_options
 
 DEADLINE = 10.0

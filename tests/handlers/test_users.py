@@ -15,11 +15,11 @@ from shop.v1 import user_service_pb2 as api
 from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.api.paging import MAX_TOKEN_LENGTH, PageTokens
+from service.api.users import MAX_MASK_PATHS
+from service.api.users_bulk import MAX_MESSAGE_USERS
 from service.config import Settings
 from service.db.models import User
-from service.handlers.paging import MAX_TOKEN_LENGTH, PageTokens
-from service.handlers.users import MAX_MASK_PATHS
-from service.handlers.users_bulk import MAX_MESSAGE_USERS
 from tests.factories import Factory
 from tests.rpc import rpc_fails, stream_fails
 from tests.servers import own_server

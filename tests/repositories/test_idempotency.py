@@ -7,8 +7,8 @@ from datetime import timedelta
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from service.db.housekeeping import purge_idempotency_keys
 from service.db.models import IdempotencyKey
+from service.housekeeping import purge_idempotency_keys
 from service.repositories.idempotency import IdempotencyRepository
 
 

@@ -63,7 +63,7 @@ async def test_a_transfer_blocked_on_a_row_lock_ends_at_its_deadline_and_applies
     factory: Factory,
     invalidations: list[BaseException | None],
 ) -> None:
-    """The same for Transfer, whose batch (handlers/money.py) takes its lone caller's deadline
+    """The same for Transfer, whose batch (app/money_writer.py) takes its lone caller's deadline
     as its statement_timeout."""
     source = await factory.account(balance="10.00")
     target = await factory.account(balance="0.00")

@@ -7,8 +7,8 @@ import pytest
 from sqlalchemy import exc as sa_exc
 
 from service import errors
+from service.api.interceptors.errors import as_domain_error
 from service.db import deadlines
-from service.interceptors.errors import as_domain_error
 
 
 async def test_no_deadline_means_no_statement_timeout() -> None:

@@ -13,8 +13,8 @@ from google.protobuf.message import DecodeError
 from shop.v1 import resources_pb2 as pb
 from shop.v1 import user_service_pb2 as api
 
+from service.api.interceptors.element_budget import MAX_ELEMENTS, SCAN_ABOVE_BYTES, bounded
 from service.errors import InvalidArgument
-from service.interceptors.element_budget import MAX_ELEMENTS, SCAN_ABOVE_BYTES, bounded
 
 
 def _varint(value: int) -> bytes:

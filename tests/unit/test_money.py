@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from service.money import format_money, parse_amount
+from service.amounts import format_money, parse_amount
 
 
 @pytest.mark.parametrize(

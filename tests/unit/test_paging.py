@@ -6,8 +6,8 @@ import base64
 
 import pytest
 
+from service.api.paging import MAX_TOKEN_LENGTH, PageTokens
 from service.errors import InvalidArgument
-from service.handlers.paging import MAX_TOKEN_LENGTH, PageTokens
 
 FILTERS = {"show_deleted": False, "full_name": "ada"}
 

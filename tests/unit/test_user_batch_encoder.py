@@ -1,4 +1,4 @@
-"""The compiled UserBatch encoder (service/handlers/_user_batch.c) writes upb's bytes: for any
+"""The compiled UserBatch encoder (service/api/_user_batch.c) writes upb's bytes: for any
 rows, what user_rows_to_batch(rows, token).SerializeToString() gives, and they decode to the
 same message. CI (CI set) must have built it: there a missing module fails instead of
 skipping, so the fallback never ships silently."""
@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from shop.v1 import user_service_pb2 as api
 from sqlalchemy.engine import result_tuple
 
-from service.handlers import users_encode
-from service.handlers.users_convert import user_rows_to_batch
+from service.api import users_encode
+from service.api.users_convert import user_rows_to_batch
 from service.repositories.users import USER_COLUMNS
 
 Encode = Callable[[Sequence[Any], str], bytes]
@@ -38,7 +38,7 @@ def _in_ci() -> bool:
 @pytest.fixture(scope="module")
 def encode() -> Encode:
     try:
-        from service.handlers._user_batch import encode_user_batch
+        from service.api._user_batch import encode_user_batch
     except ImportError as exc:
         if _in_ci():
             pytest.fail(f"the compiled encoder was not built (make install builds it): {exc}")

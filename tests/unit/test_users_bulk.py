@@ -10,17 +10,10 @@ from collections.abc import AsyncIterator
 import pytest
 from shop.v1 import user_service_pb2 as api
 
+from service.api.users_bulk import batch_records, checked_batch, import_batches, user_rows
+from service.api.validation import Violations
+from service.app.users_import import READ_AHEAD_ROWS, StagedUser, stage_all
 from service.errors import InvalidArgument
-from service.handlers.users_bulk import (
-    READ_AHEAD_ROWS,
-    StagedUser,
-    batch_records,
-    checked_batch,
-    import_batches,
-    stage_all,
-    user_rows,
-)
-from service.handlers.validation import Violations
 
 # Characters that make emails and names valid, invalid or tricky: separators of the column check
 # (newline), whitespace and control characters, case folding (İ, Σ), backslashes, dots, @.

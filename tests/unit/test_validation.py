@@ -8,6 +8,15 @@ import unicodedata
 
 import pytest
 
+from service.api.status import status_message
+from service.api.validation import (
+    _CONTROL,
+    MAX_BATCH_SIZE,
+    MAX_PAGE_SIZE,
+    Violations,
+    all_emails,
+    all_names,
+)
 from service.errors import (
     MAX_DESCRIPTION_BYTES,
     MAX_FIELD_BYTES,
@@ -15,15 +24,6 @@ from service.errors import (
     MAX_VIOLATIONS,
     FieldViolation,
     InvalidArgument,
-)
-from service.handlers.status import status_message
-from service.handlers.validation import (
-    _CONTROL,
-    MAX_BATCH_SIZE,
-    MAX_PAGE_SIZE,
-    Violations,
-    all_emails,
-    all_names,
 )
 
 

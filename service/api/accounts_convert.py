@@ -8,10 +8,10 @@ from typing import Any
 from shop.v1 import account_service_pb2 as api
 from shop.v1 import resources_pb2 as pb
 
+from service.amounts import format_money
+from service.api.convert import set_timestamp, timestamp
+from service.app.money_rules import Posted
 from service.db.models import Account
-from service.handlers.convert import set_timestamp, timestamp
-from service.handlers.money_rules import Posted
-from service.money import format_money
 
 
 def account_to_proto(account: Account) -> pb.Account:

@@ -11,22 +11,22 @@ from shop.v1 import account_service_pb2_grpc as api_grpc
 from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.coalescer import Outcome
-from service.db.unit_of_work import Database
-from service.errors import DomainError, InvalidArgument
-from service.handlers.accounts_convert import (
+from service.api.accounts_convert import (
     account_row_to_proto,
     account_to_proto,
     transfer_rows_to_batch,
     transfer_to_proto,
 )
-from service.handlers.context import Context
-from service.handlers.idempotency import idempotent
-from service.handlers.money import MoneyWriter
-from service.handlers.money_rules import Kind, Posting
-from service.handlers.paging import PageTokens
-from service.handlers.status import status_message
-from service.handlers.validation import MAX_ID, Violations
+from service.api.context import Context
+from service.api.paging import PageTokens
+from service.api.status import status_message
+from service.api.validation import MAX_ID, Violations
+from service.app.idempotency import idempotent
+from service.app.money_rules import Kind, Posting
+from service.app.money_writer import MoneyWriter
+from service.db.coalescer import Outcome
+from service.db.database import Database
+from service.errors import DomainError, InvalidArgument
 from service.repositories.accounts import AccountRepository
 from service.repositories.ledger import Ledger
 from service.repositories.users import UserRepository

@@ -10,13 +10,14 @@ from shop.v1 import order_service_pb2_grpc as api_grpc
 from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.api.context import Context
+from service.api.orders_convert import STATUS_FROM_PROTO, order_rows_to_batch, order_to_proto
+from service.api.paging import PageTokens
+from service.api.users_convert import user_to_proto
+from service.api.validation import MAX_ID, Violations
+from service.app.idempotency import idempotent
+from service.db.database import Database
 from service.db.models import OrderStatus
-from service.db.unit_of_work import Database
-from service.handlers.context import Context
-from service.handlers.idempotency import idempotent
-from service.handlers.orders_convert import STATUS_FROM_PROTO, order_rows_to_batch, order_to_proto
-from service.handlers.paging import PageTokens
-from service.handlers.validation import MAX_ID, Violations
 from service.repositories.orders import ItemFields, OrderRepository
 from service.repositories.users import UserRepository
 
@@ -90,7 +91,7 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         v.raise_if_any()
         async with self.db.read() as session:
             order = await OrderRepository(session).get(request.id)
-            return order_to_proto(order, user=order.user)
+            return order_to_proto(order, user=user_to_proto(order.user))
 
     async def ListOrders(
         self, request: api.ListOrdersRequest, context: Context

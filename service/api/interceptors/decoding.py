@@ -9,10 +9,10 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from service.api.context import Context
+from service.api.interceptors.element_budget import bounded
+from service.api.interceptors.wrapping import Handler
 from service.errors import InvalidArgument
-from service.handlers.context import Context
-from service.interceptors.element_budget import bounded
-from service.interceptors.wrapping import Handler
 
 Decode = Callable[[bytes], Any]
 

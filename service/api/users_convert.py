@@ -8,9 +8,9 @@ from typing import Any
 from shop.v1 import resources_pb2 as pb
 from shop.v1 import user_service_pb2 as api
 
+from service.api.convert import set_timestamp, timestamp
+from service.api.orders_convert import order_to_proto
 from service.db.models import User
-from service.handlers.convert import set_timestamp, timestamp
-from service.handlers.orders_convert import order_to_proto
 
 
 def user_to_proto(user: User, *, with_orders: bool = False) -> pb.User:

@@ -10,14 +10,15 @@ from shop.v1 import user_service_pb2 as api
 from shop.v1 import user_service_pb2_grpc as api_grpc
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.api.context import Context
+from service.api.paging import PageTokens
+from service.api.users_bulk import import_batches, user_rows
+from service.api.users_convert import user_row_to_proto, user_to_proto
+from service.api.users_encode import encode_user_batch
+from service.api.validation import Violations
+from service.app.users_import import StagedUser, stage_all
+from service.db.database import Database
 from service.db.models import utcnow
-from service.db.unit_of_work import Database
-from service.handlers.context import Context
-from service.handlers.paging import PageTokens
-from service.handlers.users_bulk import StagedUser, import_batches, stage_all, user_rows
-from service.handlers.users_convert import user_row_to_proto, user_to_proto
-from service.handlers.users_encode import encode_user_batch
-from service.handlers.validation import Violations
 from service.repositories.users import UserRepository
 
 UPDATABLE_PATHS = frozenset({"first_name", "last_name", "email", "is_active"})

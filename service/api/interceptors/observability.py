@@ -11,10 +11,10 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from service.handlers.context import Context
-from service.interceptors.around import CallHooks, wrap_around
-from service.interceptors.request_id import HEADER, bind_request_id, request_id_from
-from service.interceptors.wrapping import Handler, WrappingInterceptor
+from service.api.context import Context
+from service.api.interceptors.around import CallHooks, wrap_around
+from service.api.interceptors.request_id import HEADER, bind_request_id, request_id_from
+from service.api.interceptors.wrapping import Handler, WrappingInterceptor
 from service.observability.metrics import RpcMetrics
 
 access_log = logging.getLogger("service.access")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from service import errors
-from service.handlers.context import Context
-from service.interceptors.around import CallHooks, wrap_around
-from service.interceptors.errors import abort_for
-from service.interceptors.wrapping import Handler, WrappingInterceptor
+from service.api.context import Context
+from service.api.interceptors.around import CallHooks, wrap_around
+from service.api.interceptors.errors import abort_for
+from service.api.interceptors.wrapping import Handler, WrappingInterceptor
 from service.serving.security import Role, TokenTable, required_role
 
 _BEARER = "bearer "

@@ -11,10 +11,10 @@ from contextlib import aclosing
 from typing import Any
 
 from service import errors
-from service.handlers.context import Context
-from service.interceptors.errors import to_status
-from service.interceptors.peer_gone import sent
-from service.interceptors.wrapping import Handler, WrappingInterceptor
+from service.api.context import Context
+from service.api.interceptors.errors import to_status
+from service.api.interceptors.peer_gone import sent
+from service.api.interceptors.wrapping import Handler, WrappingInterceptor
 
 STALLED = "STREAM_STALLED"
 

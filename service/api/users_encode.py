@@ -14,12 +14,12 @@ from typing import Any, cast
 
 from shop.v1 import user_service_pb2 as api
 
-from service.handlers.users_convert import user_rows_to_batch
+from service.api.users_convert import user_rows_to_batch
 
 
 def _compiled() -> Callable[[Sequence[Any], str], bytes] | None:
     try:
-        from service.handlers._user_batch import encode_user_batch
+        from service.api._user_batch import encode_user_batch
     except ImportError:  # not built here: no C compiler, or another platform
         return None
     return encode_user_batch

@@ -1,29 +1,20 @@
-"""Batches of users for the bulk writes: UpsertUsers' rows checked one by one (the exact field
-violations), and ImportUsers' hot path, where each message is checked a column at a time and
-turned into COPY records, and the stream is read (and checked) ahead while the records before
-it are copied."""
+"""Batches of users for the bulk writes, as they come off the wire: UpsertUsers' rows checked
+one by one (the exact field violations), and ImportUsers' hot path, where each message is
+checked a column at a time and turned into COPY records (service/app/users_import.py reads the
+stream ahead while the records before it are copied)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from itertools import chain
+from collections.abc import AsyncIterator, Sequence
 from operator import attrgetter
 
 from shop.v1 import user_service_pb2 as api
 
+from service.api.validation import Violations, all_emails, all_names
+from service.app.users_import import StagedUser
 from service.errors import InvalidArgument
-from service.handlers.validation import Violations, all_emails, all_names
 from service.repositories.users import UserFields
 
-# A row of the staging table: email (lowercased), first_name, last_name (stripped), is_active.
-StagedUser = tuple[str, str, str, bool]
-
-# Rows read and checked ahead of the COPY in flight (give or take a message): what queued up
-# meanwhile goes in the next COPY (fewer, larger statements when the client is faster than the
-# database), and a client faster still meets grpc's flow control, not an unbounded queue.
-READ_AHEAD_ROWS = 16_384
 # Users in one ImportUsers message, checked by len() before a row is read: a message is checked
 # and turned into records whole, and one 16 MiB message could otherwise hold 8.4M rows. Clients
 # send hundreds to thousands (the benchmarks 1000); 10,000 of the longest valid rows are ~21 MB.
@@ -95,66 +86,3 @@ async def import_batches(
             raise InvalidArgument.single(field, f"at most {MAX_MESSAGE_USERS:,} users per message")
         yield batch_records(field, request.users)
         batch_no += 1
-
-
-@dataclass(frozen=True, slots=True)
-class _End:
-    """The reader's last word: the stream ended (error None) or failed."""
-
-    error: BaseException | None
-
-
-async def stage_all(
-    batches: AsyncIterator[list[StagedUser]],
-    stage: Callable[[list[StagedUser]], Awaitable[None]],
-    *,
-    read_ahead_rows: int = READ_AHEAD_ROWS,
-) -> None:
-    """Stage every batch, in order. A reader task receives and checks the next batches while
-    `stage` copies the earlier ones, and whatever it queued meanwhile is staged in one call.
-    An error of the stream or of a batch is raised here once the COPY in flight is done; when
-    this ends early (an error, the call cancelled), the reader is cancelled and awaited.
-    When the client pauses, nothing is held back: what arrived is staged."""
-    queue: asyncio.Queue[list[StagedUser] | _End] = asyncio.Queue()
-    room = asyncio.Event()
-    room.set()
-    queued = 0
-
-    async def read() -> None:
-        nonlocal queued
-        try:
-            async for records in batches:
-                if not records:
-                    continue
-                queue.put_nowait(records)
-                queued += len(records)
-                if queued >= read_ahead_rows:
-                    room.clear()
-                    await room.wait()
-        except BaseException as exc:  # the consumer raises it, whatever it is
-            queue.put_nowait(_End(exc))
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            queue.put_nowait(_End(None))
-
-    reader = asyncio.create_task(read())
-    try:
-        while True:
-            got = [await queue.get()]
-            while not queue.empty():
-                got.append(queue.get_nowait())
-            queued = 0
-            room.set()
-            end = got[-1] if isinstance(got[-1], _End) else None
-            if end is not None and end.error is not None:
-                raise end.error
-            ready = [records for records in got if not isinstance(records, _End)]
-            if ready:
-                await stage(ready[0] if len(ready) == 1 else list(chain.from_iterable(ready)))
-            if end is not None:
-                return
-    finally:
-        if not reader.done():
-            reader.cancel()
-            await asyncio.wait([reader])

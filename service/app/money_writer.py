@@ -17,12 +17,12 @@ from google.protobuf.message import Message
 from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.api.accounts_convert import posted_account_to_proto, transfer_to_proto
+from service.app.idempotency import IdempotentRequest, request_fingerprint
+from service.app.money_rules import Kind, Posted, Posting, plan
 from service.db.coalescer import Outcome
-from service.db.unit_of_work import Database
+from service.db.database import Database
 from service.errors import AlreadyExists, DomainError, Unavailable
-from service.handlers.accounts_convert import posted_account_to_proto, transfer_to_proto
-from service.handlers.idempotency import IdempotentRequest, request_fingerprint
-from service.handlers.money_rules import Kind, Posted, Posting, plan
 from service.repositories.idempotency import IdempotencyRepository, StoredRequest
 from service.repositories.ledger import Claims, Ledger, Writes
 

@@ -1,7 +1,7 @@
 """The ledger's rules, applied to a batch of postings in order against running balances: double
 entry, no negative customer balance, no balance past NUMERIC(18, 2), one currency per transfer,
 deposits and withdrawals against the currency's external account. Pure: the money writer
-(handlers/money.py) reads the rows it needs and writes what this decides."""
+(app/money_writer.py) reads the rows it needs and writes what this decides."""
 
 from __future__ import annotations
 

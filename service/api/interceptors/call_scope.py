@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
+from service.api.context import Context
+from service.api.interceptors.wrapping import Handler, WrappingInterceptor, with_behaviours
 from service.db.deadlines import bind_deadline
 from service.db.routing import ReadsFrom, bind_reads_from, route_of
-from service.handlers.context import Context
-from service.interceptors.wrapping import Handler, WrappingInterceptor, with_behaviours
 
 
 def _unary(reads_from: ReadsFrom) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -6,16 +6,23 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.db.database import Database
 from service.db.engine import create_sessionmaker, create_unpooled_engine
 from service.db.models import utcnow
-from service.db.transaction import transaction
 from service.repositories.idempotency import IdempotencyRepository
 
 
 async def purge_idempotency_keys(url: str, retention: timedelta) -> int:
+    """Delete the keys older than `retention`, through the write door like any other write."""
     engine = create_unpooled_engine(url)
+    cutoff = utcnow() - retention
+
+    async def purge(session: AsyncSession) -> int:
+        return await IdempotencyRepository(session).purge(cutoff)
+
     try:
-        async with transaction(create_sessionmaker(engine)) as session:
-            return await IdempotencyRepository(session).purge(utcnow() - retention)
+        return await Database(engine, create_sessionmaker(engine)).write(purge)
     finally:
         await engine.dispose()

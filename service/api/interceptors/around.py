@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
-from service.handlers.context import Context
-from service.interceptors.wrapping import Handler, with_behaviours
+from service.api.context import Context
+from service.api.interceptors.wrapping import Handler, with_behaviours
 
 
 class CallHooks:

@@ -8,12 +8,11 @@ from shop.v1 import order_service_pb2 as api
 from shop.v1 import resources_pb2 as pb
 from sqlalchemy import inspect
 
+from service.amounts import format_money
+from service.api.convert import set_timestamp, timestamp
 from service.db.models import Order, OrderStatus
-from service.handlers.convert import set_timestamp, timestamp
-from service.money import format_money
 
 if TYPE_CHECKING:
-    from service.db.models import User
     from service.repositories.orders import OrderPartition
 
 STATUS_TO_PROTO: dict[OrderStatus, pb.OrderStatus.ValueType] = {
@@ -28,9 +27,9 @@ STATUS_FROM_PROTO = {v: k for k, v in STATUS_TO_PROTO.items()}
 _STATUS_OF_COLUMN = {status.value: proto for status, proto in STATUS_TO_PROTO.items()}
 
 
-def order_to_proto(order: Order, *, user: User | None = None) -> pb.Order:
-    from service.handlers.users_convert import user_to_proto
-
+def order_to_proto(order: Order, *, user: pb.User | None = None) -> pb.Order:
+    """`user` comes converted (users_convert sits above this module: a user carries its orders,
+    an order carries its user, and only one of the two may import the other)."""
     return pb.Order(
         id=order.id,
         user_id=order.user_id,
@@ -42,7 +41,7 @@ def order_to_proto(order: Order, *, user: User | None = None) -> pb.Order:
         total=format_money(order.total),
         created_at=timestamp(order.created_at),
         updated_at=timestamp(order.updated_at),
-        user=user_to_proto(user) if user is not None else None,
+        user=user,
         # Loaded only when the schema has it backfilled (repositories.orders.order_column_options).
         currency="" if "currency" in inspect(order).unloaded else order.currency,
     )

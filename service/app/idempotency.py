@@ -9,7 +9,7 @@ from typing import Protocol, TypeVar
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db.unit_of_work import Database
+from service.db.database import Database
 from service.errors import AlreadyExists
 from service.repositories.idempotency import IdempotencyRepository
 

@@ -7,8 +7,8 @@ import re
 from collections.abc import Sequence
 from decimal import Decimal
 
+from service.amounts import parse_amount
 from service.errors import MAX_VIOLATIONS, FieldViolation, InvalidArgument
-from service.money import parse_amount
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000

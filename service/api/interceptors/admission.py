@@ -15,10 +15,10 @@ from contextlib import aclosing
 from typing import Any
 
 from service import errors
+from service.api.context import Context
+from service.api.interceptors.errors import abort_for
+from service.api.interceptors.wrapping import Handler, WrappingInterceptor, with_behaviours
 from service.config import Settings
-from service.handlers.context import Context
-from service.interceptors.errors import abort_for
-from service.interceptors.wrapping import Handler, WrappingInterceptor, with_behaviours
 from service.serving.security import required_role
 
 # Health Check answers from memory at once (serving/health.py): no client can hold one open, so

@@ -1,1 +1,0 @@
-"""gRPC servicers: validate, convert proto <-> domain, own the unit of work, call repositories."""
