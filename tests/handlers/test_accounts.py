@@ -286,30 +286,26 @@ BAD_AMOUNTS = [
 ]
 
 
-@pytest.mark.parametrize("amount", BAD_AMOUNTS)
-async def test_deposit_rejects_bad_amount(
-    account_stub, factory: Factory, sessions, amount: str
-) -> None:
-    account = await factory.account(balance="5.00")
-    failure = await rpc_fails(
-        account_stub.Deposit(
-            api.DepositRequest(account_id=account.id, amount=amount, request_id=rid())
+def money_call(
+    account_stub, method: str, account: Account, amount: str, request_id: str
+) -> grpc.aio.UnaryUnaryCall:
+    """One Deposit, Withdraw or OpenAccount (for the account's owner; `amount` unused)."""
+    if method == "OpenAccount":
+        return account_stub.OpenAccount(
+            api.OpenAccountRequest(user_id=account.user_id, currency="EUR", request_id=request_id)
         )
-    )
-    assert_invalid(failure, "amount")
-    assert await balance_of(sessions, account.id) == Decimal("5.00")
+    request_type = {"Deposit": api.DepositRequest, "Withdraw": api.WithdrawRequest}[method]
+    request = request_type(account_id=account.id, amount=amount, request_id=request_id)
+    return getattr(account_stub, method)(request)
 
 
+@pytest.mark.parametrize("method", ["Deposit", "Withdraw"])
 @pytest.mark.parametrize("amount", BAD_AMOUNTS)
-async def test_withdraw_rejects_bad_amount(
-    account_stub, factory: Factory, sessions, amount: str
+async def test_money_call_rejects_bad_amount(
+    account_stub, factory: Factory, sessions, method: str, amount: str
 ) -> None:
     account = await factory.account(balance="5.00")
-    failure = await rpc_fails(
-        account_stub.Withdraw(
-            api.WithdrawRequest(account_id=account.id, amount=amount, request_id=rid())
-        )
-    )
+    failure = await rpc_fails(money_call(account_stub, method, account, amount, rid()))
     assert_invalid(failure, "amount")
     assert await balance_of(sessions, account.id) == Decimal("5.00")
 
@@ -372,73 +368,35 @@ async def test_withdraw_retry_returns_first_response(
     assert await balance_of(sessions, account.id) == Decimal("16.00")
 
 
-async def test_deposit_request_id_reused_with_other_amount(
-    account_stub, factory: Factory, sessions
+# A request_id names one request: the same id with another amount, account or method (the
+# same fields byte for byte, under another method, included) is refused and changes nothing.
+# Each call: (method, "first" or "second" account, amount).
+@pytest.mark.parametrize(
+    ("first", "reuse"),
+    [
+        pytest.param(("Deposit", "first", "1.00"), ("Deposit", "first", "2.00"), id="amount"),
+        pytest.param(("Deposit", "first", "1.00"), ("Deposit", "second", "1.00"), id="account"),
+        pytest.param(("Deposit", "first", "3.00"), ("Withdraw", "first", "3.00"), id="method"),
+        pytest.param(("OpenAccount", "first", ""), ("Deposit", "second", "1.00"), id="open"),
+    ],
+)
+async def test_request_id_reused_for_another_request(
+    account_stub,
+    factory: Factory,
+    sessions,
+    first: tuple[str, str, str],
+    reuse: tuple[str, str, str],
 ) -> None:
-    account = await factory.account()
+    accounts = {"first": await factory.account(), "second": await factory.account()}
     request_id = rid()
-    await account_stub.Deposit(
-        api.DepositRequest(account_id=account.id, amount="1.00", request_id=request_id)
-    )
-    failure = await rpc_fails(
-        account_stub.Deposit(
-            api.DepositRequest(account_id=account.id, amount="2.00", request_id=request_id)
-        )
-    )
+    method, name, amount = first
+    await money_call(account_stub, method, accounts[name], amount, request_id)
+    method, name, amount = reuse
+    before = await balance_of(sessions, accounts[name].id)
+
+    failure = await rpc_fails(money_call(account_stub, method, accounts[name], amount, request_id))
     assert_failure(failure, grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
-    assert await balance_of(sessions, account.id) == Decimal("1.00")
-
-
-async def test_deposit_request_id_reused_on_other_account(
-    account_stub, factory: Factory, sessions
-) -> None:
-    first, second = await factory.account(), await factory.account()
-    request_id = rid()
-    await account_stub.Deposit(
-        api.DepositRequest(account_id=first.id, amount="1.00", request_id=request_id)
-    )
-    failure = await rpc_fails(
-        account_stub.Deposit(
-            api.DepositRequest(account_id=second.id, amount="1.00", request_id=request_id)
-        )
-    )
-    assert_failure(failure, grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
-    assert await balance_of(sessions, second.id) == Decimal("0.00")
-
-
-async def test_deposit_request_id_reused_for_withdraw(
-    account_stub, factory: Factory, sessions
-) -> None:
-    account = await factory.account()
-    request_id = rid()
-    await account_stub.Deposit(
-        api.DepositRequest(account_id=account.id, amount="3.00", request_id=request_id)
-    )
-    # Byte for byte the same fields, but another method: still a different request.
-    failure = await rpc_fails(
-        account_stub.Withdraw(
-            api.WithdrawRequest(account_id=account.id, amount="3.00", request_id=request_id)
-        )
-    )
-    assert_failure(failure, grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
-    assert await balance_of(sessions, account.id) == Decimal("3.00")
-
-
-async def test_open_account_request_id_reused_for_deposit(
-    account_stub, factory: Factory, sessions
-) -> None:
-    user = await factory.user()
-    request_id = rid()
-    opened = await account_stub.OpenAccount(
-        api.OpenAccountRequest(user_id=user.id, currency="EUR", request_id=request_id)
-    )
-    failure = await rpc_fails(
-        account_stub.Deposit(
-            api.DepositRequest(account_id=opened.id, amount="1.00", request_id=request_id)
-        )
-    )
-    assert_failure(failure, grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
-    assert await balance_of(sessions, opened.id) == Decimal("0.00")
+    assert await balance_of(sessions, accounts[name].id) == before
 
 
 async def test_failed_withdraw_does_not_burn_request_id(
