@@ -37,7 +37,11 @@ START_BALANCE = Decimal("1000.00")
 
 @pytest_asyncio.fixture
 async def served(own_pg_url: str) -> AsyncIterator[OwnServer]:
-    async with own_server(own_pg_url, pool_size=4, max_overflow=2, pool_timeout=2.0) as server:
+    # The whole pool may go to streams: this test asks that every call during the outage answers
+    # UNAVAILABLE, and with half the pool (3) its stream clients were sometimes refused first
+    # (RESOURCE_EXHAUSTED / TOO_MANY_STREAMS; tests/streams/test_stalls.py tests that budget).
+    limits = {"pool_size": 4, "max_overflow": 2, "pool_timeout": 2.0, "max_stream_connections": 6}
+    async with own_server(own_pg_url, **limits) as server:
         yield server
 
 
