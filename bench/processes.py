@@ -5,38 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _without_shop_settings(environ: Mapping[str, str]) -> dict[str, str]:
-    """The caller's environment minus SHOP_*: the server runs with defaults plus what the
-    benchmark sets, whatever the shell that started it had exported."""
-    return {k: v for k, v in environ.items() if not k.startswith("SHOP_")}
+from deploy.processes import ROOT as ROOT  # re-exported for bench's other modules
+from deploy.processes import free_port, serve_argv, without_shop_settings
 
 
 def run_migrations(database_url: str) -> None:
     """`python -m service migrate` on the bench database, as an operator would."""
     env = {
-        **_without_shop_settings(os.environ),
+        **without_shop_settings(),
         "SHOP_DATABASE_URL": database_url,
         "SHOP_LOG_LEVEL": "WARNING",
     }
@@ -56,7 +43,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             argv,
             cwd=ROOT,
-            env={**_without_shop_settings(os.environ), **(env or {})},
+            env={**without_shop_settings(), **(env or {})},
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -79,7 +66,7 @@ class ServerProcess:
             **(extra_env or {}),
         }
         profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
-        return cls([sys.executable, *profiler, "-m", "service", "serve"], port, env)
+        return cls(serve_argv(*profiler), port, env)
 
     @classmethod
     def echo(cls) -> ServerProcess:

@@ -35,6 +35,7 @@ from shop.v1 import order_service_pb2 as orders_api
 from shop.v1 import user_service_pb2 as users_api
 from sqlalchemy import func, select
 
+from deploy.processes import start_serve, without_shop_settings
 from service.db.engine import create_unpooled_engine
 from service.db.migrate import upgrade
 from service.db.models import Account, Transfer
@@ -344,7 +345,7 @@ def report(record: Record, args: argparse.Namespace, consistent: bool, command: 
 
 
 def start_server(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOP_")}
+    env = without_shop_settings()
     env.update(
         SHOP_DATABASE_URL=url,
         SHOP_GRPC_PORT=str(port),
@@ -354,13 +355,7 @@ def start_server(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
         PYTHONUNBUFFERED="1",
     )
     with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        return start_serve(env, out)
 
 
 async def drive(args: argparse.Namespace, pg: OwnPostgres, port: int, pid: int) -> Record:

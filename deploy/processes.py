@@ -1,11 +1,20 @@
-"""What the launchers (and the tests that start servers) need of processes and ports."""
+"""What the launchers (and the tests and benchmarks that start servers) need of processes and
+ports: one way to start `python -m service serve`, from an environment without the caller's
+SHOP_* settings."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -27,3 +36,30 @@ def stop(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def without_shop_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`environ` (this process's own by default) minus every SHOP_*: a server started from it
+    runs with the defaults plus what its launcher sets, whatever the shell had exported."""
+    source = os.environ if environ is None else environ
+    return {k: v for k, v in source.items() if not k.startswith("SHOP_")}
+
+
+def serve_argv(*python_options: str) -> list[str]:
+    """`python -m service serve` under this interpreter; `python_options` (a profiler's
+    `-m cProfile -o FILE`) go before the module."""
+    return [sys.executable, *python_options, "-m", "service", "serve"]
+
+
+def start_serve(
+    env: Mapping[str, str], output: IO[bytes] | None = None, *python_options: str
+) -> subprocess.Popen[bytes]:
+    """`serve` from the repository root with exactly `env`; stdout and stderr to `output`
+    (inherited without one)."""
+    return subprocess.Popen(
+        serve_argv(*python_options),
+        cwd=ROOT,
+        env=dict(env),
+        stdout=output,
+        stderr=subprocess.STDOUT if output is not None else None,
+    )

@@ -18,9 +18,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.processes import free_port as free_port  # one definition, re-exported
+from deploy.processes import ROOT as ROOT  # one definition each, re-exported
+from deploy.processes import free_port as free_port
+from deploy.processes import serve_argv, start_serve, without_shop_settings
 
-ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 
@@ -45,7 +46,7 @@ GRPCURL = grpcurl_binary()
 
 
 def service_env(database_url: str, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOP_")}
+    env = without_shop_settings()
     env.update(
         SHOP_DATABASE_URL=database_url,
         SHOP_GRPC_HOST="127.0.0.1",
@@ -61,8 +62,7 @@ def service_env(database_url: str, port: int) -> dict[str, str]:
 def user_env(**shop: str) -> dict[str, str]:
     """The caller's environment without any SHOP_* (a user's shell: no SHOP_DATABASE_URL),
     plus `shop`, with Python's output unbuffered so logs show lines as they happen."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOP_")}
-    return env | {"PYTHONUNBUFFERED": "1"} | shop
+    return without_shop_settings() | {"PYTHONUNBUFFERED": "1"} | shop
 
 
 def make_target(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -98,6 +98,13 @@ def wait_until_serving(address: str, process: subprocess.Popen[bytes], log: Path
             time.sleep(0.2)
 
 
+def serve_once(env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """`serve` run to its end with `env` (for a start it must refuse), its output captured."""
+    return subprocess.run(
+        serve_argv(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 @contextmanager
 def service_process(
     database_url: str, log: Path, **env: str
@@ -106,13 +113,7 @@ def service_process(
     port = free_port()
     environment = service_env(database_url, port) | env
     with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
-            cwd=ROOT,
-            env=environment,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        process = start_serve(environment, out)
     address = f"127.0.0.1:{port}"
     try:
         wait_until_serving(address, process, log)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import secrets
 import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 from shop.v1 import user_service_pb2 as api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
 
-from tests.process import ROOT, STOP_TIMEOUT, free_port, service_env, service_process
+from tests.process import STOP_TIMEOUT, free_port, serve_once, service_env, service_process
 
 TOKEN = "pr0cess-t0ken-5ecret"
 
@@ -79,15 +77,7 @@ def test_serve_refuses_bad_security_settings_with_status_2(
             environment.pop(name, None)
         else:
             environment[name] = value
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "serve"],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = serve_once(environment, timeout=30)
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
     [line] = output.splitlines()

@@ -18,7 +18,15 @@ import pytest
 from shop.v1 import user_service_pb2 as users_api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
 
-from tests.process import ROOT, START_TIMEOUT, STOP_TIMEOUT, free_port, user_env, wait_until_serving
+from tests.process import (
+    ROOT,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    free_port,
+    start_serve,
+    user_env,
+    wait_until_serving,
+)
 
 
 def embedded_env(data_dir: Path, port: int) -> dict[str, str]:
@@ -62,13 +70,7 @@ def assert_stopped(pgdata: Path, pid: int) -> None:
 def serving(env: dict[str, str], log: Path, pgdata: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m service serve` until SERVING; on a failure, kill it and its database."""
     with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        process = start_serve(env, out)
     try:
         wait_until_serving(f"127.0.0.1:{env['SHOP_GRPC_PORT']}", process, log)
         yield process

@@ -30,7 +30,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from deploy.processes import free_port, stop
+from deploy.processes import free_port, start_serve, stop
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -334,7 +334,7 @@ def _serve(url: str) -> int:
     """`python -m service migrate`, then `serve` until it exits or we are told to stop."""
     env = {**os.environ, "SHOP_DATABASE_URL": url}
     subprocess.run([sys.executable, "-m", "service", "migrate"], cwd=ROOT, env=env, check=True)
-    server = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env)
+    server = start_serve(env)
     try:
         return server.wait()
     except Stopped as stopped:

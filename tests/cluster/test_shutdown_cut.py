@@ -4,7 +4,6 @@ reset, INTERNAL), and resumes exactly from its last token."""
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from deploy.cluster import Layout, running_cluster
 from service.serving.shutdown import SHUTTING_DOWN
 from tests import tools
-from tests.process import free_port
+from tests.process import free_port, user_env
 from tests.streams.helpers import insert_users, read_until_cut, resume
 
 USERS = 30_000  # ~2.2 MB: far more than Envoy's 256 KiB window and its send buffer hold
@@ -31,8 +30,7 @@ async def test_an_export_cut_by_a_replica_shutdown_reaches_the_reader_as_unavail
     async with engine.connect() as conn:
         everyone = list((await conn.scalars(text("SELECT id FROM users ORDER BY id"))).all())
     layout = Layout([free_port()], [0], envoy_port=free_port(), admin_port=free_port())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOP_")}
-    env.update(SHOP_SHUTDOWN_GRACE="3", SHOP_SHUTDOWN_DRAIN_DELAY="0", SHOP_POOL_SIZE="2")
+    env = user_env(SHOP_SHUTDOWN_GRACE="3", SHOP_SHUTDOWN_DRAIN_DELAY="0", SHOP_POOL_SIZE="2")
     with running_cluster(
         layout, database_url=database_url, workdir=tmp_path, env=env, logs=tmp_path
     ) as cluster:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from pathlib import Path
 
 from alembic import command
@@ -15,19 +14,11 @@ from sqlalchemy import text
 from service.db.engine import create_unpooled_engine
 from service.db.schema_state import SchemaFeatures, check_schema, read_schema_state
 from tests.migrations.conftest import serving
-from tests.process import ROOT, free_port, service_env
+from tests.process import free_port, serve_once, service_env
 
 
 def _serve_once(url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service", "serve"],
-        cwd=ROOT,
-        env=service_env(url, free_port()),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return serve_once(service_env(url, free_port()), timeout=120)
 
 
 def test_serve_refuses_a_schema_behind_the_build(scratch_url: str, scratch_config: Config) -> None:
