@@ -35,7 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from deploy.envoy.admin import EnvoyAdmin
 from deploy.envoy.binary import envoy_binary
 from deploy.envoy.config import DESCRIPTOR, render
-from deploy.processes import stop
+from deploy.processes import serve_argv, stop
 from service.config import Settings
 from service.db.migrate import upgrade
 from service.db.url import database_url
@@ -223,9 +223,10 @@ def running_cluster(
             for i, (port, metrics) in enumerate(
                 zip(layout.replica_ports, layout.metrics_ports, strict=True)
             ):
-                argv = [sys.executable, "-m", "service", "serve"]
                 out = output(f"replica-{i}.log")
-                replicas.append(spawn(argv, replica_env(base, database_url, port, metrics), out))
+                replicas.append(
+                    spawn(serve_argv(), replica_env(base, database_url, port, metrics), out)
+                )
             for port in layout.replica_ports:
                 upstream = f"{HOST}:{port}"
                 _await(partial(_serving, upstream), replicas, f"replica {upstream}", stopping)
