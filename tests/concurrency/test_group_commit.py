@@ -163,32 +163,46 @@ async def test_deposits_and_withdrawals_ride_the_same_writer(
 ) -> None:
     accounts = [await factory.account(balance="50.00") for _ in range(4)]
     calls = []
-    for n in range(CALLS):
+    request_ids = [rid() for _ in range(CALLS)]
+    for n, request_id in enumerate(request_ids):
         account = accounts[(n // 2) % len(accounts)]
         if n % 2:
             calls.append(
                 account_stub.Withdraw(
-                    api.WithdrawRequest(account_id=account.id, amount="1.00", request_id=rid())
+                    api.WithdrawRequest(account_id=account.id, amount="1.00", request_id=request_id)
                 )
             )
         else:
             calls.append(
                 account_stub.Deposit(
-                    api.DepositRequest(account_id=account.id, amount="2.00", request_id=rid())
+                    api.DepositRequest(account_id=account.id, amount="2.00", request_id=request_id)
                 )
             )
-    answers = await asyncio.wait_for(asyncio.gather(*calls), BOUND_SECONDS)
+    await asyncio.wait_for(asyncio.gather(*calls), BOUND_SECONDS)
 
-    # Each answer is its account as it stood right after that posting.
-    assert all(Decimal(a.balance) >= 0 for a in answers)
     expected = {a.id: Decimal("50.00") + Decimal(CALLS // len(accounts) // 2) for a in accounts}
     assert await balances(engine, *expected) == expected
     assert 1 <= batches(statements) < CALLS
+    # One writer: some transaction (rows with the same xmin) holds both a deposit (into one of
+    # the accounts, from the external one) and a withdrawal (out of one). Two writers, one per
+    # kind, would pass everything above yet never write both in one transaction.
+    async with engine.connect() as conn:
+        kinds = await conn.execute(
+            text(
+                "SELECT count(*) FILTER (WHERE to_account_id = ANY(:ids)),"
+                " count(*) FILTER (WHERE from_account_id = ANY(:ids))"
+                " FROM transfers WHERE request_id = ANY(:rids) GROUP BY xmin::text"
+            ),
+            {"ids": list(expected), "rids": request_ids},
+        )
+        per_transaction = [tuple(row) for row in kinds]
+    assert sum(d + w for d, w in per_transaction) == CALLS
+    assert any(d and w for d, w in per_transaction), per_transaction
     await assert_ledger_balances(sessions)
 
 
 async def test_a_caller_cancelled_mid_batch_finds_its_transfer_under_its_request_id(
-    account_stub, factory: Factory, sessions, engine: AsyncEngine
+    account_stub, factory: Factory, sessions, engine: AsyncEngine, server: RunningServer
 ) -> None:
     a = await factory.account(balance="10.00")
     b = await factory.account()
@@ -205,12 +219,19 @@ async def test_a_caller_cancelled_mid_batch_finds_its_transfer_under_its_request
             await pending
         await holder.rollback()
 
-    # The batch went on without its caller: the retry is answered from the stored response.
+    # The batch went on without its caller and committed before any retry was sent (a batch
+    # cancelled with its caller would leave no row here, and the retry would apply it anew
+    # with the same visible result).
+    await until_waiting_drops(server)
+    async with sessions() as session:
+        committed = (await session.scalars(customer_transfers())).all()
+    assert [row.request_id for row in committed] == [request.request_id]
+    # The retry is answered from the stored response: the same transfer, no second one.
     transfer = await asyncio.wait_for(account_stub.Transfer(request), BOUND_SECONDS)
     assert transfer.amount == "3.00"
     async with sessions() as session:
         rows = (await session.scalars(customer_transfers())).all()
-    assert [row.id for row in rows] == [transfer.id]
+    assert [row.id for row in rows] == [committed[0].id] == [transfer.id]
     assert await balances(engine, a.id, b.id) == {a.id: Decimal("7.00"), b.id: Decimal("3.00")}
 
 
