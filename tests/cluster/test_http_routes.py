@@ -5,8 +5,8 @@ comes back. Each curl call carries its own `x-request-id`, which Envoy passes on
 writes in its access line with the gRPC method it served, so the test reads which RPC every
 call reached. It ends by asserting that the RPCs reached are exactly the service's methods in
 the descriptor set Envoy loads: an RPC added without an HTTP test fails here. The static tests
-check that every service of the descriptor has such a test, and that the README's route table
-is the descriptor's.
+check that every service of the descriptor has such a test, and that the route table of
+docs/http-and-browser.md is the descriptor's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tests.cluster.curl import Reply, curl, logs_of
 
 pytestmark = pytest.mark.requires(tools.ENVOY, tools.CURL)
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROUTE_TABLE_DOC = Path(__file__).resolve().parents[2] / "docs" / "http-and-browser.md"
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 
 
@@ -176,11 +176,11 @@ def test_every_service_of_the_descriptor_has_an_http_test() -> None:
     assert len(descriptor_routes()) == 22
 
 
-def test_the_readme_route_table_is_the_descriptors() -> None:
+def test_the_docs_route_table_is_the_descriptors() -> None:
     row = re.compile(r"^\| (\w+)\.(\w+) \| `(GET|POST|PATCH|DELETE|PUT) (\S+)`", re.MULTILINE)
     table = {
         f"/shop.v1.{service}/{method}": Route(verb, template)
-        for service, method, verb, template in row.findall(README.read_text())
+        for service, method, verb, template in row.findall(ROUTE_TABLE_DOC.read_text())
     }
     assert table == descriptor_routes()
 

@@ -1,5 +1,5 @@
-"""The read-routing table (service/db/routing.py) against the contract, the issue and the README;
-and the replica lag rule (service/db/replicas.py)."""
+"""The read-routing table (service/db/routing.py) against the contract, the issue and the table
+in docs/scale-out.md (Read replicas); and the replica lag rule (service/db/replicas.py)."""
 
 from __future__ import annotations
 
@@ -45,12 +45,12 @@ def test_money_and_writes_read_the_primary() -> None:
     assert route_of("/shop.v1.Unknown/Method") is PRIMARY
 
 
-def test_the_readme_mirrors_the_table() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_mirror_the_table() -> None:
+    doc = (ROOT / "docs" / "scale-out.md").read_text()
     for method, route in ROUTES.items():
         name = method.rsplit("/", 1)[1]
-        row = re.search(rf"^\| `{name}` \| (\w+) \|", readme, re.MULTILINE)
-        assert row is not None, f"README's read table has no row for {name}"
+        row = re.search(rf"^\| `{name}` \| (\w+) \|", doc, re.MULTILINE)
+        assert row is not None, f"docs/scale-out.md's read table has no row for {name}"
         assert row.group(1) == route.reads_from.value, name
 
 
