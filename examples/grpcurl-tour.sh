@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The README's grpcurl tour as a script: every command is printed, then its output. It creates
-# its own users, orders and accounts (names and request ids carry a per-run suffix, so it can run
-# again on the same database) and reads ids from the replies instead of assuming 1, 2, 3.
+# The grpcurl tour (docs/tour-grpcurl.md) as a script: every command is printed, then its output.
+# It creates its own users, orders and accounts (names and request ids carry a per-run suffix, so
+# it can run again on the same database) and reads ids from the replies instead of assuming 1, 2, 3.
 #
 #   examples/grpcurl-tour.sh [HOST:PORT]          (default 127.0.0.1:50051)
 #

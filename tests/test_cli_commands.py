@@ -88,7 +88,7 @@ async def test_purge_command_forgets_keys_past_the_retention_and_says_how_many(
     assert done.returncode == 0, done.stderr
     assert "purged 2 idempotency keys older than 1 day, 0:00:00" in done.stderr, done.stderr
     assert await _keys(engine) == {"open-recent"}
-    # The README's consequences: a purged OpenAccount request_id opens a new account; a kept
+    # docs/money.md's consequences: a purged OpenAccount request_id opens a new account; a kept
     # one still answers with the stored account; a Deposit's stays taken (the journal has it).
     assert (await open_for(ada.id, "open-old")).id != old.id
     assert (await open_for(bob.id, "open-recent")).id == recent.id

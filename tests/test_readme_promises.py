@@ -1,5 +1,6 @@
-"""README promises that no other test asserted (issue 12's audit; docs/reliability.md maps
-every promise to its test). Real server, real PostgreSQL, no timing bounds."""
+"""README promises (and those of the docs/ pages its tours and deep dives moved to) that no other
+test asserted (issue 12's audit; docs/reliability.md maps every promise to its test). Real server,
+real PostgreSQL, no timing bounds."""
 
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ from sqlalchemy import event, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.api.methods import METHOD_ROLES, Role
 from service.config import Settings
 from service.db.models import Account, AccountKind
 from service.db.retry import DEFAULT_POLICY
 from service.observability.logs import JsonFormatter
-from service.serving.security import METHOD_ROLES, Role
 from service.serving.server import RunningServer, start_server
 from tests.certs import make_certificates
 from tests.conftest import StatementCounter
@@ -80,10 +81,10 @@ async def test_every_start_without_tokens_logs_a_warning(
 async def test_health_timeout_turns_a_silent_database_not_serving_and_back(
     database_url: str,
 ) -> None:
-    """README (Health): a probe gets SHOP_HEALTH_TIMEOUT seconds; a database that stops
-    answering (its connections hang, nothing is refused) makes health NOT_SERVING, where a
-    probe without that bound would hang and leave SERVING standing. Once it answers again,
-    SERVING. (20 s only turns a hang into a failure.)"""
+    """docs/operations.md (Health): a probe gets SHOP_HEALTH_TIMEOUT seconds; a database that stops
+    answering (its connections hang, nothing is refused) makes health NOT_SERVING, where a probe
+    without that bound would hang and leave SERVING standing. Once it answers again, SERVING. (20 s
+    only turns a hang into a failure.)"""
     async with database_proxy(database_url) as (proxy, through_proxy):
         settings = Settings(grpc_port=0, health_interval=0.2, health_timeout=0.5)
         running = await start_server(settings, through_proxy)
@@ -111,9 +112,9 @@ async def test_health_timeout_turns_a_silent_database_not_serving_and_back(
 async def test_the_certificate_files_are_read_once_at_start(
     database_url: str, tmp_path: Path
 ) -> None:
-    """README (TLS): the files are read once at start, so a renewed certificate needs a
-    restart. The files are replaced by another CA's while the server runs: new connections
-    still get the certificate the server started with."""
+    """docs/operations.md (TLS): the files are read once at start, so a renewed certificate needs a
+    restart. The files are replaced by another CA's while the server runs: new connections still get
+    the certificate the server started with."""
     (tmp_path / "first").mkdir()
     (tmp_path / "renewed").mkdir()
     certs = make_certificates(tmp_path / "first")
@@ -147,7 +148,7 @@ async def test_the_certificate_files_are_read_once_at_start(
 async def test_the_database_refuses_a_negative_customer_balance(
     factory: Factory, engine: AsyncEngine
 ) -> None:
-    """README: a CHECK keeps customer balances >= 0 (the service answers INSUFFICIENT_FUNDS
+    """docs/money.md: a CHECK keeps customer balances >= 0 (the service answers INSUFFICIENT_FUNDS
     before it comes to that; this is the database's own guard)."""
     account = await factory.account(balance="1.00")
     with pytest.raises(IntegrityError, match="balance_not_negative"):
@@ -163,8 +164,8 @@ async def test_the_database_refuses_a_negative_customer_balance(
 async def test_stream_transfers_of_an_external_account_is_not_found(
     account_stub, factory: Factory, engine: AsyncEngine
 ) -> None:
-    """README: the statements (ListTransfers and StreamTransfers) answer ACCOUNT_NOT_FOUND for
-    an external account's id (ListTransfers is in tests/repositories/test_ledger.py)."""
+    """docs/money.md: the statements (ListTransfers and StreamTransfers) answer ACCOUNT_NOT_FOUND
+    for an external account's id (ListTransfers is in tests/repositories/test_ledger.py)."""
     await factory.account(balance="5.00")  # the opening deposit creates the external account
     async with engine.connect() as conn:
         external = await conn.scalar(select(Account.id).where(Account.kind == AccountKind.EXTERNAL))
@@ -184,8 +185,8 @@ def _money_batch_statements(statements: StatementCounter) -> list[str]:
 async def test_a_money_batch_is_three_statements_whatever_its_size(
     account_stub, factory: Factory, statements: StatementCounter
 ) -> None:
-    """README (Group commit): a batch is applied with three statements whatever its size.
-    A BatchTransfer of 1 item and one of 50 (sent alone, so each is one batch) cost the same."""
+    """docs/money.md (Group commit): a batch is applied with three statements whatever its size. A
+    BatchTransfer of 1 item and one of 50 (sent alone, so each is one batch) cost the same."""
     a = await factory.account(balance="100.00")
     b = await factory.account()
     counts = []
@@ -221,8 +222,8 @@ async def _import(stub, emails: list[str]) -> users_api.ImportUsersResponse:
 async def test_import_users_meeting_a_serialization_failure_answers_contention_at_once(
     user_stub, engine: AsyncEngine
 ) -> None:
-    """README (Locks and retries): ImportUsers cannot read its stream twice, so a 40001 answers
-    UNAVAILABLE / DATABASE_CONTENTION at once: one attempt, nothing written."""
+    """docs/money.md (Locks and retries): ImportUsers cannot read its stream twice, so a 40001
+    answers UNAVAILABLE / DATABASE_CONTENTION at once: one attempt, nothing written."""
     async with engine.begin() as conn:
         await conn.execute(text("CREATE SEQUENCE import_attempts"))
         await conn.execute(
@@ -258,9 +259,9 @@ async def test_import_users_meeting_a_serialization_failure_answers_contention_a
 async def test_import_merges_new_users_plainly_and_falls_back_to_on_conflict(
     user_stub, factory: Factory, statements: StatementCounter
 ) -> None:
-    """README (Bulk writes): the merge first tries a plain INSERT … SELECT in a savepoint,
-    which succeeds when every email is new; otherwise it rolls that back and runs the
-    ON CONFLICT merge."""
+    """docs/money.md (Bulk writes): the merge first tries a plain INSERT … SELECT in a savepoint,
+    which succeeds when every email is new; otherwise it rolls that back and runs the ON CONFLICT
+    merge."""
 
     def merges() -> list[str]:
         return [
@@ -282,9 +283,9 @@ async def test_import_merges_new_users_plainly_and_falls_back_to_on_conflict(
 async def test_import_copies_on_the_sessions_own_connection_in_its_transaction(
     user_stub, server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """README (Design notes): ImportUsers' COPY reaches the driver through the session
-    connection's get_raw_connection(), in the same transaction; SQLAlchemy checks the
-    connection out and returns it."""
+    """docs/design.md: ImportUsers' COPY reaches the driver through the session connection's
+    get_raw_connection(), in the same transaction; SQLAlchemy checks the connection out and returns
+    it."""
     checked_out: list[int] = []
     copies: list[tuple[int, bool]] = []
 
@@ -315,8 +316,8 @@ async def test_import_copies_on_the_sessions_own_connection_in_its_transaction(
 
 
 async def test_an_export_reads_one_consistent_snapshot(user_stub, engine: AsyncEngine) -> None:
-    """README (Streams send batches): every batch of an export comes from one snapshot. After
-    the first batch arrived, a row is inserted and a row not yet sent is changed: the export
+    """docs/design.md (Streams send batches): every batch of an export comes from one snapshot.
+    After the first batch arrived, a row is inserted and a row not yet sent is changed: the export
     shows neither."""
     await insert_users(engine, 4)
     async with engine.connect() as conn:
@@ -428,7 +429,7 @@ async def _attempts_and_cleanup(engine: AsyncEngine, table: str) -> int:
 async def test_a_write_that_deadlocks_every_time_is_tried_five_times_then_contention(
     rpc: str, user_stub, account_stub, factory: Factory, engine: AsyncEngine
 ) -> None:
-    """README (Locks and retries): a deadlock is retried, whole, up to 5 attempts; then the
+    """docs/money.md (Locks and retries): a deadlock is retried, whole, up to 5 attempts; then the
     answer is UNAVAILABLE / DATABASE_CONTENTION with nothing applied. For a plain write RPC
     (CreateUser) and for a money batch (Transfer)."""
     if rpc == "Transfer":

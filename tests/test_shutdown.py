@@ -146,8 +146,8 @@ SHORT_GRACE = 3.0  # long enough that the deposit is surely still inside it when
 async def test_a_call_still_running_when_the_grace_runs_out_is_cancelled_and_exits_0(
     database_url: str, engine: AsyncEngine, account_stub: Any, tmp_path: Path
 ) -> None:
-    """README step 3 and 4: calls still running after SHOP_SHUTDOWN_GRACE are cancelled, the
-    process still exits 0, and the cancelled write left nothing behind."""
+    """docs/operations.md, shutdown steps 3 and 4: calls still running after SHOP_SHUTDOWN_GRACE
+    are cancelled, the process still exits 0, and the cancelled write left nothing behind."""
     log = tmp_path / "serve.log"
     grace = {"SHOP_SHUTDOWN_GRACE": str(SHORT_GRACE)}
     with service_process(database_url, log, **grace) as (address, process):

@@ -29,7 +29,7 @@ from tests.process import free_port, make_target, user_env, wait_until_serving
 
 pytestmark = pytest.mark.requires(tools.PATRONI, tools.ETCD, tools.POSTGRES_SERVER)
 
-# The launcher's lines once both nodes are up (deploy/patroni/cluster.py, README).
+# The launcher's lines once both nodes are up (deploy/patroni/cluster.py, docs/scale-out.md).
 NODE_LINE = re.compile(
     r"^(node\d): +127\.0\.0\.1:(\d+) \((leader|sync standby)\), "
     r"Patroni API 127\.0\.0\.1:(\d+), log (\S+)/node\d/patroni\.log$",

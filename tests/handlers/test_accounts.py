@@ -803,7 +803,7 @@ async def test_stream_transfers_in_batches(account_stub, factory: Factory) -> No
 async def test_stream_transfers_default_batch_size_is_500(
     account_stub, factory: Factory, engine: AsyncEngine
 ) -> None:
-    # More rows than the default, so a batch of exactly 500 shows the default (the README's
+    # More rows than the default, so a batch of exactly 500 shows the default (docs/design.md's
     # "0 means 500") rather than "everything in one batch".
     mine, other = await factory.account(), await factory.account()
     async with engine.begin() as conn:

@@ -213,8 +213,8 @@ async def test_import_batches_names_fields_by_message_number() -> None:
 
 
 async def test_the_read_ahead_is_16k_rows_by_default() -> None:
-    """README (Bulk writes): about 16k rows are received and checked ahead of the COPY: the
-    reader stops once 16,384 wait, so at most the message that crossed the bound more."""
+    """docs/money.md (Bulk writes): about 16k rows are received and checked ahead of the COPY:
+    the reader stops once 16,384 wait, so at most the message that crossed the bound more."""
     calls: list[int] = []
 
     async def slow_stage(records: list[StagedUser]) -> None:
