@@ -30,6 +30,8 @@ TURNS = 60
 # Seconds: a hang cap, room for a loaded machine, yet half of the 30 s a read that ran on
 # (not cancelled server-side) would take. No speed is promised.
 BOUND = 15.0
+# GetUser's deadline while its read waits on a lock: room to see the read waiting first.
+READ_DEADLINE = 3.0
 
 
 @pytest_asyncio.fixture(params=[True, False], ids=["autocommit", "pgbouncer-transaction"])
@@ -63,15 +65,20 @@ async def eventually(check: Callable[[], object], what: str) -> None:
 
 async def server_states(engine: AsyncEngine, like: str) -> list[str]:
     """pg_stat_activity states of the other connections whose last query was like `like`."""
+    return [state for state, _wait in await server_waits(engine, like)]
+
+
+async def server_waits(engine: AsyncEngine, like: str) -> list[tuple[str, str | None]]:
+    """(state, wait_event_type) of the other connections whose last query was like `like`."""
     async with engine.connect() as conn:
-        rows = await conn.scalars(
+        rows = await conn.execute(
             text(
-                "SELECT state FROM pg_stat_activity "
+                "SELECT state, wait_event_type FROM pg_stat_activity "
                 "WHERE query LIKE :like AND pid <> pg_backend_pid()"
             ),
             {"like": like},
         )
-        return list(rows)
+        return [(state, wait) for state, wait in rows]
 
 
 async def test_a_cancelled_read_stops_server_side_and_the_pool_serves_on(
@@ -156,8 +163,18 @@ async def test_a_cancelled_get_user_leaves_nothing_behind(
     user = await factory.user()
     async with engine.connect() as holder:
         await holder.execute(text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
+        call = asyncio.ensure_future(
+            user_stub.GetUser(api.GetUserRequest(id=user.id), timeout=READ_DEADLINE)
+        )
+        # First the read is seen on the server, waiting for the lock (so "gone" below is
+        # the statement stopped, not one that never started).
+        bound = time.monotonic() + BOUND
+        while ("active", "Lock") not in await server_waits(engine, "%= ANY%"):
+            assert not call.done(), "GetUser ended before its read was seen waiting"
+            assert time.monotonic() < bound, "the read never reached the server"
+            await asyncio.sleep(0.01)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await user_stub.GetUser(api.GetUserRequest(id=user.id), timeout=0.5)
+            await call
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         pool = server.engine.pool
         await eventually(lambda: pool.checkedout() == 0, "GetUser kept its connection")  # type: ignore[attr-defined]
