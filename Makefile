@@ -146,6 +146,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check service tests alembic bench deploy
 	$(PY) -m ruff format --check service tests alembic bench deploy
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)

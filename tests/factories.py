@@ -10,6 +10,7 @@ from shop.v1 import account_service_pb2 as api
 from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.api.accounts_convert import ANSWERS
 from service.app.money_rules import Kind, Posting
 from service.app.money_writer import MoneyWriter
 from service.db.database import Database
@@ -34,7 +35,7 @@ class Factory:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self.sessions = sessions
         # Opening balances go through the service's own money writer, as a deposit would.
-        self.money = MoneyWriter(Database(engine_of(sessions), sessions))
+        self.money = MoneyWriter(Database(engine_of(sessions), sessions), ANSWERS)
 
     async def user(
         self,

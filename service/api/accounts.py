@@ -12,6 +12,7 @@ from shop.v1 import resources_pb2 as pb
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api.accounts_convert import (
+    ANSWERS,
     account_row_to_proto,
     account_to_proto,
     transfer_rows_to_batch,
@@ -38,7 +39,7 @@ class AccountServicer(api_grpc.AccountServiceServicer):
     def __init__(self, db: Database, tokens: PageTokens) -> None:
         self.db = db
         self.tokens = tokens
-        self.money = MoneyWriter(db)
+        self.money = MoneyWriter(db, ANSWERS)
         # GetAccount: concurrent calls share one statement (WHERE id = ANY(:ids)) per batch.
         self._accounts_by_id = db.point_reads(AccountRepository.rows_by_id)
 
@@ -59,7 +60,7 @@ class AccountServicer(api_grpc.AccountServiceServicer):
             self.db,
             method="OpenAccount",
             request=request,
-            response_type=pb.Account,
+            parse=pb.Account.FromString,
             work=open_account,
         )
 

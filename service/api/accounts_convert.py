@@ -10,7 +10,7 @@ from shop.v1 import resources_pb2 as pb
 
 from service.amounts import format_money
 from service.api.convert import set_timestamp, timestamp
-from service.app.money_rules import Posted
+from service.app.money_rules import Kind, Posted, Posting
 from service.db.models import Account
 
 
@@ -79,3 +79,21 @@ def transfer_rows_to_batch(rows: Sequence[Any], resume_token: str = "") -> api.T
         transfer.request_id = request_id
         set_timestamp(transfer.created_at, created)
     return batch
+
+
+class ProtoAnswers:
+    """What the money writer answers a posting with: a Transfer for a transfer, the account as
+    it stood after it for a deposit or a withdrawal."""
+
+    def answer(self, posting: Posting, posted: Posted) -> pb.Transfer | pb.Account:
+        if posting.kind is Kind.TRANSFER:
+            return transfer_to_proto(posted)
+        return posted_account_to_proto(posted)
+
+    def parse(self, kind: Kind, data: bytes) -> pb.Transfer | pb.Account:
+        if kind is Kind.TRANSFER:
+            return pb.Transfer.FromString(data)
+        return pb.Account.FromString(data)
+
+
+ANSWERS = ProtoAnswers()

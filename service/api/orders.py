@@ -80,7 +80,7 @@ class OrderServicer(api_grpc.OrderServiceServicer):
             self.db,
             method="CreateOrder",
             request=request,
-            response_type=pb.Order,
+            parse=pb.Order.FromString,
             work=create,
         )
 

@@ -6,14 +6,20 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.database import Database
 from service.errors import AlreadyExists
 from service.repositories.idempotency import IdempotencyRepository
 
-M = TypeVar("M", bound=Message)
+
+class Serializable(Protocol):
+    """A response as the transport encodes it (a protobuf message, to the gRPC room)."""
+
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
+
+
+M = TypeVar("M", bound=Serializable)
 
 
 class IdempotentRequest(Protocol):
@@ -35,7 +41,7 @@ async def idempotent(
     *,
     method: str,
     request: IdempotentRequest,
-    response_type: type[M],
+    parse: Callable[[bytes], M],
     work: Callable[[AsyncSession], Awaitable[M]],
 ) -> M:
     """Do `work` once per request.request_id, in a retried unit of work (service/db/retry.py).
@@ -48,9 +54,7 @@ async def idempotent(
 
     async def attempt(session: AsyncSession) -> M:
         keys = IdempotencyRepository(session)
-        return await _once(
-            keys, request.request_id, fingerprint, response_type, lambda: work(session)
-        )
+        return await _once(keys, request.request_id, fingerprint, parse, lambda: work(session))
 
     return await db.write(attempt)
 
@@ -59,14 +63,14 @@ async def _once(
     keys: IdempotencyRepository,
     request_id: str,
     fingerprint: bytes,
-    response_type: type[M],
+    parse: Callable[[bytes], M],
     work: Callable[[], Awaitable[M]],
 ) -> M:
     stored = await keys.claim(request_id, fingerprint)
     if stored is not None:
         if stored.request_hash != fingerprint or stored.response is None:
             raise AlreadyExists.request_id_reused(request_id)
-        return response_type.FromString(stored.response)
+        return parse(stored.response)
     response = await work()
     await keys.complete(request_id, response.SerializeToString())
     return response

@@ -7,8 +7,8 @@ import logging
 import sys
 from typing import Any
 
-from service.api.interceptors.request_id import current_request_id
 from service.config import LogFormat, Settings
+from service.observability.request_id import current_request_id
 
 # The attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

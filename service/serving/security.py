@@ -1,85 +1,12 @@
-"""Who may call what: bearer tokens with a role, the read/write class of every shop.v1 RPC, and
-the rules that keep a server without tokens, or with the public page-token key, on loopback."""
+"""The rules that keep a server without tokens, or with the public page-token key, on loopback.
+Who may call what (each RPC's role, the token table) is the gRPC room's: service/api/methods.py
+and service/api/interceptors/auth.py."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
-from enum import StrEnum
 
-from service.config import DEV_PAGE_TOKEN_SECRET, Settings, parse_token_roles
-
-
-class Role(StrEnum):
-    READ = "read"
-    WRITE = "write"
-
-
-# Every shop.v1 method and the role it needs; a write token may also read. A method missing
-# here needs WRITE (see required_role), so a new RPC is closed until someone classifies it.
-METHOD_ROLES: dict[str, Role] = {
-    "/shop.v1.UserService/CreateUser": Role.WRITE,
-    "/shop.v1.UserService/GetUser": Role.READ,
-    "/shop.v1.UserService/UpdateUser": Role.WRITE,
-    "/shop.v1.UserService/DeleteUser": Role.WRITE,
-    "/shop.v1.UserService/UndeleteUser": Role.WRITE,
-    "/shop.v1.UserService/ListUsers": Role.READ,
-    "/shop.v1.UserService/StreamUsers": Role.READ,
-    "/shop.v1.UserService/UpsertUsers": Role.WRITE,
-    "/shop.v1.UserService/ImportUsers": Role.WRITE,
-    "/shop.v1.OrderService/CreateOrder": Role.WRITE,
-    "/shop.v1.OrderService/GetOrder": Role.READ,
-    "/shop.v1.OrderService/ListOrders": Role.READ,
-    "/shop.v1.OrderService/StreamOrders": Role.READ,
-    "/shop.v1.OrderService/UpdateOrderStatus": Role.WRITE,
-    "/shop.v1.AccountService/OpenAccount": Role.WRITE,
-    "/shop.v1.AccountService/GetAccount": Role.READ,
-    "/shop.v1.AccountService/Deposit": Role.WRITE,
-    "/shop.v1.AccountService/Withdraw": Role.WRITE,
-    "/shop.v1.AccountService/Transfer": Role.WRITE,
-    "/shop.v1.AccountService/BatchTransfer": Role.WRITE,
-    "/shop.v1.AccountService/ListTransfers": Role.READ,
-    "/shop.v1.AccountService/StreamTransfers": Role.READ,
-}
-
-# Probes and tools must work without a token: load balancers do not carry one.
-PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-
-
-def required_role(method: str) -> Role | None:
-    """None for public methods, else the role the method needs."""
-    if method.startswith(PUBLIC_PREFIXES):
-        return None
-    return METHOD_ROLES.get(method, Role.WRITE)
-
-
-def _digest(token: str) -> bytes:
-    # Comparing fixed-length digests keeps even a token's length out of the timing.
-    return hashlib.sha256(token.encode()).digest()
-
-
-class TokenTable:
-    """The configured tokens, kept as digests and checked in constant time."""
-
-    def __init__(self, token_roles: dict[str, str]) -> None:
-        self._entries = [(_digest(token), Role(role)) for token, role in token_roles.items()]
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TokenTable | None:
-        """None when auth is off; Settings guarantees tokens that are set hold a pair."""
-        if settings.auth_tokens is None:
-            return None
-        return cls(parse_token_roles(settings.auth_tokens.get_secret_value()))
-
-    def role_of(self, token: str) -> Role | None:
-        """The token's role; every entry is compared, whether or not one matched already."""
-        candidate = _digest(token)
-        found: Role | None = None
-        for digest, role in self._entries:
-            if hmac.compare_digest(candidate, digest):
-                found = role
-        return found
+from service.config import DEV_PAGE_TOKEN_SECRET, Settings
 
 
 def is_loopback(host: str) -> bool:

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.accounts import AccountServicer
 from service.api.interceptors.admission import AdmissionInterceptor
-from service.api.interceptors.auth import AuthInterceptor
+from service.api.interceptors.auth import AuthInterceptor, TokenTable
 from service.api.interceptors.call_scope import CallScopeInterceptor
 from service.api.interceptors.errors import ErrorInterceptor
 from service.api.interceptors.observability import ObservabilityInterceptor
@@ -43,7 +43,7 @@ from service.observability.tracing import tracing_interceptors
 from service.serving.health import HealthProbe, HealthService
 from service.serving.limits import compression, limit_options
 from service.serving.reflection import enable_reflection
-from service.serving.security import TokenTable, check_exposure, exposure_warnings
+from service.serving.security import check_exposure, exposure_warnings
 from service.serving.shutdown import ActiveStreams, StopSignals
 from service.serving.tls import server_credentials
 

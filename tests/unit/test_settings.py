@@ -8,16 +8,14 @@ import pytest
 from pydantic import ValidationError
 from shop.v1 import account_service_pb2, order_service_pb2, user_service_pb2
 
+from service.api.interceptors.auth import TokenTable
+from service.api.methods import METHOD_ROLES, Role, required_role
 from service.config import DEV_PAGE_TOKEN_SECRET, Settings
 from service.serving.security import (
-    METHOD_ROLES,
     InsecureBindError,
-    Role,
-    TokenTable,
     check_exposure,
     exposure_warnings,
     is_loopback,
-    required_role,
 )
 
 SECRETS = ("s3cret-token", "pg-pass", "page-key")

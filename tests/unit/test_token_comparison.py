@@ -9,7 +9,8 @@ import hmac
 
 import pytest
 
-from service.serving.security import Role, TokenTable
+from service.api.interceptors.auth import TokenTable
+from service.api.methods import Role
 
 
 @pytest.mark.parametrize("presented", ["", "r", "writer-token", "x" * 500, "reader-token"])

@@ -18,8 +18,8 @@ from service import errors
 from service.api.context import Context
 from service.api.interceptors.errors import abort_for
 from service.api.interceptors.wrapping import Handler, WrappingInterceptor, with_behaviours
+from service.api.methods import required_role
 from service.config import Settings
-from service.serving.security import required_role
 
 # Health Check answers from memory at once (serving/health.py): no client can hold one open, so
 # it cannot spend anything. Counted, it would be refused while strangers hold the public budget

@@ -13,10 +13,10 @@ from grpc_status import rpc_status
 from service import errors
 from service.api.context import Context
 from service.api.interceptors.decoding import decode_in_handler
-from service.api.interceptors.request_id import current_request_id, new_request_id
 from service.api.interceptors.wrapping import Handler, WrappingInterceptor, wrap_handler
 from service.api.status import DOMAIN, packed, status_message
 from service.db.errors import as_domain_error as database_error
+from service.observability.request_id import current_request_id, new_request_id
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from google.protobuf.message import Message
 
 from service.api.context import Context
 from service.api.interceptors.around import CallHooks, wrap_around
-from service.api.interceptors.request_id import HEADER, bind_request_id, request_id_from
 from service.api.interceptors.wrapping import Handler, WrappingInterceptor
 from service.observability.metrics import RpcMetrics
+from service.observability.request_id import HEADER, bind_request_id, request_id_from
 
 access_log = logging.getLogger("service.access")
 # A client whose deadline passes resets the call itself, and that reset can reach the server
