@@ -2,8 +2,12 @@
 # Run against your PostgreSQL (migrate once, then serve):
 #   docker run --rm -e SHOP_DATABASE_URL=postgresql+asyncpg://user:pw@db:5432/shop shop-service \
 #       python -m service migrate
-#   docker run -d -p 50051:50051 -e SHOP_DATABASE_URL=... shop-service
+#   docker run -d -p 50051:50051 -e SHOP_DATABASE_URL=... -e SHOP_PAGE_TOKEN_SECRET=... \
+#       -e SHOP_AUTH_TOKENS=... shop-service
+# Without Docker: `make image` (podman, on a base made by debootstrap: deploy/image/).
 
+# Any Debian bookworm image with Python 3.11, its venv module, its headers and `python` will do:
+# deploy/image/base.py makes one where no registry answers.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- builder: the project and its dependencies in /opt/venv ----
@@ -12,7 +16,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# gcc builds StreamUsers' compiled batch encoder (setup.py); without it the service uses upb.
+# gcc builds StreamUsers' compiled batch encoder (setup.py; checked below).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -27,6 +31,9 @@ COPY service ./service
 COPY generated ./generated
 RUN pip install --no-deps . \
  && python setup.py build_ext --inplace
+# setup.py's extension is optional, so a missing compiler or Python.h would only print a
+# warning and leave the service on the slower upb path: here that fails the build instead.
+RUN python -c "from service.api.users_encode import COMPILED; assert COMPILED, 'no compiled encoder'"
 
 # ---- runtime: the venv plus the source the service reads at run time ----
 FROM ${PYTHON_IMAGE} AS runtime

@@ -110,6 +110,17 @@ run-cluster: $(STAMP)
 run-ha: $(STAMP)
 	$(PY) -m deploy.patroni.cluster --serve
 
+# The Dockerfile built with podman on a Debian base made here by debootstrap, for machines with
+# no Docker engine or registry (root; Debian's podman, runc and debootstrap): deploy/image/.
+# image-smoke builds it, then migrates, serves, calls and stops it against a database of its
+# own on the PostgreSQL at 127.0.0.1:5432 (dropped after).
+.PHONY: image image-smoke
+image: $(STAMP)
+	$(PY) -m deploy.image.build
+
+image-smoke: $(STAMP)
+	$(PY) -m deploy.image.smoke
+
 # The Node client test (tests/test_examples.py) needs examples/node's packages, and the browser
 # test (tests/cluster/test_browser.py) the page of examples/browser built into its dist/: `make test`
 # installs and builds them when node and npm are here, so a newcomer runs what CI runs. Without
