@@ -1,18 +1,18 @@
-"""AccountService: thin servicer over AccountRepository; every write is idempotent."""
+"""AccountService: convert the request, call the application (service/app/accounts.py),
+convert; every write is idempotent."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import cast
 
 from google.protobuf.message import Message
 from shop.v1 import account_service_pb2 as api
 from shop.v1 import account_service_pb2_grpc as api_grpc
 from shop.v1 import resources_pb2 as pb
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api.accounts_convert import (
-    ANSWERS,
     account_row_to_proto,
     account_to_proto,
     transfer_rows_to_batch,
@@ -22,26 +22,18 @@ from service.api.context import Context
 from service.api.paging import PageTokens
 from service.api.status import status_message
 from service.api.validation import MAX_ID, Violations
-from service.app.idempotency import idempotent
+from service.app.accounts import Accounts
 from service.app.money_rules import Kind, Posting
-from service.app.money_writer import MoneyWriter
 from service.db.coalescer import Outcome
-from service.db.database import Database
 from service.errors import DomainError, InvalidArgument
-from service.repositories.accounts import AccountRepository
-from service.repositories.ledger import Ledger
-from service.repositories.users import UserRepository
 
 
 class AccountServicer(api_grpc.AccountServiceServicer):
     """Money accounts, deposits, withdrawals and transfers."""
 
-    def __init__(self, db: Database, tokens: PageTokens) -> None:
-        self.db = db
+    def __init__(self, accounts: Accounts[pb.Transfer | pb.Account], tokens: PageTokens) -> None:
+        self.accounts = accounts
         self.tokens = tokens
-        self.money = MoneyWriter(db, ANSWERS)
-        # GetAccount: concurrent calls share one statement (WHERE id = ANY(:ids)) per batch.
-        self._accounts_by_id = db.point_reads(AccountRepository.rows_by_id)
 
     async def OpenAccount(self, request: api.OpenAccountRequest, context: Context) -> pb.Account:
         """A zero-balance account for a live user."""
@@ -50,18 +42,12 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         currency = v.currency("currency", request.currency)
         v.request_id("request_id", request.request_id)
         v.raise_if_any()
-
-        async def open_account(session: AsyncSession) -> pb.Account:
-            await UserRepository(session).get_live(request.user_id)
-            account = await AccountRepository(session).add(request.user_id, currency)
-            return account_to_proto(account)
-
-        return await idempotent(
-            self.db,
-            method="OpenAccount",
+        return await self.accounts.open(
+            request.user_id,
+            currency,
             request=request,
+            answer=account_to_proto,
             parse=pb.Account.FromString,
-            work=open_account,
         )
 
     async def GetAccount(self, request: api.GetAccountRequest, context: Context) -> pb.Account:
@@ -69,24 +55,24 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         v = Violations()
         v.id("id", request.id)
         v.raise_if_any()
-        return account_row_to_proto(await self._accounts_by_id.submit(request.id))
+        return account_row_to_proto(await self.accounts.row(request.id))
 
     async def Deposit(self, request: api.DepositRequest, context: Context) -> pb.Account:
         """Add money; returns the account as it stood right after this deposit."""
         posting = _single_account(Kind.DEPOSIT, request)
-        return cast(pb.Account, await self.money.post("Deposit", request, posting))
+        return cast(pb.Account, await self.accounts.post("Deposit", request, posting))
 
     async def Withdraw(self, request: api.WithdrawRequest, context: Context) -> pb.Account:
         """Take money out; INSUFFICIENT_FUNDS rather than a negative balance."""
         posting = _single_account(Kind.WITHDRAW, request)
-        return cast(pb.Account, await self.money.post("Withdraw", request, posting))
+        return cast(pb.Account, await self.accounts.post("Withdraw", request, posting))
 
     async def Transfer(self, request: api.TransferRequest, context: Context) -> pb.Transfer:
         """Move money between two accounts of one currency, atomically."""
         v = Violations()
         posting = _transfer(v, "", request)
         v.raise_if_any()
-        return cast(pb.Transfer, await self.money.post("Transfer", request, posting))
+        return cast(pb.Transfer, await self.accounts.post("Transfer", request, posting))
 
     async def BatchTransfer(
         self, request: api.BatchTransferRequest, context: Context
@@ -110,7 +96,7 @@ class AccountServicer(api_grpc.AccountServiceServicer):
             else:
                 results.append(None)
                 valid.append((item, posting))
-        outcomes = iter(await self.money.post_many("Transfer", valid))
+        outcomes = iter(await self.accounts.post_many("Transfer", valid))
         response = api.BatchTransferResponse()
         for result in results:
             response.results.append(result if result is not None else _result(next(outcomes)))
@@ -128,12 +114,9 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         before_id = (
             self.tokens.decode(request.page_token, filters) if request.page_token else MAX_ID
         )
-        async with self.db.read() as session:
-            accounts = AccountRepository(session)
-            await accounts.get(request.account_id)
-            transfers = await accounts.transfers_page(
-                request.account_id, before_id=before_id, limit=limit + 1
-            )
+        transfers = await self.accounts.transfers_page(
+            request.account_id, before_id=before_id, limit=limit + 1
+        )
         page = transfers[:limit]
         next_token = self.tokens.encode(page[-1].id, filters) if len(transfers) > limit else ""
         return api.ListTransfersResponse(
@@ -154,11 +137,11 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         filters = {"export": "transfers", "account_id": request.account_id}
         after_id = self.tokens.resume_after(request.resume_token, filters)
         resume_token = self.tokens.encoder(filters)
-        async with self.db.snapshot() as session:
-            await AccountRepository(session).get(request.account_id)
-            batches = Ledger(session).statement(
-                request.account_id, batch_size=batch_size, after_id=after_id
-            )
+        batches = self.accounts.statement(
+            request.account_id, batch_size=batch_size, after_id=after_id
+        )
+        # Closed here, and with it the snapshot, even when the call ends at a yield.
+        async with aclosing(batches):
             async for rows in batches:
                 yield transfer_rows_to_batch(rows, resume_token(rows[-1].id))
 

@@ -1,25 +1,23 @@
-"""OrderService: thin servicer over OrderRepository."""
+"""OrderService: convert the request, call the application (service/app/orders.py), convert."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from decimal import Decimal
 
 from shop.v1 import order_service_pb2 as api
 from shop.v1 import order_service_pb2_grpc as api_grpc
 from shop.v1 import resources_pb2 as pb
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api.context import Context
 from service.api.orders_convert import STATUS_FROM_PROTO, order_rows_to_batch, order_to_proto
 from service.api.paging import PageTokens
 from service.api.users_convert import user_to_proto
 from service.api.validation import MAX_ID, Violations
-from service.app.idempotency import idempotent
-from service.db.database import Database
+from service.app.orders import Orders
 from service.db.models import OrderStatus
-from service.repositories.orders import ItemFields, OrderRepository
-from service.repositories.users import UserRepository
+from service.repositories.orders import ItemFields
 
 MAX_ITEMS = 100
 MAX_QUANTITY = 1_000_000
@@ -60,8 +58,8 @@ def _items(v: Violations, items: Sequence[pb.OrderItem]) -> list[ItemFields]:
 class OrderServicer(api_grpc.OrderServiceServicer):
     """Orders and their status life cycle."""
 
-    def __init__(self, db: Database, tokens: PageTokens) -> None:
-        self.db = db
+    def __init__(self, orders: Orders, tokens: PageTokens) -> None:
+        self.orders = orders
         self.tokens = tokens
 
     async def CreateOrder(self, request: api.CreateOrderRequest, context: Context) -> pb.Order:
@@ -71,17 +69,12 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         items = _items(v, request.items)
         v.request_id("request_id", request.request_id)
         v.raise_if_any()
-
-        async def create(session: AsyncSession) -> pb.Order:
-            await UserRepository(session).get_live(request.user_id)
-            return order_to_proto(await OrderRepository(session).add(request.user_id, items))
-
-        return await idempotent(
-            self.db,
-            method="CreateOrder",
+        return await self.orders.create(
+            request.user_id,
+            items,
             request=request,
+            answer=order_to_proto,
             parse=pb.Order.FromString,
-            work=create,
         )
 
     async def GetOrder(self, request: api.GetOrderRequest, context: Context) -> pb.Order:
@@ -89,9 +82,8 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         v = Violations()
         v.id("id", request.id)
         v.raise_if_any()
-        async with self.db.read() as session:
-            order = await OrderRepository(session).get(request.id)
-            return order_to_proto(order, user=user_to_proto(order.user))
+        order = await self.orders.get(request.id)
+        return order_to_proto(order, user=user_to_proto(order.user))
 
     async def ListOrders(
         self, request: api.ListOrdersRequest, context: Context
@@ -107,10 +99,9 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         before_id = (
             self.tokens.decode(request.page_token, filters) if request.page_token else MAX_ID
         )
-        async with self.db.read() as session:
-            orders = await OrderRepository(session).page(
-                before_id=before_id, limit=limit + 1, user_id=request.user_id, status=status
-            )
+        orders = await self.orders.page(
+            before_id=before_id, limit=limit + 1, user_id=request.user_id, status=status
+        )
         page = orders[:limit]
         next_token = self.tokens.encode(page[-1].id, filters) if len(orders) > limit else ""
         return api.ListOrdersResponse(
@@ -133,10 +124,11 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         filters = {"export": "orders", "user_id": request.user_id, "status": int(request.status)}
         after_id = self.tokens.resume_after(request.resume_token, filters)
         resume_token = self.tokens.encoder(filters)
-        async with self.db.snapshot() as session:
-            batches = OrderRepository(session).export(
-                user_id=request.user_id, status=status, batch_size=batch_size, after_id=after_id
-            )
+        batches = self.orders.export(
+            user_id=request.user_id, status=status, batch_size=batch_size, after_id=after_id
+        )
+        # Closed here, and with it the snapshot, even when the call ends at a yield.
+        async with aclosing(batches):
             async for partition in batches:
                 token = resume_token(partition.orders[-1].id)
                 yield order_rows_to_batch(partition, token)
@@ -150,8 +142,4 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         target = _status(v, "status", request.status, required=True)
         v.raise_if_any()
         assert target is not None
-
-        async def move(session: AsyncSession) -> pb.Order:
-            return order_to_proto(await OrderRepository(session).move(request.id, target))
-
-        return await self.db.write(move)
+        return order_to_proto(await self.orders.move(request.id, target))

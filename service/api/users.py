@@ -1,4 +1,4 @@
-"""UserService: thin servicer over UserRepository."""
+"""UserService: convert the request, call the application (service/app/users.py), convert."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from contextlib import aclosing
 from shop.v1 import resources_pb2 as pb
 from shop.v1 import user_service_pb2 as api
 from shop.v1 import user_service_pb2_grpc as api_grpc
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.api.context import Context
 from service.api.paging import PageTokens
@@ -16,10 +15,7 @@ from service.api.users_bulk import import_batches, user_rows
 from service.api.users_convert import user_row_to_proto, user_to_proto
 from service.api.users_encode import encode_user_batch
 from service.api.validation import Violations
-from service.app.users_import import StagedUser, stage_all
-from service.db.database import Database
-from service.db.models import utcnow
-from service.repositories.users import UserRepository
+from service.app.users import Users
 
 UPDATABLE_PATHS = frozenset({"first_name", "last_name", "email", "is_active"})
 # A mask names each of the four paths once; the rest is room for repeats. Checked by len()
@@ -31,11 +27,9 @@ MAX_UPSERT_BATCH = 1000
 class UserServicer(api_grpc.UserServiceServicer):
     """Customers: CRUD with soft delete, pages, exports and bulk loads."""
 
-    def __init__(self, db: Database, tokens: PageTokens) -> None:
-        self.db = db
+    def __init__(self, users: Users, tokens: PageTokens) -> None:
+        self.users = users
         self.tokens = tokens
-        # GetUser: concurrent calls share one statement (WHERE id = ANY(:ids)) per batch.
-        self._users_by_id = db.point_reads(UserRepository.rows_by_id)
 
     async def CreateUser(self, request: api.CreateUserRequest, context: Context) -> pb.User:
         """Create a user; EMAIL_TAKEN if the email exists (deleted users included)."""
@@ -44,18 +38,14 @@ class UserServicer(api_grpc.UserServiceServicer):
         first = v.name("first_name", request.first_name)
         last = v.name("last_name", request.last_name)
         v.raise_if_any()
-
-        async def create(session: AsyncSession) -> pb.User:
-            return user_to_proto(await UserRepository(session).add(email, first, last))
-
-        return await self.db.write(create)
+        return user_to_proto(await self.users.create(email, first, last))
 
     async def GetUser(self, request: api.GetUserRequest, context: Context) -> pb.User:
         """A user by id, soft-deleted ones included (deleted_at set)."""
         v = Violations()
         v.id("id", request.id)
         v.raise_if_any()
-        return user_row_to_proto(await self._users_by_id.submit(request.id))
+        return user_row_to_proto(await self.users.row(request.id))
 
     async def UpdateUser(self, request: api.UpdateUserRequest, context: Context) -> pb.User:
         """Apply the fields named by update_mask."""
@@ -78,16 +68,7 @@ class UserServicer(api_grpc.UserServiceServicer):
             else:
                 changes[path] = v.name(f"user.{path}", getattr(request.user, path))
         v.raise_if_any()
-
-        async def update(session: AsyncSession) -> pb.User:
-            users = UserRepository(session)
-            user = await users.get(request.user.id, for_update=True)
-            for name, value in changes.items():
-                setattr(user, name, value)
-            await users.flush(user.email)
-            return user_to_proto(user)
-
-        return await self.db.write(update)
+        return user_to_proto(await self.users.update(request.user.id, changes))
 
     async def DeleteUser(self, request: api.DeleteUserRequest, context: Context) -> pb.User:
         """Soft delete; deleting a deleted user returns it unchanged."""
@@ -101,15 +82,7 @@ class UserServicer(api_grpc.UserServiceServicer):
         v = Violations()
         v.id("id", user_id)
         v.raise_if_any()
-
-        async def set_deleted(session: AsyncSession) -> pb.User:
-            user = await UserRepository(session).get(user_id, for_update=True)
-            if user.is_deleted != deleted:
-                user.deleted_at = utcnow() if deleted else None
-                await session.flush()
-            return user_to_proto(user)
-
-        return await self.db.write(set_deleted)
+        return user_to_proto(await self.users.set_deleted(user_id, deleted=deleted))
 
     async def ListUsers(
         self, request: api.ListUsersRequest, context: Context
@@ -126,14 +99,13 @@ class UserServicer(api_grpc.UserServiceServicer):
             "include_orders": request.include_orders,
         }
         after_id = self.tokens.decode(request.page_token, filters) if request.page_token else 0
-        async with self.db.read() as session:
-            users = await UserRepository(session).page(
-                after_id=after_id,
-                limit=limit + 1,
-                show_deleted=request.show_deleted,
-                full_name=request.full_name,
-                include_orders=request.include_orders,
-            )
+        users = await self.users.page(
+            after_id=after_id,
+            limit=limit + 1,
+            show_deleted=request.show_deleted,
+            full_name=request.full_name,
+            include_orders=request.include_orders,
+        )
         page = users[:limit]
         next_token = self.tokens.encode(page[-1].id, filters) if len(users) > limit else ""
         return api.ListUsersResponse(
@@ -157,17 +129,16 @@ class UserServicer(api_grpc.UserServiceServicer):
         }
         after_id = self.tokens.resume_after(request.resume_token, filters)
         resume_token = self.tokens.encoder(filters)
-        async with self.db.snapshot() as session:
-            batches = UserRepository(session).stream(
-                show_deleted=request.show_deleted,
-                active_only=request.active_only,
-                batch_size=batch_size,
-                after_id=after_id,
-            )
-            # Closed here, before the snapshot ends, even when the call ends at a yield.
-            async with aclosing(batches):
-                async for rows in batches:
-                    yield encode_user_batch(rows, resume_token(rows[-1].id))
+        batches = self.users.export(
+            show_deleted=request.show_deleted,
+            active_only=request.active_only,
+            batch_size=batch_size,
+            after_id=after_id,
+        )
+        # Closed here, and with it the snapshot, even when the call ends at a yield.
+        async with aclosing(batches):
+            async for rows in batches:
+                yield encode_user_batch(rows, resume_token(rows[-1].id))
 
     async def UpsertUsers(
         self, request: api.UpsertUsersRequest, context: Context
@@ -182,47 +153,16 @@ class UserServicer(api_grpc.UserServiceServicer):
             v.raise_if_any()
         rows = user_rows(v, "users", list(request.users))
         v.raise_if_any()
-
-        async def upsert(session: AsyncSession) -> api.UpsertUsersResponse:
-            counts = await UserRepository(session).upsert(rows)
-            return api.UpsertUsersResponse(inserted=counts.inserted, updated=counts.updated)
-
-        return await self.db.write(upsert)
+        counts = await self.users.upsert(rows)
+        return api.UpsertUsersResponse(inserted=counts.inserted, updated=counts.updated)
 
     async def ImportUsers(
         self,
         request_iterator: AsyncIterator[api.ImportUsersRequest],
         context: Context,
     ) -> api.ImportUsersResponse:
-        """COPY every streamed batch into a staging table, then merge: all or nothing.
-
-        The next messages are received and checked while the earlier ones are copied. The merge
-        is a plain INSERT when every email is new; otherwise, once duplicates are ruled out,
-        an upsert that refuses soft-deleted users. An import large enough to move the statistics
-        ends with ANALYZE users in the same transaction, so the next export is planned on them.
-
-        The one write not retried inside the service: the stream is consumed once. A deadlock
-        here is UNAVAILABLE with nothing applied, and the client sends the stream again."""
-        async with self.db.transaction() as session:
-            users = UserRepository(session)
-            staged = 0
-
-            async def stage(records: list[StagedUser]) -> None:
-                nonlocal staged
-                await users.copy_into_staging(records, first=not staged)
-                staged += len(records)
-
-            await stage_all(import_batches(request_iterator), stage)
-            if not staged:
-                return api.ImportUsersResponse(imported=0)
-            imported = await users.insert_staged()
-            if imported is None:  # an email is taken or repeated
-                duplicates = await users.staged_duplicates()
-                if duplicates:
-                    v = Violations()
-                    for email in duplicates:  # at most 10: the query's LIMIT
-                        v.add("users.email", f"{email} appears more than once in the import")
-                    v.raise_if_any()
-                imported = await users.merge_staging(staged)
-            await users.refresh_statistics(imported)
-        return api.ImportUsersResponse(imported=imported)
+        """COPY every streamed batch into a staging table, then merge: all or nothing (the
+        stream is read and checked ahead while the earlier batches are copied; not retried)."""
+        return api.ImportUsersResponse(
+            imported=await self.users.import_(import_batches(request_iterator))
+        )

@@ -21,6 +21,7 @@ from shop.v1 import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.accounts import AccountServicer
+from service.api.accounts_convert import ANSWERS
 from service.api.interceptors.admission import AdmissionInterceptor
 from service.api.interceptors.auth import AuthInterceptor, TokenTable
 from service.api.interceptors.call_scope import CallScopeInterceptor
@@ -32,6 +33,9 @@ from service.api.orders import OrderServicer
 from service.api.paging import PageTokens
 from service.api.users import UserServicer
 from service.api.users_encode import serialize_user_batch
+from service.app.accounts import Accounts
+from service.app.orders import Orders
+from service.app.users import Users
 from service.config import Settings
 from service.db.closing import dispose_within
 from service.db.database import Database
@@ -166,7 +170,7 @@ def interceptors(settings: Settings, metrics: RpcMetrics | None = None) -> list[
 
 def add_shop_services(server: grpc.aio.Server, db: Database, settings: Settings) -> None:
     tokens = PageTokens(settings.page_token_secret.get_secret_value().encode())
-    users = UserServicer(db, tokens)
+    users = UserServicer(Users(db), tokens)
     user_service_pb2_grpc.add_UserServiceServicer_to_server(users, server)
     # StreamUsers yields batches the compiled encoder has already serialized (users_encode.py):
     # the method again, with a serializer that sends their bytes as they are. A registered
@@ -181,9 +185,11 @@ def add_shop_services(server: grpc.aio.Server, db: Database, settings: Settings)
             )
         },
     )
-    order_service_pb2_grpc.add_OrderServiceServicer_to_server(OrderServicer(db, tokens), server)
+    order_service_pb2_grpc.add_OrderServiceServicer_to_server(
+        OrderServicer(Orders(db), tokens), server
+    )
     account_service_pb2_grpc.add_AccountServiceServicer_to_server(
-        AccountServicer(db, tokens), server
+        AccountServicer(Accounts(db, ANSWERS), tokens), server
     )
 
 
