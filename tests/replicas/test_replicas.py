@@ -22,15 +22,19 @@ from shop.v1 import (
     account_service_pb2_grpc,
     order_service_pb2,
     order_service_pb2_grpc,
+    resources_pb2,
     user_service_pb2_grpc,
 )
 from shop.v1 import user_service_pb2 as users_api
 
+from tests.faults.retry_info import retry_hint
 from tests.process import Served
-from tests.replicas.conftest import CHECK_INTERVAL, MAX_LAG, Databases, Pair
+from tests.replicas.conftest import CHECK_INTERVAL, MAX_LAG, Databases, Pair, dsn
+from tests.replicas.standby import STANDBY_SETTINGS
 
 T = TypeVar("T")
 DEADLINE = 20.0
+CANCELLED_EXPORT = 30_000  # users: ~2.2 MB, more than grpc buffers for a reader that stopped
 # Long enough for a check to see a lag past MAX_LAG and publish it, with room for a slow CI.
 PAST_MAX_LAG = MAX_LAG + 5 * CHECK_INTERVAL + 0.5
 SERVICE_BACKENDS = """
@@ -346,7 +350,10 @@ async def test_an_export_cut_off_by_its_replica_ends_unavailable_and_resumes(
 async def test_a_cancelled_export_leaves_the_replica_clean_and_resumes(
     served: Served, databases: Databases
 ) -> None:
-    await insert_users(databases, 5_000)
+    # More than grpc buffers between the server and a reader that stopped, so the export's
+    # transaction is still open on the standby when the reader goes away (with 5,000 users
+    # it had already ended there in 1 run of 4, and "clean" checked nothing).
+    await insert_users(databases, CANCELLED_EXPORT)
     await databases.replica_caught_up()
     users = user_service_pb2_grpc.UserServiceStub(served.channel)
     stream = users.StreamUsers(users_api.StreamUsersRequest(batch_size=10), timeout=DEADLINE)
@@ -356,9 +363,16 @@ async def test_a_cancelled_export_leaves_the_replica_clean_and_resumes(
         batch = await stream.read()
         seen.extend(u.id for u in batch.users)
         token = batch.resume_token
-    stream.cancel()
     replica = await databases.replica()
     try:
+        # First the export, seen on the standby: its query, inside its open snapshot.
+        exporting = [
+            b
+            for b in await backends(replica)
+            if b["state"] in ("active", "idle in transaction") and "FROM users" in b["query"]
+        ]
+        assert exporting, await backends(replica)
+        stream.cancel()
         for _ in range(100):  # the cursor closes and its transaction ends on the standby
             open_ = [b for b in await backends(replica) if b["state"] != "idle"]
             if not open_:
@@ -373,7 +387,7 @@ async def test_a_cancelled_export_leaves_the_replica_clean_and_resumes(
         )
     )
     assert len(seen) == 30 and sorted(seen + rest) == seen + rest
-    assert len(set(seen + rest)) == 5_000
+    assert len(set(seen + rest)) == CANCELLED_EXPORT
 
 
 EXPORTED = 50_000
@@ -464,3 +478,75 @@ async def test_an_export_on_the_replica_completes_while_transfers_run_on_the_pri
     rewritten = {name for i, name in rows if i % 50 == 0}
     assert len(rewritten) == 1, f"more than one snapshot: {sorted(rewritten)[:5]}"
     assert transfers > 0 and elapsed > 3
+
+
+@asynccontextmanager
+async def replay_cancels_reads(pair: Pair) -> AsyncIterator[None]:
+    """The standby as it would be without docs/scale-out.md's advice: no hot_standby_feedback,
+    and replay waits at most 100 ms for a read in its way before cancelling it. Put back to
+    tests/replicas/standby.py's settings at the end."""
+    standby = await asyncpg.connect(dsn(pair.standby.url("postgres")))
+    try:
+        await standby.execute("ALTER SYSTEM SET hot_standby_feedback = off")
+        await standby.execute("ALTER SYSTEM SET max_standby_streaming_delay = '100ms'")
+        await standby.execute("SELECT pg_reload_conf()")
+        yield
+    finally:
+        for name, value in STANDBY_SETTINGS.items():
+            await standby.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+        await standby.execute("SELECT pg_reload_conf()")
+        await standby.close()
+
+
+async def test_a_read_the_standby_cancels_for_replay_answers_replica_conflict(
+    served: Served, databases: Databases, pair: Pair
+) -> None:
+    """A real recovery conflict: ListOrders on the standby has read `orders` and waits for
+    `order_items`, whose lock the standby replays from the primary; the primary then locks
+    `orders`, whose replay the read is in the way of, so after max_standby_streaming_delay
+    the standby cancels it (SQLSTATE 40001 or 40P01, "canceling statement due to conflict
+    with recovery"). The client gets UNAVAILABLE / REPLICA_CONFLICT with a RetryInfo, and the
+    next call works."""
+    users = user_service_pb2_grpc.UserServiceStub(served.channel)
+    orders = order_service_pb2_grpc.OrderServiceStub(served.channel)
+    user = await users.CreateUser(
+        users_api.CreateUserRequest(
+            email=f"{uuid.uuid4().hex[:10]}@example.com", first_name="Ada", last_name="Lovelace"
+        ),
+        timeout=DEADLINE,
+    )
+    await orders.CreateOrder(
+        order_service_pb2.CreateOrderRequest(
+            user_id=user.id,
+            items=[resources_pb2.OrderItem(sku="BOOK", quantity=1, unit_price="19.99")],
+            request_id=uuid.uuid4().hex,
+        ),
+        timeout=DEADLINE,
+    )
+    await databases.replica_caught_up()
+    replica = await databases.replica()
+    try:
+        async with replay_cancels_reads(pair), table_locked_on_primary(databases, "order_items"):
+            call = orders.ListOrders(order_service_pb2.ListOrdersRequest(), timeout=DEADLINE)
+            listing = asyncio.ensure_future(call)
+            for _ in range(200):  # the read, on the standby, holding orders, waiting for items
+                waiting = [
+                    b
+                    for b in await backends(replica)
+                    if b["wait_event_type"] == "Lock" and "order_items" in b["query"]
+                ]
+                if waiting:
+                    break
+                assert not listing.done(), "ListOrders ended before it waited on the standby"
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("ListOrders never waited for order_items on the standby")
+            async with table_locked_on_primary(databases, "orders"):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await asyncio.wait_for(listing, DEADLINE)
+    finally:
+        await replica.close()
+    # The reason, and a RetryInfo delay: the client may retry (an export, resume).
+    assert retry_hint(caught.value) == (grpc.StatusCode.UNAVAILABLE, "REPLICA_CONFLICT", True)
+    again = await orders.ListOrders(order_service_pb2.ListOrdersRequest(), timeout=DEADLINE)
+    assert len(again.orders) == 1
