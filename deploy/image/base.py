@@ -4,7 +4,7 @@ debootstrap, imported into podman as a local image that the Dockerfile takes as 
 Debian's python3 (3.11) stands in for python:3.11-slim-bookworm: python3-venv for the venv,
 python-is-python3 for the Dockerfile's `python`, libpython3.11-dev for the compiled encoder's
 headers (without them setup.py's optional extension is skipped). The root filesystem is cached
-(SHOP_IMAGE_CACHE, /var/cache/shop-image): debootstrap took 51 s here, the import 9 s.
+(SHOP_IMAGE_CACHE, /var/cache/shop-image): debootstrap took 51-63 s here, the import 7 s.
 
 What pip inside the build needs of this host goes into the base, never into the repository:
 the host's CA bundle (an egress proxy may re-sign TLS) and the part of its pip configuration a
@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from deploy.image.podman import ImageError, executable, podman
@@ -32,7 +33,7 @@ CACHE = Path(os.environ.get("SHOP_IMAGE_CACHE", "/var/cache/shop-image"))
 REPOSITORY = "localhost/shop-service-base"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 PIP_CA = "/etc/ssl/certs/pip-ca.crt"  # in the base: the bundle the host's pip trusts
-DEBOOTSTRAP_TIMEOUT = 900.0  # 51 s here with a near mirror
+DEBOOTSTRAP_TIMEOUT = 900.0  # 51-63 s here
 IMPORT_TIMEOUT = 300.0
 # The host's pip settings that mean the same inside a container.
 PIP_KEYS = ("index-url", "extra-index-url", "trusted-host", "timeout", "default-timeout", "retries")
@@ -109,6 +110,7 @@ def rootfs() -> Path:
         MIRROR,
     ]
     print(f"debootstrap {SUITE} into {partial} (cached for later runs)", flush=True)
+    started = time.monotonic()
     try:
         subprocess.run(command, timeout=DEBOOTSTRAP_TIMEOUT, check=True, stdout=subprocess.DEVNULL)
     except (subprocess.SubprocessError, OSError) as exc:
@@ -118,6 +120,7 @@ def rootfs() -> Path:
     shutil.rmtree(partial / "var" / "lib" / "apt" / "lists", ignore_errors=True)
     (partial / "var" / "lib" / "apt" / "lists" / "partial").mkdir(parents=True)
     partial.rename(target)
+    print(f"debootstrap: {time.monotonic() - started:.0f} s", flush=True)
     return target
 
 
@@ -139,6 +142,7 @@ def base_image() -> str:
         (tree / PIP_CA.lstrip("/")).write_bytes(ca_bytes)
     (tree / "etc" / "pip.conf").write_text(pip_conf)
     print(f"importing {tree} as {name}", flush=True)
+    started = time.monotonic()
     tar = subprocess.Popen(["tar", "-C", str(tree), "-c", "."], stdout=subprocess.PIPE)
     try:
         podman(["import", "-", name], timeout=IMPORT_TIMEOUT, stdin=tar.stdout)
@@ -148,4 +152,5 @@ def base_image() -> str:
         tar.wait(timeout=IMPORT_TIMEOUT)
     if tar.returncode != 0:
         raise ImageError(f"tar of {tree} exited {tar.returncode}")
+    print(f"import: {time.monotonic() - started:.0f} s", flush=True)
     return name
