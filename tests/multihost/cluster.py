@@ -7,7 +7,6 @@ import asyncio
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from deploy.envoy.admin import EnvoyAdmin
 from deploy.envoy.config import render
-from deploy.processes import stop
+from deploy.processes import serve_argv, stop
 from tests import tools
 from tests.multihost.hosts import Host
 from tests.process import ROOT, free_port, service_env, wait_until_serving
@@ -63,7 +62,7 @@ class Replica:
         log = self.log
         with log.open("ab") as out:
             self.process = subprocess.Popen(
-                self.host.command(sys.executable, "-m", "service", "serve"),
+                self.host.command(*serve_argv()),
                 cwd=ROOT,
                 env=self.env(),
                 stdout=out,
