@@ -154,18 +154,22 @@ async def health(served: Served) -> int:
     return int(reply.status)
 
 
-async def open_account(served: Served, balance: str) -> int:
+async def create_user(served: Served) -> int:
     users = user_service_pb2_grpc.UserServiceStub(served.channel)
-    accounts = account_service_pb2_grpc.AccountServiceStub(served.channel)
     user = await users.CreateUser(
         users_api.CreateUserRequest(
             email=f"{uuid.uuid4().hex[:10]}@example.com", first_name="Ada", last_name="Lovelace"
         ),
         timeout=DEADLINE,
     )
+    return int(user.id)
+
+
+async def open_account(served: Served, balance: str) -> int:
+    accounts = account_service_pb2_grpc.AccountServiceStub(served.channel)
     account = await accounts.OpenAccount(
         accounts_api.OpenAccountRequest(
-            user_id=user.id, currency="EUR", request_id=uuid.uuid4().hex
+            user_id=await create_user(served), currency="EUR", request_id=uuid.uuid4().hex
         ),
         timeout=DEADLINE,
     )
@@ -507,17 +511,10 @@ async def test_a_read_the_standby_cancels_for_replay_answers_replica_conflict(
     the standby cancels it (SQLSTATE 40001 or 40P01, "canceling statement due to conflict
     with recovery"). The client gets UNAVAILABLE / REPLICA_CONFLICT with a RetryInfo, and the
     next call works."""
-    users = user_service_pb2_grpc.UserServiceStub(served.channel)
     orders = order_service_pb2_grpc.OrderServiceStub(served.channel)
-    user = await users.CreateUser(
-        users_api.CreateUserRequest(
-            email=f"{uuid.uuid4().hex[:10]}@example.com", first_name="Ada", last_name="Lovelace"
-        ),
-        timeout=DEADLINE,
-    )
     await orders.CreateOrder(
         order_service_pb2.CreateOrderRequest(
-            user_id=user.id,
+            user_id=await create_user(served),
             items=[resources_pb2.OrderItem(sku="BOOK", quantity=1, unit_price="19.99")],
             request_id=uuid.uuid4().hex,
         ),
