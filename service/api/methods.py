@@ -1,9 +1,16 @@
-"""What each shop.v1 method is, in one table: the role it needs (below), where it reads
-(service/db/routing.py's ROUTES). The interceptors read it; nothing below the gRPC room does."""
+"""What each shop.v1 method is, in one table: the role it needs, where it reads (and so how
+stale its answer may be), and whether it is idempotent by request_id. Auth, admission and the
+call scope read it here, once per method; the database layer is handed a call's route by the
+call-scope interceptor (service/db/routing.py) and never imports this. docs/scale-out.md's read
+table and the README's Security section mirror it (tests/unit/test_routing.py,
+tests/unit/test_methods.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
+
+from service.db.routing import PRIMARY, REPLICA, ReadsFrom
 
 
 class Role(StrEnum):
@@ -11,31 +18,71 @@ class Role(StrEnum):
     WRITE = "write"
 
 
-# Every shop.v1 method and the role it needs; a write token may also read. A method missing
-# here needs WRITE (see required_role), so a new RPC is closed until someone classifies it.
-METHOD_ROLES: dict[str, Role] = {
-    "/shop.v1.UserService/CreateUser": Role.WRITE,
-    "/shop.v1.UserService/GetUser": Role.READ,
-    "/shop.v1.UserService/UpdateUser": Role.WRITE,
-    "/shop.v1.UserService/DeleteUser": Role.WRITE,
-    "/shop.v1.UserService/UndeleteUser": Role.WRITE,
-    "/shop.v1.UserService/ListUsers": Role.READ,
-    "/shop.v1.UserService/StreamUsers": Role.READ,
-    "/shop.v1.UserService/UpsertUsers": Role.WRITE,
-    "/shop.v1.UserService/ImportUsers": Role.WRITE,
-    "/shop.v1.OrderService/CreateOrder": Role.WRITE,
-    "/shop.v1.OrderService/GetOrder": Role.READ,
-    "/shop.v1.OrderService/ListOrders": Role.READ,
-    "/shop.v1.OrderService/StreamOrders": Role.READ,
-    "/shop.v1.OrderService/UpdateOrderStatus": Role.WRITE,
-    "/shop.v1.AccountService/OpenAccount": Role.WRITE,
-    "/shop.v1.AccountService/GetAccount": Role.READ,
-    "/shop.v1.AccountService/Deposit": Role.WRITE,
-    "/shop.v1.AccountService/Withdraw": Role.WRITE,
-    "/shop.v1.AccountService/Transfer": Role.WRITE,
-    "/shop.v1.AccountService/BatchTransfer": Role.WRITE,
-    "/shop.v1.AccountService/ListTransfers": Role.READ,
-    "/shop.v1.AccountService/StreamTransfers": Role.READ,
+READ = Role.READ
+WRITE = Role.WRITE
+
+# A read that tolerates a little staleness (a page a client will fetch again, an export that is
+# a snapshot of some recent moment anyway) goes to a replica when SHOP_DATABASE_REPLICA_URLS
+# names one that is up and within SHOP_REPLICA_MAX_LAG (service/db/replicas.py); with none
+# usable, to the primary. A read a client acts on (a balance) and everything a write reads stay
+# on the primary.
+FRESH = "none: reads the primary"
+LAGGED = "up to SHOP_REPLICA_MAX_LAG (+ one check interval); typically milliseconds"
+LAGGED_SNAPSHOT = "one snapshot, up to SHOP_REPLICA_MAX_LAG old when it starts"
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    role: Role
+    reads_from: ReadsFrom = PRIMARY
+    staleness: str = FRESH  # what a caller may see, in the docs' words
+    # The request carries a request_id: a repeat gets the first call's answer, applied once.
+    idempotent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    reads_from: ReadsFrom
+    staleness: str
+
+
+# Every shop.v1 method. A method missing here needs WRITE (required_role) and reads the primary
+# (route_of): a new RPC is closed and fresh until someone classifies it.
+METHODS: dict[str, Method] = {
+    # UserService
+    "/shop.v1.UserService/CreateUser": Method(WRITE),
+    "/shop.v1.UserService/GetUser": Method(READ, PRIMARY, FRESH + " (coalesced point read)"),
+    "/shop.v1.UserService/UpdateUser": Method(WRITE),
+    "/shop.v1.UserService/DeleteUser": Method(WRITE),
+    "/shop.v1.UserService/UndeleteUser": Method(WRITE),
+    "/shop.v1.UserService/ListUsers": Method(READ, REPLICA, LAGGED),
+    "/shop.v1.UserService/StreamUsers": Method(READ, REPLICA, LAGGED_SNAPSHOT),
+    "/shop.v1.UserService/UpsertUsers": Method(WRITE),
+    "/shop.v1.UserService/ImportUsers": Method(WRITE),
+    # OrderService
+    "/shop.v1.OrderService/CreateOrder": Method(WRITE, idempotent=True),
+    "/shop.v1.OrderService/GetOrder": Method(READ, PRIMARY, FRESH),
+    "/shop.v1.OrderService/ListOrders": Method(READ, REPLICA, LAGGED),
+    "/shop.v1.OrderService/StreamOrders": Method(READ, REPLICA, LAGGED_SNAPSHOT),
+    "/shop.v1.OrderService/UpdateOrderStatus": Method(WRITE),
+    # AccountService: a balance is what a client acts on.
+    "/shop.v1.AccountService/OpenAccount": Method(WRITE, idempotent=True),
+    "/shop.v1.AccountService/GetAccount": Method(
+        READ, PRIMARY, FRESH + ": a balance a client acts on"
+    ),
+    "/shop.v1.AccountService/Deposit": Method(WRITE, idempotent=True),
+    "/shop.v1.AccountService/Withdraw": Method(WRITE, idempotent=True),
+    "/shop.v1.AccountService/Transfer": Method(WRITE, idempotent=True),
+    # Each item by its own request_id.
+    "/shop.v1.AccountService/BatchTransfer": Method(WRITE, idempotent=True),
+    "/shop.v1.AccountService/ListTransfers": Method(READ, REPLICA, LAGGED),
+    "/shop.v1.AccountService/StreamTransfers": Method(READ, REPLICA, LAGGED_SNAPSHOT),
+}
+
+# Derived views, for the interceptors and the tables in the docs.
+METHOD_ROLES: dict[str, Role] = {name: m.role for name, m in METHODS.items()}
+ROUTES: dict[str, Route] = {
+    name: Route(m.reads_from, m.staleness) for name, m in METHODS.items() if m.role is READ
 }
 
 # Probes and tools must work without a token: load balancers do not carry one.
@@ -47,3 +94,9 @@ def required_role(method: str) -> Role | None:
     if method.startswith(PUBLIC_PREFIXES):
         return None
     return METHOD_ROLES.get(method, Role.WRITE)
+
+
+def route_of(method: str) -> ReadsFrom:
+    """Where `method` (a full gRPC method name) reads; the primary when it is not listed."""
+    found = METHODS.get(method)
+    return PRIMARY if found is None else found.reads_from

@@ -1,4 +1,4 @@
-"""The read-routing table (service/db/routing.py) against the contract, the issue and the table
+"""The read-routing table (service/api/methods.py) against the contract, the issue and the table
 in docs/scale-out.md (Read replicas); and the replica lag rule (service/db/replicas.py)."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import re
 
 from shop.v1 import account_service_pb2, order_service_pb2, user_service_pb2
 
+from service.api.methods import ROUTES, route_of
 from service.config import Settings
 from service.db.replicas import ReplayClock, Replica, Replicas
-from service.db.routing import PRIMARY, REPLICA, ROUTES, route_of
+from service.db.routing import PRIMARY, REPLICA
 from tests.tools import ROOT
 
 METHODS = {

@@ -1,5 +1,5 @@
 """Hands the database layer what it must know of each call: its deadline (service/db/deadlines.py)
-and where it reads (service/db/routing.py)."""
+and where it reads (its row in service/api/methods.py, bound in service/db/routing.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 
 from service.api.context import Context
 from service.api.interceptors.wrapping import Handler, WrappingInterceptor, with_behaviours
+from service.api.methods import route_of
 from service.db.deadlines import bind_deadline
-from service.db.routing import ReadsFrom, bind_reads_from, route_of
+from service.db.routing import ReadsFrom, bind_reads_from
 
 
 def _unary(reads_from: ReadsFrom) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -44,7 +45,7 @@ def _streaming(reads_from: ReadsFrom) -> Callable[[Callable[..., Any]], Callable
 class CallScopeInterceptor(WrappingInterceptor):
     """Binds context.time_remaining() for the call, so every transaction it opens starts with a
     statement_timeout no longer than what the caller still waits; and where the method reads
-    (its row in service/db/routing.py, looked up once per method), for Database.read() and
+    (its row in service/api/methods.py, looked up once per method), for Database.read() and
     snapshot()."""
 
     def wrap(self, method: str, handler: Handler) -> Handler:
