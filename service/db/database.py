@@ -1,19 +1,24 @@
-"""The one data layer a handler sees: it owns the engine and hands out units of work through a
-few named doors. No handler reaches for a sessionmaker, an engine or a driver connection.
+"""The one data layer the application sees: it owns the engine and hands out units of work
+through three doors, each with one kind of handle. Nothing else reaches for a sessionmaker, an
+engine or a driver connection.
 
-- read(): a session for reads (no explicit transaction; closed at the end).
-- snapshot(): one REPEATABLE READ, READ ONLY transaction, for exports.
-  Both on a read replica when the RPC's row in service/db/routing.py says so and one is
-  usable (service/db/replicas.py); on the primary otherwise.
-- write(work): work(session) in a transaction, committed, retried on 40001/40P01.
-- transaction(): one transaction, not retried (work that cannot run twice: ImportUsers).
-  snapshot() and transaction() hold their connection for as long as a client streams: at most
-  `stream_connections` of them at once (StreamSlots), so the rest of the pool stays for the
-  short doors.
-- idempotent(...): write() once per request_id (app/idempotency.py holds the rule).
-- point_reads(read): concurrent point reads answered by one statement per batch.
-- batched(apply): concurrent writes applied together in one transaction per batch (group
-  commit: transfers, deposits, withdrawals).
+1. Reads, an AsyncSession:
+   - read(): a session for reads (no explicit transaction; closed at the end).
+   - snapshot(): one REPEATABLE READ, READ ONLY transaction, for exports.
+   Both on a read replica when the RPC's route says so (bound per call from the gRPC room's
+   per-method table, service/db/routing.py) and one is usable (service/db/replicas.py); on the
+   primary otherwise.
+2. Writes, an AsyncSession in a transaction:
+   - write(work): work(session) in a transaction, committed, retried on 40001/40P01
+     (service/app/idempotency.py runs it once per request_id).
+   - transaction(): one transaction, not retried (work that cannot run twice: ImportUsers).
+   snapshot() and transaction() hold their connection for as long as a client streams: at most
+   `stream_connections` of them at once (StreamSlots), so the rest of the pool stays for the
+   short doors.
+3. Batchers, an AsyncConnection per batch:
+   - point_reads(read): concurrent point reads answered by one statement per batch.
+   - batched(apply): concurrent writes applied together in one transaction per batch (group
+     commit: transfers, deposits, withdrawals).
 """
 
 from __future__ import annotations
@@ -93,8 +98,8 @@ class Database:
         replicas: Replicas | None = None,
         stream_connections: int | None = None,
     ) -> None:
-        self.engine = engine
-        self.sessions = sessions
+        self.engine = engine  # for inspecting its pool (tests, metrics); not a door
+        self._sessions = sessions
         self.replicas = replicas
         self.streams = StreamSlots(stream_connections)
         self._coalescers: list[Coalescer[Any, Any]] = []
@@ -102,13 +107,13 @@ class Database:
     def read(self) -> AbstractAsyncContextManager[AsyncSession]:
         replica = self._replica()
         if replica is None:
-            return self.sessions()
+            return self._sessions()
         return self._on_replica(replica, connected)
 
     def snapshot(self) -> AbstractAsyncContextManager[AsyncSession]:
         replica = self._replica()
         if replica is None:
-            return self.streams.hold(read_only_snapshot(self.sessions))
+            return self.streams.hold(read_only_snapshot(self._sessions))
         return self.streams.hold(self._on_replica(replica, read_only_snapshot))
 
     def _replica(self) -> Replica | None:
@@ -135,7 +140,7 @@ class Database:
                 self.replicas.mark_down(replica, exc)
                 on = None
             if on is None:
-                session = await stack.enter_async_context(opened(self.sessions))
+                session = await stack.enter_async_context(opened(self._sessions))
             try:
                 yield session
             except Exception as exc:
@@ -144,15 +149,15 @@ class Database:
                 raise
 
     async def write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        return await transactional(self.sessions, work)
+        return await transactional(self._sessions, work)
 
     def transaction(self) -> AbstractAsyncContextManager[AsyncSession]:
         """One transaction, committed at the end and not retried: for work that cannot run
         twice (ImportUsers reads its client stream once)."""
-        return self.streams.hold(transaction(self.sessions))
+        return self.streams.hold(transaction(self._sessions))
 
     @asynccontextmanager
-    async def statement(self) -> AsyncIterator[AsyncConnection]:
+    async def _statement(self) -> AsyncIterator[AsyncConnection]:
         """A Core connection for one read statement: autocommit (no BEGIN, no COMMIT), except
         behind PgBouncer in transaction mode, where a statement's prepare and execute must
         share a transaction to reach the same server connection."""
@@ -177,7 +182,7 @@ class Database:
             # statement_timeout, and fail every caller once that one's had passed). The batch
             # is bounded by its callers' cancellations instead, as autocommit reads are.
             with deadline_bound(None):
-                async with self.statement() as conn:
+                async with self._statement() as conn:
                     return await read(conn, keys)
 
         # One batch at a time: a point read is one short statement with no locks to wait for,

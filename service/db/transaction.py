@@ -32,5 +32,5 @@ async def read_only_snapshot(
 
 
 # An engine execution option: False where a single read must keep a transaction block (behind
-# PgBouncer in transaction mode): Database.statement() reads it.
+# PgBouncer in transaction mode): Database._statement() reads it (the point reads).
 AUTOCOMMIT_READS = "shop_autocommit_reads"
