@@ -28,7 +28,7 @@ from shop.v1.user_service_pb2_grpc import UserServiceStub
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.serving.shutdown import ActiveStreams
+from service.api.interceptors.shutdown import ActiveStreams
 from tests.factories import Factory
 from tests.process import ROOT, STOP_TIMEOUT, service_process
 from tests.streams.helpers import SLOW_READER_OPTIONS, eventually, insert_users, lock_waiters

@@ -32,9 +32,10 @@ from shop.v1 import (
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.api.interceptors.shutdown import SHUTTING_DOWN
 from service.config import Settings
 from service.serving.server import POOL_CLOSE_SECONDS, start_server
-from service.serving.shutdown import REPEAT_AFTER, SHUTTING_DOWN
+from service.serving.shutdown import REPEAT_AFTER
 from tests.process import service_process
 from tests.streams.helpers import insert_users, read_until_cut, resume
 from tests.tcp_proxy import database_proxy

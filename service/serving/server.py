@@ -27,6 +27,7 @@ from service.api.interceptors.auth import AuthInterceptor, TokenTable
 from service.api.interceptors.call_scope import CallScopeInterceptor
 from service.api.interceptors.errors import ErrorInterceptor
 from service.api.interceptors.observability import ObservabilityInterceptor
+from service.api.interceptors.shutdown import ActiveStreams
 from service.api.interceptors.streams import StreamWriter
 from service.api.interceptors.wrapping import Interceptor
 from service.api.orders import OrderServicer
@@ -48,7 +49,7 @@ from service.serving.health import HealthProbe, HealthService
 from service.serving.limits import compression, limit_options
 from service.serving.reflection import enable_reflection
 from service.serving.security import check_exposure, exposure_warnings
-from service.serving.shutdown import ActiveStreams, StopSignals
+from service.serving.shutdown import StopSignals
 from service.serving.tls import server_credentials
 
 log = logging.getLogger(__name__)

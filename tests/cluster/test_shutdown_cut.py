@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from deploy.cluster import Layout, running_cluster
-from service.serving.shutdown import SHUTTING_DOWN
+from service.api.interceptors.shutdown import SHUTTING_DOWN
 from tests import tools
 from tests.process import free_port, user_env
 from tests.streams.helpers import insert_users, read_until_cut, resume

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.serving.shutdown import SHUTTING_DOWN
+from service.api.interceptors.shutdown import SHUTTING_DOWN
 from tests import tools
 from tests.multihost.checks import assert_bank_intact, assert_exports_whole
 from tests.multihost.cluster import DRAIN_DELAY, GRACE, Envoy, Replica
