@@ -15,9 +15,8 @@ from service.api.orders_convert import STATUS_FROM_PROTO, order_rows_to_batch, o
 from service.api.paging import PageTokens
 from service.api.users_convert import user_to_proto
 from service.api.validation import MAX_ID, Violations
-from service.app.orders import Orders
+from service.app.orders import ItemFields, Orders
 from service.db.models import OrderStatus
-from service.repositories.orders import ItemFields
 
 MAX_ITEMS = 100
 MAX_QUANTITY = 1_000_000

@@ -13,7 +13,7 @@ from service.api.convert import set_timestamp, timestamp
 from service.db.models import Order, OrderStatus
 
 if TYPE_CHECKING:
-    from service.repositories.orders import OrderPartition
+    from service.app.orders import OrderPartition
 
 STATUS_TO_PROTO: dict[OrderStatus, pb.OrderStatus.ValueType] = {
     OrderStatus.PENDING: pb.ORDER_STATUS_PENDING,

@@ -11,9 +11,9 @@ from operator import attrgetter
 from shop.v1 import user_service_pb2 as api
 
 from service.api.validation import Violations, all_emails, all_names
+from service.app.users import UserFields
 from service.app.users_import import StagedUser
 from service.errors import InvalidArgument
-from service.repositories.users import UserFields
 
 # Users in one ImportUsers message, checked by len() before a row is read: a message is checked
 # and turned into records whole, and one 16 MiB message could otherwise hold 8.4M rows. Clients

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, Generic
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.app.idempotency import IdempotentRequest, M, idempotent
 from service.app.money_rules import Posting
@@ -28,7 +28,7 @@ class Accounts(Generic[A]):
         self.db = db
         self._money = MoneyWriter(db, answers)
         # GetAccount: concurrent calls share one statement (WHERE id = ANY(:ids)) per batch.
-        self._rows_by_id = db.point_reads(AccountRepository.rows_by_id)
+        self._rows_by_id = db.point_reads(_rows_by_id)
 
     async def open(
         self,
@@ -83,3 +83,7 @@ class Accounts(Generic[A]):
                 account_id, batch_size=batch_size, after_id=after_id
             ):
                 yield rows
+
+
+async def _rows_by_id(conn: AsyncConnection, ids: Sequence[int]) -> Sequence[Outcome[Any]]:
+    return await AccountRepository(conn).rows_by_id(ids)

@@ -10,7 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.app.idempotency import IdempotentRequest, M, idempotent
 from service.db.database import Database
 from service.db.models import Order, OrderStatus
-from service.repositories.orders import ItemFields, OrderPartition, OrderRepository
+from service.repositories.orders import ItemFields as ItemFields  # what the callers fill in
+from service.repositories.orders import OrderPartition as OrderPartition  # what export yields
+from service.repositories.orders import OrderRepository
 from service.repositories.users import UserRepository
 
 

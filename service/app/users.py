@@ -8,13 +8,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.app.users_import import StagedUser, stage_all
+from service.db.coalescer import Outcome
 from service.db.database import Database
 from service.db.models import User, utcnow
 from service.errors import FieldViolation, InvalidArgument
-from service.repositories.users import UpsertCounts, UserFields, UserRepository
+from service.repositories.users import UpsertCounts, UserRepository
+from service.repositories.users import UserFields as UserFields  # what the callers fill in
 
 
 class Users:
@@ -23,7 +25,7 @@ class Users:
     def __init__(self, db: Database) -> None:
         self.db = db
         # GetUser: concurrent calls share one statement (WHERE id = ANY(:ids)) per batch.
-        self._rows_by_id = db.point_reads(UserRepository.rows_by_id)
+        self._rows_by_id = db.point_reads(_rows_by_id)
 
     async def create(self, email: str, first_name: str, last_name: str) -> User:
         """EMAIL_TAKEN if the email exists (deleted users included)."""
@@ -143,3 +145,7 @@ class Users:
                 imported = await users.merge_staging(staged)
             await users.refresh_statistics(imported)
         return imported
+
+
+async def _rows_by_id(conn: AsyncConnection, ids: Sequence[int]) -> Sequence[Outcome[Any]]:
+    return await UserRepository(conn).rows_by_id(ids)

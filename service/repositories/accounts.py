@@ -34,8 +34,14 @@ _ACCOUNT_ROWS_BY_ID = select(*ACCOUNT_COLUMNS).where(
 class AccountRepository:
     """Customer accounts: open, read, page through their transfers."""
 
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+    def __init__(self, on: AsyncSession | AsyncConnection) -> None:
+        self.on = on
+
+    @property
+    def session(self) -> AsyncSession:
+        """What the ORM methods run on: the unit of work's session, not a batch's connection."""
+        assert isinstance(self.on, AsyncSession), "this method needs an AsyncSession"
+        return self.on
 
     async def add(self, user_id: int, currency: str) -> Account:
         account = Account(user_id=user_id, currency=currency, balance=Decimal("0.00"))
@@ -43,14 +49,13 @@ class AccountRepository:
         await self.session.flush()
         return account
 
-    @staticmethod
     async def rows_by_id(
-        conn: AsyncConnection, account_ids: Sequence[int]
+        self, account_ids: Sequence[int]
     ) -> list[Row[*tuple[Any, ...]] | NotFound]:
         """Each id's row of ACCOUNT_COLUMNS, or NotFound, in the order asked (an id may come
         more than once): one statement for them all, on a Core connection. Customer accounts
         only, as get() reads them."""
-        found = await conn.execute(_ACCOUNT_ROWS_BY_ID, {"ids": list(set(account_ids))})
+        found = await self.on.execute(_ACCOUNT_ROWS_BY_ID, {"ids": list(set(account_ids))})
         rows: dict[int, Row[*tuple[Any, ...]]] = {row.id: row for row in found}
         return [rows[i] if i in rows else NotFound("account", i) for i in account_ids]
 

@@ -94,17 +94,20 @@ def _email_taken(exc: IntegrityError, email: str) -> AlreadyExists | None:
 
 
 class UserRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+    def __init__(self, on: AsyncSession | AsyncConnection) -> None:
+        self.on = on
 
-    @staticmethod
-    async def rows_by_id(
-        conn: AsyncConnection, user_ids: Sequence[int]
-    ) -> list[Row[*tuple[Any, ...]] | NotFound]:
+    @property
+    def session(self) -> AsyncSession:
+        """What the ORM methods run on: the unit of work's session, not a batch's connection."""
+        assert isinstance(self.on, AsyncSession), "this method needs an AsyncSession"
+        return self.on
+
+    async def rows_by_id(self, user_ids: Sequence[int]) -> list[Row[*tuple[Any, ...]] | NotFound]:
         """Each id's row of USER_COLUMNS, or NotFound, in the order asked (an id may come more
         than once), soft-deleted users included: one statement for them all (GetUser's
         coalesced reads, on a Core connection: no session, no ORM)."""
-        found = await conn.execute(_USER_ROWS_BY_ID, {"ids": list(set(user_ids))})
+        found = await self.on.execute(_USER_ROWS_BY_ID, {"ids": list(set(user_ids))})
         rows: dict[int, Row[*tuple[Any, ...]]] = {row.id: row for row in found}
         return [rows[i] if i in rows else NotFound("user", i) for i in user_ids]
 
