@@ -15,10 +15,11 @@ connection is replaced on its next checkout, so an outage costs the calls in fli
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_
@@ -52,3 +53,11 @@ def ping_on_checkout(engine: AsyncEngine, idle_seconds: float = 0.0) -> None:
         checked_in = record.info.get(_CHECKED_IN)
         if checked_in is not None and time.monotonic() - checked_in >= idle_seconds:
             _ping(dbapi_connection)
+
+
+async def database_answers(engine: AsyncEngine, within: float) -> None:
+    """SELECT 1 on a connection of `engine` (the health probe's own); raises when the database
+    does not answer `within` seconds (asyncpg's own connect and command timeouts come first;
+    twice `within` is the backstop)."""
+    async with asyncio.timeout(within * 2), engine.connect() as conn:
+        await conn.execute(text(PRE_PING))

@@ -14,10 +14,10 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.context import Context
+from service.db.ping import database_answers
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,7 @@ class HealthProbe:
 
     async def database_answers(self) -> bool:
         try:
-            # asyncpg's own connect/command timeouts come first; this is the backstop.
-            async with asyncio.timeout(self.timeout * 2), self.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            await database_answers(self.engine, self.timeout)
         except Exception as exc:  # any failure means "not answering"; the reason is logged
             if self.healthy is not False:
                 log.warning("database not answering (%s): health NOT_SERVING", type(exc).__name__)
