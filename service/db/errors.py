@@ -1,6 +1,7 @@
 """The one reader of database errors: SQLSTATE and constraint of an error raised by asyncpg or
-wrapped by SQLAlchemy, which ones a retry may cure, and what each means to a client. Used by
-the retry loop (db/retry.py), the repositories (constraint names) and the error interceptor."""
+wrapped by SQLAlchemy, which ones a retry may cure, which say the database cannot serve now.
+Used by the retry loop (db/retry.py), the repositories (constraint names), the doors (replica
+outages) and service/app/failures.py, which says what each means to a client."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
-
-from service import errors
 
 SERIALIZATION_FAILURE = "40001"
 DEADLOCK_DETECTED = "40P01"
@@ -109,26 +108,12 @@ def discard_lost_connections(engine: AsyncEngine) -> None:
             context.is_disconnect = True
 
 
-def as_domain_error(exc: BaseException) -> errors.DomainError | None:
-    """What a database error means to the client; None for one that is a bug (INTERNAL)."""
-    if is_recovery_conflict(exc):
-        # The read, not the database, was refused: an export resumes from its last token.
-        return errors.Unavailable(
-            "the read replica cancelled this read to replay the primary's changes; retry or resume",
-            reason="REPLICA_CONFLICT",
-        )
-    if is_retryable(exc):
-        # Only when db/retry.py gave up (or could not replay, as for ImportUsers): nothing
-        # was applied, so the client may safely send the request again.
-        return errors.Unavailable(
-            "the database is busy (serialization failure or deadlock); retry later",
-            reason="DATABASE_CONTENTION",
-        )
-    if isinstance(exc, sa_exc.TimeoutError):
-        return errors.Unavailable("no database connection is free; retry later")
-    if sqlstate(exc) == QUERY_CANCELED:
-        # statement_timeout, which db/deadlines.py sets from the call's deadline.
-        return errors.DeadlineExceeded("the deadline passed while the database was working")
-    if is_unavailable(exc):
-        return errors.Unavailable.database_down()
-    return None
+def is_pool_exhausted(exc: BaseException) -> bool:
+    """No pooled connection came free within SHOP_POOL_TIMEOUT."""
+    return isinstance(exc, sa_exc.TimeoutError)
+
+
+def is_statement_timeout(exc: BaseException) -> bool:
+    """The statement was cancelled: statement_timeout (db/deadlines.py sets it from the call's
+    deadline) or a cancel request."""
+    return sqlstate(exc) == QUERY_CANCELED

@@ -15,9 +15,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import errors
+from service.app.failures import as_domain_error
 from service.config import Settings
 from service.db.engine import create_engine, create_unpooled_engine
-from service.db.errors import READ_ONLY_SQL_TRANSACTION, as_domain_error, sqlstate
+from service.db.errors import READ_ONLY_SQL_TRANSACTION, sqlstate
 from tests.postgres import fresh_database_on
 
 

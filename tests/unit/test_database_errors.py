@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import exc as sa_exc
 
 from service import errors
-from service.db.errors import as_domain_error, is_recovery_conflict
+from service.app.failures import as_domain_error
+from service.db.errors import is_recovery_conflict
 
 RECOVERY_CONFLICT = {
     "S": "ERROR",

@@ -15,7 +15,7 @@ from service.api.context import Context
 from service.api.interceptors.decoding import decode_in_handler
 from service.api.interceptors.wrapping import Handler, WrappingInterceptor, wrap_handler
 from service.api.status import DOMAIN, packed, status_message
-from service.db.errors import as_domain_error as database_error
+from service.app.failures import as_domain_error
 from service.observability.request_id import current_request_id, new_request_id
 
 log = logging.getLogger(__name__)
@@ -23,13 +23,6 @@ log = logging.getLogger(__name__)
 
 def to_status(error: errors.DomainError) -> grpc.Status:
     return rpc_status.to_status(status_message(error))
-
-
-def as_domain_error(exc: BaseException) -> errors.DomainError | None:
-    """Domain errors as they are; database errors as service/db/errors.py reads them."""
-    if isinstance(exc, errors.DomainError):
-        return exc
-    return database_error(exc)
 
 
 async def abort_with(context: Context, status: grpc.Status) -> None:
