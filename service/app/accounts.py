@@ -5,7 +5,7 @@ statement export), or what the caller's Answers build inside the money batch."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Generic
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -49,19 +49,20 @@ class Accounts(Generic[A]):
             self.db, method="OpenAccount", request=request, parse=parse, work=open_account
         )
 
-    async def row(self, account_id: int) -> Any:
+    def row(self, account_id: int) -> Awaitable[Any]:
         """The account's row (repositories.accounts.ACCOUNT_COLUMNS) with its balance."""
-        return await self._rows_by_id.submit(account_id)
+        # The coalescer's own awaitable, handed on: no coroutine of this layer on the path.
+        return self._rows_by_id.submit(account_id)
 
-    async def post(self, method: str, request: IdempotentRequest, posting: Posting) -> A:
+    def post(self, method: str, request: IdempotentRequest, posting: Posting) -> Awaitable[A]:
         """Apply one posting in the next money batch, once per request_id."""
-        return await self._money.post(method, request, posting)
+        return self._money.post(method, request, posting)
 
-    async def post_many(
+    def post_many(
         self, method: str, requests: Sequence[tuple[IdempotentRequest, Posting]]
-    ) -> list[Outcome[A]]:
+    ) -> Awaitable[list[Outcome[A]]]:
         """Apply postings together, each with its own outcome, in order."""
-        return await self._money.post_many(method, requests)
+        return self._money.post_many(method, requests)
 
     async def transfers_page(
         self, account_id: int, *, before_id: int, limit: int

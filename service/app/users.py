@@ -4,7 +4,7 @@ without another copy."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -35,9 +35,10 @@ class Users:
 
         return await self.db.write(create)
 
-    async def row(self, user_id: int) -> Any:
+    def row(self, user_id: int) -> Awaitable[Any]:
         """The user's row (repositories.users.USER_COLUMNS), soft-deleted ones included."""
-        return await self._rows_by_id.submit(user_id)
+        # The coalescer's own awaitable, handed on: GetUser's path gains a call, no coroutine.
+        return self._rows_by_id.submit(user_id)
 
     async def update(self, user_id: int, changes: Mapping[str, object]) -> User:
         """Set the named fields (already checked) on the user, under its row lock."""
