@@ -1,10 +1,12 @@
 """What a failure means to a client, whatever the transport: domain errors as they are, and
-database errors (classified by service/db/errors.py) as the domain error a client can act on:
-UNAVAILABLE to retry, DEADLINE_EXCEEDED. The error interceptor answers with it."""
+the data layer's refusals and database errors (classified by service/db/errors.py) as the
+domain error a client can act on: UNAVAILABLE or RESOURCE_EXHAUSTED to retry, DEADLINE_EXCEEDED.
+The error interceptor answers with it."""
 
 from __future__ import annotations
 
 from service import errors
+from service.db.database import StreamSlotsFull
 from service.db.errors import (
     is_pool_exhausted,
     is_recovery_conflict,
@@ -19,6 +21,13 @@ def as_domain_error(exc: BaseException) -> errors.DomainError | None:
     service/db/errors.py classifies it; None for one that is a bug (INTERNAL)."""
     if isinstance(exc, errors.DomainError):
         return exc
+    if isinstance(exc, StreamSlotsFull):
+        return errors.ResourceExhausted(
+            f"{exc.limit} streaming calls already hold a database connection on this "
+            "server (SHOP_MAX_STREAM_CONNECTIONS); retry shortly",
+            reason="TOO_MANY_STREAMS",
+            limit=exc.limit,
+        )
     if is_recovery_conflict(exc):
         # The read, not the database, was refused: an export resumes from its last token.
         return errors.Unavailable(

@@ -38,7 +38,7 @@ from service.db.replicas import Replica, Replicas
 from service.db.retry import retried, transactional
 from service.db.routing import REPLICA, current_reads_from
 from service.db.transaction import AUTOCOMMIT_READS, read_only_snapshot, transaction
-from service.errors import DeadlineExceeded, ResourceExhausted
+from service.errors import DeadlineExceeded
 
 T = TypeVar("T")
 In = TypeVar("In")
@@ -53,9 +53,18 @@ WRITE_BATCHES = 2
 OVERLAP_FROM = 64
 
 
+class StreamSlotsFull(Exception):
+    """Every stream slot is held; service/app/failures.py says what that means to a client
+    (RESOURCE_EXHAUSTED / TOO_MANY_STREAMS, with a retry delay)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"all {limit} stream slots are held")
+        self.limit = limit
+
+
 class StreamSlots:
     """How many streaming calls may hold a connection at once; past that, one more is refused
-    at once (RESOURCE_EXHAUSTED, with a retry delay), never queued.
+    at once (StreamSlotsFull: RESOURCE_EXHAUSTED, with a retry delay), never queued.
 
     An export holds its connection and snapshot for as long as its reader takes (bounded by
     SHOP_STREAM_STALL_TIMEOUT only while it takes nothing), so without a bound 30 exports that
@@ -74,12 +83,7 @@ class StreamSlots:
     @asynccontextmanager
     async def hold(self, opened: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
         if self.limit is not None and self.held >= self.limit:
-            raise ResourceExhausted(
-                f"{self.limit} streaming calls already hold a database connection on this "
-                "server (SHOP_MAX_STREAM_CONNECTIONS); retry shortly",
-                reason="TOO_MANY_STREAMS",
-                limit=self.limit,
-            )
+            raise StreamSlotsFull(self.limit)
         self.held += 1
         try:
             async with opened as value:
