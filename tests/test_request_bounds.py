@@ -35,6 +35,7 @@ from shop.v1 import account_service_pb2 as accounts_api
 from shop.v1 import user_service_pb2 as api
 
 from service.api.interceptors.element_budget import SCAN_ABOVE_BYTES
+from tests import wire
 from tests.process import service_process
 from tests.rpc import failure_of
 
@@ -46,30 +47,16 @@ MIB = 1024 * 1024
 PEAK_GROWTH_BOUND = 128 * MIB
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (a string or a message) on the wire."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def _repeated_empty(number: int, size: int) -> bytes:
     """As many empty elements of a repeated field as fit in `size` bytes."""
-    empty = _field(number, b"")
+    empty = wire.field(number, b"")
     return empty * (size // len(empty))
 
 
 def _nested(path: tuple[int, ...], leaf: bytes) -> bytes:
     """`leaf` inside the messages that `path` (field numbers, outermost first) names."""
     for number in reversed(path):
-        leaf = _field(number, leaf)
+        leaf = wire.field(number, leaf)
     return leaf
 
 
@@ -154,7 +141,7 @@ FLOODS = {
 async def test_a_message_full_of_empty_elements_is_refused_within_the_bound(
     server: Server, method: str, path: tuple[int, ...], number: int, field: str
 ) -> None:
-    small = _nested(path, _field(number, b"") * 2_000)
+    small = _nested(path, wire.field(number, b"") * 2_000)
     growth, error = await _peak_growth(server, method, small, _fill(path, number))
     print(f"{method} {field} flood: VmHWM +{growth / MIB:.1f} MiB")
     failure = failure_of(error)
@@ -192,7 +179,7 @@ async def test_update_user_with_2m_unknown_mask_paths_is_refused_within_the_boun
 ) -> None:
     # The security review's request: 6 MB, 2M paths of one character.
     def request(paths: int) -> bytes:
-        return _field(1, _field(1, b"\x01")) + _field(2, _field(1, b"x") * paths)
+        return wire.field(1, wire.field(1, b"\x01")) + wire.field(2, wire.field(1, b"x") * paths)
 
     growth, error = await _peak_growth(server, UPDATE_USER, request(1_000), request(2_000_000))
     print(f"UpdateUser, 2M unknown paths: VmHWM +{growth / MIB:.1f} MiB")

@@ -15,19 +15,7 @@ from shop.v1 import user_service_pb2 as api
 
 from service.api.interceptors.element_budget import MAX_ELEMENTS, SCAN_ABOVE_BYTES, bounded
 from service.errors import InvalidArgument
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+from tests import wire
 
 
 def _decoder(message_type: Any) -> Callable[[bytes], Any]:
@@ -70,7 +58,7 @@ def test_large_valid_requests_parse_as_they_are() -> None:
 
 
 def test_exactly_max_elements_pass_and_one_more_is_refused() -> None:
-    row = _field(1, _field(1, b"x" * 8))  # 12 bytes: 100,000 of them are over 1 MiB
+    row = wire.field(1, wire.field(1, b"x" * 8))  # 12 bytes: 100,000 of them are over 1 MiB
     assert _decoder(api.UpsertUsersRequest)(row * MAX_ELEMENTS).users[-1].email == "x" * 8
     assert _refused(api.UpsertUsersRequest, row * (MAX_ELEMENTS + 1)) == {"users": TOO_MANY}
 
@@ -78,11 +66,11 @@ def test_exactly_max_elements_pass_and_one_more_is_refused() -> None:
 @pytest.mark.parametrize(
     ("message_type", "raw", "field"),
     [
-        (api.UpdateUserRequest, _field(2, b"\x0a\x00" * 600_000), "update_mask.paths"),
-        (api.UpdateUserRequest, _field(1, b"\x52\x00" * 600_000), "user.orders"),
+        (api.UpdateUserRequest, wire.field(2, b"\x0a\x00" * 600_000), "update_mask.paths"),
+        (api.UpdateUserRequest, wire.field(1, b"\x52\x00" * 600_000), "user.orders"),
         (
             api.UpdateUserRequest,
-            _field(1, _field(10, b"\x22\x00" * 600_000)),
+            wire.field(1, wire.field(10, b"\x22\x00" * 600_000)),
             "user.orders.items",
         ),
         (api.UpdateUserRequest, b"\x0a\x00" * 600_000, "user"),  # a message field, repeated
@@ -97,12 +85,12 @@ def test_a_flood_is_refused_naming_its_field(message_type: Any, raw: bytes, fiel
 
 def test_a_packed_number_field_counts_its_bytes() -> None:
     # None of our requests has one; a descriptor of protobuf's own does (int32 public_dependency).
-    raw = _field(10, b"\x01" * (SCAN_ABOVE_BYTES + 1))
+    raw = wire.field(10, b"\x01" * (SCAN_ABOVE_BYTES + 1))
     assert _refused(descriptor_pb2.FileDescriptorProto, raw) == {"public_dependency": TOO_MANY}
 
 
 def test_under_the_threshold_nothing_is_walked() -> None:
-    raw = _field(2, b"\x0a\x00" * (SCAN_ABOVE_BYTES // 2 - 8))
+    raw = wire.field(2, b"\x0a\x00" * (SCAN_ABOVE_BYTES // 2 - 8))
     assert len(raw) <= SCAN_ABOVE_BYTES
     assert len(_decoder(api.UpdateUserRequest)(raw).update_mask.paths) > MAX_ELEMENTS
 
@@ -111,13 +99,13 @@ def _nested(depth: int) -> bytes:
     """A user's orders' user's orders ... `depth` messages deep, padded past the threshold."""
     inner = b""
     for level in reversed(range(1, depth)):
-        inner = _field(10 if level % 2 else 8, inner)
-    return _field(1, inner) + _field(2, _field(1, b"p" * SCAN_ABOVE_BYTES))
+        inner = wire.field(10 if level % 2 else 8, inner)
+    return wire.field(1, inner) + wire.field(2, wire.field(1, b"p" * SCAN_ABOVE_BYTES))
 
 
-PADDING = _field(15, b"x" * SCAN_ABOVE_BYTES)  # an unknown field, to pass the threshold
+PADDING = wire.field(15, b"x" * SCAN_ABOVE_BYTES)  # an unknown field, to pass the threshold
 MALFORMED_REQUESTS = {
-    "length past the end": _field(1, b"") + PADDING + b"\x0a\xff\xff\x01",
+    "length past the end": wire.field(1, b"") + PADDING + b"\x0a\xff\xff\x01",
     "field number 0": PADDING + b"\x02\x00",
     "wire type 6": PADDING + b"\x0e",
     "wire type 7": PADDING + b"\x0f",
