@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 from shop.v1 import order_service_pb2 as api
 from shop.v1 import resources_pb2 as pb
-from sqlalchemy import inspect
 
 from service.amounts import format_money
 from service.api.convert import set_timestamp, timestamp
@@ -42,8 +41,7 @@ def order_to_proto(order: Order, *, user: pb.User | None = None) -> pb.Order:
         created_at=timestamp(order.created_at),
         updated_at=timestamp(order.updated_at),
         user=user,
-        # Loaded only when the schema has it backfilled (repositories.orders.order_column_options).
-        currency="" if "currency" in inspect(order).unloaded else order.currency,
+        currency=order.loaded_currency(),
     )
 
 
