@@ -29,13 +29,10 @@ from functools import partial
 from pathlib import Path
 from typing import IO
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from deploy.envoy.admin import EnvoyAdmin
 from deploy.envoy.binary import envoy_binary
 from deploy.envoy.config import DESCRIPTOR, render
-from deploy.processes import serve_argv, stop
+from deploy.processes import serve_argv, serving, stop
 from service.config import Settings
 from service.db.migrate import upgrade
 from service.db.url import database_url
@@ -146,17 +143,6 @@ def spawn(
     )
 
 
-def _serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1
-            )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 def _await(
     done: Callable[[], bool],
     processes: list[subprocess.Popen[bytes]],
@@ -229,7 +215,7 @@ def running_cluster(
                 )
             for port in layout.replica_ports:
                 upstream = f"{HOST}:{port}"
-                _await(partial(_serving, upstream), replicas, f"replica {upstream}", stopping)
+                _await(partial(serving, upstream), replicas, f"replica {upstream}", stopping)
 
             argv = [envoy, "-c", str(config), "--disable-hot-restart", "--concurrency", "1"]
             envoys.append(spawn([*argv, "--log-level", "warning"], os.environ, output("envoy.log")))

@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,3 +66,16 @@ def start_serve(
         stdout=output,
         stderr=subprocess.STDOUT if output is not None else None,
     )
+
+
+def serving(address: str, timeout: float = 1.0) -> bool:
+    """Whether a server's health Check at `address` answers SERVING within `timeout` seconds: the
+    one probe that every start (make run-cluster, the image smoke, the tests) polls."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.processes import ROOT as ROOT  # one definition each, re-exported
 from deploy.processes import free_port as free_port
-from deploy.processes import serve_argv, start_serve, without_shop_settings
+from deploy.processes import serve_argv, serving, start_serve, without_shop_settings
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -80,22 +79,16 @@ def make_target(args: list[str], env: dict[str, str], log: Path) -> subprocess.P
 
 def wait_until_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"serve exited with {process.returncode} before serving:\n{log.read_text()}"
-                )
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"not SERVING after {START_TIMEOUT:.0f}s:\n{log.read_text()}")
-            time.sleep(0.2)
+    while True:
+        if process.poll() is not None:
+            pytest.fail(
+                f"serve exited with {process.returncode} before serving:\n{log.read_text()}"
+            )
+        if serving(address):
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"not SERVING after {START_TIMEOUT:.0f}s:\n{log.read_text()}")
+        time.sleep(0.2)
 
 
 def serve_once(env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:

@@ -25,13 +25,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shop.v1 import user_service_pb2 as api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
 
 from deploy.image.build import TAG, build_image
 from deploy.image.podman import ImageError, podman
-from deploy.processes import free_port
+from deploy.processes import free_port, serving
 
 MIGRATE_TIMEOUT = 180.0
 START_TIMEOUT = 60.0  # serve's start in the container (a few seconds here)
@@ -102,18 +101,12 @@ def running(name: str) -> bool:
 def wait_serving(name: str, port: int) -> None:
     """Until health on 127.0.0.1:port answers SERVING; fails if the container exits first."""
     deadline = time.monotonic() + START_TIMEOUT
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if not running(name):
-                raise ImageError(f"{name} exited before serving")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
+    while time.monotonic() < deadline:
+        if not running(name):
+            raise ImageError(f"{name} exited before serving")
+        if serving(f"127.0.0.1:{port}", timeout=2):
+            return
+        time.sleep(0.5)
     raise ImageError(f"{name} did not answer SERVING within {START_TIMEOUT:.0f} s")
 
 
