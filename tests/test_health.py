@@ -160,25 +160,39 @@ async def test_not_serving_until_the_first_probe_answers(
 ) -> None:
     """The first probe is held back: the server already answers on its port, and says
     NOT_SERVING for every name until the probe has answered."""
+    from service.serving import server as server_module
     from service.serving.health import HealthProbe
-    from tests.servers import free_port
 
     probing, release = asyncio.Event(), asyncio.Event()
     database_answers = HealthProbe.database_answers
+    OURS = 7201.0  # this server's health interval, no other test's; no second probe here
 
     async def held_back(probe: HealthProbe) -> bool:
-        probing.set()
-        await release.wait()
+        # The event loop is the session's: other tests' servers may still be probing, and
+        # the patch is on the class. Only this test's server probes every OURS seconds.
+        if probe.interval == OURS:
+            probing.set()
+            await release.wait()
         return await database_answers(probe)
 
     monkeypatch.setattr(HealthProbe, "database_answers", held_back)
-    # A fixed port: start_server reports the port only once the first probe is done.
-    port = free_port()
+    # start_server reports the port only once the first probe is done, so the test learns
+    # the port the kernel chose from bind itself. (A port picked free beforehand could be
+    # taken by someone else before the server binds it.)
+    bound: list[int] = []
+    bind = server_module.bind
+
+    def bind_and_tell(server: grpc.aio.Server, settings: Settings) -> int:
+        bound.append(bind(server, settings))
+        return bound[-1]
+
+    monkeypatch.setattr(server_module, "bind", bind_and_tell)
     starting = asyncio.create_task(
-        start_server(Settings(grpc_port=port, health_interval=3600), database_url)
+        start_server(Settings(grpc_port=0, health_interval=OURS), database_url)
     )
     try:
         await asyncio.wait_for(probing.wait(), WAIT)  # the server started before the probe
+        (port,) = bound
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for name in ("", *SHOP_SERVICES):
