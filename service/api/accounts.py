@@ -13,7 +13,6 @@ from shop.v1 import account_service_pb2_grpc as api_grpc
 from shop.v1 import resources_pb2 as pb
 
 from service.api.accounts_convert import (
-    account_row_to_proto,
     account_to_proto,
     transfer_rows_to_batch,
     transfer_to_proto,
@@ -55,7 +54,7 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         v = Violations()
         v.id("id", request.id)
         v.raise_if_any()
-        return account_row_to_proto(await self.accounts.row(request.id))
+        return account_to_proto(await self.accounts.row(request.id))
 
     async def Deposit(self, request: api.DepositRequest, context: Context) -> pb.Account:
         """Add money; returns the account as it stood right after this deposit."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from shop.v1 import account_service_pb2 as api
@@ -11,44 +13,22 @@ from shop.v1 import resources_pb2 as pb
 from service.amounts import format_money
 from service.api.convert import set_timestamp, timestamp
 from service.app.money_rules import Kind, Posted, Posting
-from service.db.models import Account
 
 
-def account_to_proto(account: Account) -> pb.Account:
+def account_to_proto(
+    account: Any, *, balance: Decimal | None = None, updated_at: datetime | None = None
+) -> pb.Account:
+    """An Account entity or a Core row of repositories.accounts.ACCOUNT_COLUMNS (GetAccount's
+    path) -> message, the same bytes for both. A deposit's or withdrawal's account comes as it
+    stood right after it: its balance_after, and the batch transaction's timestamp (the
+    posting's created_at) as updated_at."""
     return pb.Account(
         id=account.id,
         user_id=account.user_id or 0,  # only customer accounts (which have a user) get here
         currency=account.currency,
-        balance=format_money(account.balance),
+        balance=format_money(account.balance if balance is None else balance),
         created_at=timestamp(account.created_at),
-        updated_at=timestamp(account.updated_at),
-    )
-
-
-def posted_account_to_proto(posted: Posted) -> pb.Account:
-    """The account a deposit or withdrawal named, as it stood right after it (updated by the
-    batch's transaction, whose timestamp the posting carries)."""
-    account = posted.account
-    return pb.Account(
-        id=account.id,
-        user_id=account.user_id,
-        currency=account.currency,
-        balance=format_money(posted.balance_after),
-        created_at=timestamp(account.created_at),
-        updated_at=timestamp(posted.created_at),
-    )
-
-
-def account_row_to_proto(row: Any) -> pb.Account:
-    """A Core row of repositories.accounts.ACCOUNT_COLUMNS -> message (GetAccount's path); the
-    same bytes as account_to_proto's."""
-    return pb.Account(
-        id=row.id,
-        user_id=row.user_id,
-        currency=row.currency,
-        balance=format_money(row.balance),
-        created_at=timestamp(row.created_at),
-        updated_at=timestamp(row.updated_at),
+        updated_at=timestamp(account.updated_at if updated_at is None else updated_at),
     )
 
 
@@ -88,7 +68,9 @@ class ProtoAnswers:
     def answer(self, posting: Posting, posted: Posted) -> pb.Transfer | pb.Account:
         if posting.kind is Kind.TRANSFER:
             return transfer_to_proto(posted)
-        return posted_account_to_proto(posted)
+        return account_to_proto(
+            posted.account, balance=posted.balance_after, updated_at=posted.created_at
+        )
 
     def parse(self, kind: Kind, data: bytes) -> pb.Transfer | pb.Account:
         if kind is Kind.TRANSFER:
