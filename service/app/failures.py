@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from service import errors
 from service.db.database import StreamSlotsFull
+from service.db.deadlines import DeadlinePassed
 from service.db.errors import (
     is_pool_exhausted,
     is_recovery_conflict,
@@ -21,6 +22,8 @@ def as_domain_error(exc: BaseException) -> errors.DomainError | None:
     service/db/errors.py classifies it; None for one that is a bug (INTERNAL)."""
     if isinstance(exc, errors.DomainError):
         return exc
+    if isinstance(exc, DeadlinePassed):
+        return errors.DeadlineExceeded("the deadline passed before the database work began")
     if isinstance(exc, StreamSlotsFull):
         return errors.ResourceExhausted(
             f"{exc.limit} streaming calls already hold a database connection on this "

@@ -19,10 +19,12 @@ from typing import Generic, Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.app.failures import as_domain_error
 from service.app.idempotency import IdempotentRequest, Serializable, request_fingerprint
 from service.app.money_rules import Kind, Posted, Posting, plan
 from service.db.coalescer import Outcome
 from service.db.database import Database
+from service.db.deadlines import DeadlinePassed
 from service.errors import AlreadyExists, DomainError, Unavailable
 from service.repositories.idempotency import IdempotencyRepository, StoredRequest
 from service.repositories.ledger import Claims, Ledger, Writes
@@ -43,6 +45,12 @@ class Answers(Protocol[A_co]):
     def answer(self, posting: Posting, posted: Posted) -> A_co: ...
 
     def parse(self, kind: Kind, data: bytes) -> A_co: ...
+
+
+def _item_outcome(outcome: Outcome[A]) -> Outcome[A]:
+    if isinstance(outcome, DeadlinePassed):
+        return as_domain_error(outcome) or outcome
+    return outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +75,10 @@ class MoneyWriter(Generic[A]):
     async def post_many(
         self, method: str, requests: Sequence[tuple[IdempotentRequest, Posting]]
     ) -> list[Outcome[A]]:
-        return await self._writer.submit_many([_asked(method, r, p) for r, p in requests])
+        outcomes = await self._writer.submit_many([_asked(method, r, p) for r, p in requests])
+        # An item whose deadline passed before its batch began was not applied: that is the
+        # item's own outcome, as a domain error. Any other failure stays the whole call's.
+        return [_item_outcome(o) for o in outcomes]
 
     async def _apply(self, conn: AsyncConnection, batch: Sequence[Asked]) -> list[Outcome[A]]:
         ledger = Ledger(conn)

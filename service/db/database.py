@@ -32,13 +32,12 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.db.coalescer import Coalescer, Outcome
-from service.db.deadlines import current_deadline, deadline_bound
+from service.db.deadlines import DeadlinePassed, current_deadline, deadline_bound
 from service.db.errors import is_unavailable
 from service.db.replicas import Replica, Replicas
 from service.db.retry import retried, transactional
 from service.db.routing import REPLICA, current_reads_from
 from service.db.transaction import AUTOCOMMIT_READS, read_only_snapshot, transaction
-from service.errors import DeadlineExceeded
 
 T = TypeVar("T")
 In = TypeVar("In")
@@ -102,11 +101,22 @@ class Database:
         replicas: Replicas | None = None,
         stream_connections: int | None = None,
     ) -> None:
-        self.engine = engine  # for inspecting its pool (tests, metrics); not a door
+        self._engine = engine
         self._sessions = sessions
-        self.replicas = replicas
+        self._replicas = replicas
         self.streams = StreamSlots(stream_connections)
         self._coalescers: list[Coalescer[Any, Any]] = []
+
+    async def start_replicas(self) -> None:
+        """Check every replica once, so reads use them from the first call; then keep checking."""
+        if self._replicas is not None:
+            await self._replicas.check_all()
+            self._replicas.start()
+
+    async def close_replicas(self, seconds: float) -> None:
+        """Stop checking the replicas and close their pools, within `seconds` each."""
+        if self._replicas is not None:
+            await self._replicas.close(seconds)
 
     def read(self) -> AbstractAsyncContextManager[AsyncSession]:
         replica = self._replica()
@@ -122,9 +132,9 @@ class Database:
 
     def _replica(self) -> Replica | None:
         """Where this RPC's reads go: a usable replica if routing.py sends them to one."""
-        if self.replicas is None or current_reads_from() is not REPLICA:
+        if self._replicas is None or current_reads_from() is not REPLICA:
             return None
-        return self.replicas.pick()
+        return self._replicas.pick()
 
     @asynccontextmanager
     async def _on_replica(self, replica: Replica, opened: Opener) -> AsyncIterator[AsyncSession]:
@@ -133,7 +143,7 @@ class Database:
         read yet: the replica is marked down and the block runs on the primary instead. A
         replica failing later, mid-read, fails the call (UNAVAILABLE; an export resumes from
         its last token) and is marked down too, so the client's retry reads elsewhere."""
-        assert self.replicas is not None
+        assert self._replicas is not None
         on: Replica | None = replica
         async with AsyncExitStack() as stack:
             try:
@@ -141,7 +151,7 @@ class Database:
             except Exception as exc:
                 if not is_unavailable(exc):
                     raise
-                self.replicas.mark_down(replica, exc)
+                self._replicas.mark_down(replica, exc)
                 on = None
             if on is None:
                 session = await stack.enter_async_context(opened(self._sessions))
@@ -149,7 +159,7 @@ class Database:
                 yield session
             except Exception as exc:
                 if on is not None and is_unavailable(exc):
-                    self.replicas.mark_down(on, exc)
+                    self._replicas.mark_down(on, exc)
                 raise
 
     async def write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
@@ -165,8 +175,8 @@ class Database:
         """A Core connection for one read statement: autocommit (no BEGIN, no COMMIT), except
         behind PgBouncer in transaction mode, where a statement's prepare and execute must
         share a transaction to reach the same server connection."""
-        async with self.engine.connect() as conn:
-            if self.engine.get_execution_options().get(AUTOCOMMIT_READS, True):
+        async with self._engine.connect() as conn:
+            if self._engine.get_execution_options().get(AUTOCOMMIT_READS, True):
                 await conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
 
@@ -208,7 +218,7 @@ class Database:
         """Concurrent writes applied together: apply(conn, items) runs in one transaction per
         batch, committed when it returns, and the whole batch runs again on a serialization
         failure or deadlock (service/db/retry.py)."""
-        writer = BatchedWriter(self.engine, apply, max_batch=max_batch)
+        writer = BatchedWriter(self._engine, apply, max_batch=max_batch)
         self._coalescers.append(writer.coalescer)
         return writer
 
@@ -243,7 +253,7 @@ class _Queued(Generic[In]):
 
 class BatchedWriter(Generic[In, Out]):
     """Group commit. A caller's deadline travels with its item: an item whose deadline passed
-    before its batch began is answered DEADLINE_EXCEEDED without being applied, and the batch's
+    before its batch began is answered DeadlinePassed without being applied, and the batch's
     statement_timeout is the latest deadline among the rest (none if one has none)."""
 
     def __init__(
@@ -269,9 +279,7 @@ class BatchedWriter(Generic[In, Out]):
     async def _run(self, queued: Sequence[_Queued[In]]) -> Sequence[Outcome[Out]]:
         now = asyncio.get_running_loop().time()
         live = [i for i, q in enumerate(queued) if q.deadline is None or q.deadline > now]
-        outcomes: list[Outcome[Out]] = [
-            DeadlineExceeded("the deadline passed before the transfer was applied")
-        ] * len(queued)
+        outcomes: list[Outcome[Out]] = [DeadlinePassed()] * len(queued)
         if not live:
             return outcomes
         deadlines = [queued[i].deadline for i in live]

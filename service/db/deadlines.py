@@ -14,8 +14,6 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.errors import DeadlineExceeded
-
 # Seconds kept back from the statement_timeout (at most a fifth of the time left): PostgreSQL
 # cancels first, so the call rolls back and answers DEADLINE_EXCEEDED itself before grpc cancels
 # it, which would cost the connection (SQLAlchemy discards a connection interrupted mid-query).
@@ -25,6 +23,11 @@ ANSWER_MARGIN = 0.1
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "rpc_deadline", default=None
 )
+
+
+class DeadlinePassed(Exception):
+    """The call's deadline passed before its database work began: nothing was applied.
+    What that means to a client is service/app/failures.py's to say."""
 
 
 def bind_deadline(time_remaining: float | None) -> None:
@@ -52,14 +55,14 @@ def deadline_bound(deadline: float | None) -> Iterator[None]:
 
 def milliseconds_left() -> int | None:
     """The statement_timeout for work starting now: the time left minus a margin to roll back
-    and answer (at least 1 ms), or None without a deadline; raises DeadlineExceeded once the
+    and answer (at least 1 ms), or None without a deadline; raises DeadlinePassed once the
     deadline has passed."""
     deadline = _deadline.get()
     if deadline is None:
         return None
     left = deadline - asyncio.get_running_loop().time()
     if left <= 0:
-        raise DeadlineExceeded("the deadline passed before the database work started")
+        raise DeadlinePassed
     return max(1, int((left - min(ANSWER_MARGIN, left / 5)) * 1000))
 
 

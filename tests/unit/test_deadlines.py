@@ -30,8 +30,12 @@ async def test_the_timeout_keeps_a_margin_to_answer() -> None:
 
 async def test_a_passed_deadline_refuses_to_start_work() -> None:
     deadlines.bind_deadline(-0.001)
-    with pytest.raises(errors.DeadlineExceeded):
+    with pytest.raises(deadlines.DeadlinePassed) as refused:
         deadlines.milliseconds_left()
+    # What it means to the client is the application's to say.
+    error = as_domain_error(refused.value)
+    assert isinstance(error, errors.DeadlineExceeded)
+    assert error.reason == "DEADLINE_EXCEEDED"
 
 
 def test_a_cancelled_query_is_deadline_exceeded_not_unavailable() -> None:
