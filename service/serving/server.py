@@ -120,8 +120,8 @@ class RunningServer:
         if self.probe is not None:
             await self.probe.stop()
         await dispose_within(self.engine, POOL_CLOSE_SECONDS)
-        if self.db is not None and self.db.replicas is not None:
-            await self.db.replicas.close(POOL_CLOSE_SECONDS)
+        if self.db is not None:
+            await self.db.close_replicas(POOL_CLOSE_SECONDS)
         if self.metrics is not None:
             self.metrics.close()
 
@@ -248,9 +248,7 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     await server.start()
     await probe.probe_once()  # so health is already true when start_server returns
     probe.start()
-    if db.replicas is not None:
-        await db.replicas.check_all()  # so reads use the replicas from the first call
-        db.replicas.start()
+    await db.start_replicas()
     transport = (
         "plaintext"
         if settings.tls_cert is None

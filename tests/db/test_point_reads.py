@@ -35,14 +35,20 @@ READ_DEADLINE = 3.0
 
 
 @pytest_asyncio.fixture(params=[True, False], ids=["autocommit", "pgbouncer-transaction"])
-async def one(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[Database]:
-    """A Database whose pool has one connection: in autocommit, or in a transaction per read
+async def one_pool(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine whose pool has one connection: in autocommit, or in a transaction per read
     as behind PgBouncer (SHOP_PGBOUNCER)."""
     engine = create_engine(
         Settings(pool_size=1, max_overflow=0, pgbouncer=not request.param), database_url
     )
-    yield Database(engine, create_sessionmaker(engine))
+    yield engine
     await engine.dispose()
+
+
+@pytest.fixture
+def one(one_pool: AsyncEngine) -> Database:
+    """The Database on one_pool (the test reads the pool through one_pool)."""
+    return Database(one_pool, create_sessionmaker(one_pool))
 
 
 async def sleep_then_echo(conn: AsyncConnection, keys: Sequence[int]) -> list[Outcome[int]]:
@@ -82,7 +88,7 @@ async def server_waits(engine: AsyncEngine, like: str) -> list[tuple[str, str | 
 
 
 async def test_a_cancelled_read_stops_server_side_and_the_pool_serves_on(
-    one: Database, engine: AsyncEngine
+    one: Database, one_pool: AsyncEngine, engine: AsyncEngine
 ) -> None:
     """The caller goes away while its batch runs: the batch, which no one else waits for, is
     cancelled, PostgreSQL stops its statement, no connection stays checked out or inside a
@@ -96,7 +102,7 @@ async def test_a_cancelled_read_stops_server_side_and_the_pool_serves_on(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, BOUND)
-    pool = one.engine.pool
+    pool = one_pool.pool
     await eventually(lambda: pool.checkedout() == 0, "a connection stayed checked out")  # type: ignore[attr-defined]
     # asyncpg's cancel request reaches the server on a connection of its own: soon, not at once.
     bound = time.monotonic() + BOUND
@@ -131,7 +137,7 @@ async def test_a_batch_runs_on_for_the_callers_still_waiting(one: Database) -> N
 
 
 async def test_a_cancellation_at_any_point_leaves_no_connection_in_a_transaction(
-    one: Database, engine: AsyncEngine
+    one: Database, one_pool: AsyncEngine, engine: AsyncEngine
 ) -> None:
     """Cut off after 0, 1, 2, ... turns of the event loop: in the queue, during the checkout,
     the statement or after. The pool's one connection never goes back checked out or inside a
@@ -146,7 +152,7 @@ async def test_a_cancellation_at_any_point_leaves_no_connection_in_a_transaction
             await task
         after = 1000 + turns
         assert await asyncio.wait_for(reads.submit(after), BOUND) == after, f"after {turns} turns"
-    await eventually(lambda: one.engine.pool.checkedout() == 0, "checked out")  # type: ignore[attr-defined]
+    await eventually(lambda: one_pool.pool.checkedout() == 0, "checked out")  # type: ignore[attr-defined]
     states = await server_states(engine, "SELECT unnest%")
     assert "idle in transaction" not in states, states
 
