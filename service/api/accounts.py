@@ -18,7 +18,7 @@ from service.api.accounts_convert import (
     transfer_to_proto,
 )
 from service.api.context import Context
-from service.api.paging import PageTokens
+from service.api.paging import PageTokens, last_id
 from service.api.status import status_message
 from service.api.validation import MAX_ID, Violations
 from service.app.accounts import Accounts
@@ -110,14 +110,15 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         limit = v.page_size("page_size", request.page_size)
         v.raise_if_any()
         filters = {"account_id": request.account_id}
-        before_id = (
-            self.tokens.decode(request.page_token, filters) if request.page_token else MAX_ID
+        page, next_token = await self.tokens.page(
+            request.page_token,
+            filters,
+            limit,
+            fetch=lambda before_id, count: self.accounts.transfers_page(
+                request.account_id, before_id=before_id, limit=count
+            ),
+            start=MAX_ID,
         )
-        transfers = await self.accounts.transfers_page(
-            request.account_id, before_id=before_id, limit=limit + 1
-        )
-        page = transfers[:limit]
-        next_token = self.tokens.encode(page[-1].id, filters) if len(transfers) > limit else ""
         return api.ListTransfersResponse(
             transfers=[transfer_to_proto(t) for t in page], next_page_token=next_token
         )
@@ -134,15 +135,19 @@ class AccountServicer(api_grpc.AccountServiceServicer):
         v.raise_if_any()
         # "export" keeps ListTransfers page tokens and other exports' tokens from passing here.
         filters = {"export": "transfers", "account_id": request.account_id}
-        after_id = self.tokens.resume_after(request.resume_token, filters)
-        resume_token = self.tokens.encoder(filters)
-        batches = self.accounts.statement(
-            request.account_id, batch_size=batch_size, after_id=after_id
+        messages = self.tokens.export(
+            request.resume_token,
+            filters,
+            batches=lambda after_id: self.accounts.statement(
+                request.account_id, batch_size=batch_size, after_id=after_id
+            ),
+            last_key=last_id,
+            convert=transfer_rows_to_batch,
         )
         # Closed here, and with it the snapshot, even when the call ends at a yield.
-        async with aclosing(batches):
-            async for rows in batches:
-                yield transfer_rows_to_batch(rows, resume_token(rows[-1].id))
+        async with aclosing(messages):
+            async for message in messages:
+                yield message
 
 
 MAX_BATCH_TRANSFER = 1000

@@ -35,6 +35,16 @@ def _status(v: Violations, field: str, value: int, *, required: bool) -> OrderSt
     return status
 
 
+def _filter(
+    v: Violations, request: api.ListOrdersRequest | api.StreamOrdersRequest
+) -> OrderStatus | None:
+    """The user and the status that ListOrders and StreamOrders filter by; the status to ask
+    the application for (None: any)."""
+    if request.user_id < 0:
+        v.add("user_id", "must be 0 (every user) or a positive id")
+    return _status(v, "status", request.status, required=False)
+
+
 def _items(v: Violations, items: Sequence[pb.OrderItem]) -> list[ItemFields]:
     if not items:
         v.add("items", "must hold at least one item")
@@ -89,20 +99,19 @@ class OrderServicer(api_grpc.OrderServiceServicer):
     ) -> api.ListOrdersResponse:
         """A page of orders in id descending order."""
         v = Violations()
-        if request.user_id < 0:
-            v.add("user_id", "must be 0 (every user) or a positive id")
-        status = _status(v, "status", request.status, required=False)
+        status = _filter(v, request)
         limit = v.page_size("page_size", request.page_size)
         v.raise_if_any()
         filters = {"user_id": request.user_id, "status": int(request.status)}
-        before_id = (
-            self.tokens.decode(request.page_token, filters) if request.page_token else MAX_ID
+        page, next_token = await self.tokens.page(
+            request.page_token,
+            filters,
+            limit,
+            fetch=lambda before_id, count: self.orders.page(
+                before_id=before_id, limit=count, user_id=request.user_id, status=status
+            ),
+            start=MAX_ID,
         )
-        orders = await self.orders.page(
-            before_id=before_id, limit=limit + 1, user_id=request.user_id, status=status
-        )
-        page = orders[:limit]
-        next_token = self.tokens.encode(page[-1].id, filters) if len(orders) > limit else ""
         return api.ListOrdersResponse(
             orders=[order_to_proto(o) for o in page], next_page_token=next_token
         )
@@ -114,23 +123,24 @@ class OrderServicer(api_grpc.OrderServiceServicer):
         snapshot; each batch carries a resume token that starts a new export after its last
         order."""
         v = Violations()
-        if request.user_id < 0:
-            v.add("user_id", "must be 0 (every user) or a positive id")
-        status = _status(v, "status", request.status, required=False)
+        status = _filter(v, request)
         batch_size = v.batch_size("batch_size", request.batch_size)
         v.raise_if_any()
         # "export" keeps ListOrders page tokens and other exports' tokens from passing here.
         filters = {"export": "orders", "user_id": request.user_id, "status": int(request.status)}
-        after_id = self.tokens.resume_after(request.resume_token, filters)
-        resume_token = self.tokens.encoder(filters)
-        batches = self.orders.export(
-            user_id=request.user_id, status=status, batch_size=batch_size, after_id=after_id
+        messages = self.tokens.export(
+            request.resume_token,
+            filters,
+            batches=lambda after_id: self.orders.export(
+                user_id=request.user_id, status=status, batch_size=batch_size, after_id=after_id
+            ),
+            last_key=lambda partition: partition.orders[-1].id,
+            convert=order_rows_to_batch,
         )
         # Closed here, and with it the snapshot, even when the call ends at a yield.
-        async with aclosing(batches):
-            async for partition in batches:
-                token = resume_token(partition.orders[-1].id)
-                yield order_rows_to_batch(partition, token)
+        async with aclosing(messages):
+            async for message in messages:
+                yield message
 
     async def UpdateOrderStatus(
         self, request: api.UpdateOrderStatusRequest, context: Context

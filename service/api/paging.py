@@ -6,7 +6,9 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
+from typing import Any, Protocol, TypeVar
 
 from service.errors import InvalidArgument
 
@@ -16,6 +18,24 @@ _MAX_KEY = 2**63 - 1  # BIGINT
 # before it is decoded, and with it any payload deep enough to trouble json (a 100k-deep one
 # raised RecursionError: INTERNAL).
 MAX_TOKEN_LENGTH = 512
+
+
+class Keyed(Protocol):
+    """A listed row: its id is the key a page is cut at."""
+
+    @property
+    def id(self) -> int: ...
+
+
+K = TypeVar("K", bound=Keyed)
+B = TypeVar("B")  # an export's batch, as the application yields it
+M = TypeVar("M")  # the message a batch goes on the wire as
+
+
+def last_id(rows: Sequence[Any]) -> int:
+    """The key of a batch of rows: its last row's id."""
+    key: int = rows[-1].id
+    return key
 
 
 def _b64(data: bytes) -> str:
@@ -87,3 +107,43 @@ class PageTokens:
         """The last key an export already sent, from a stream request's resume_token: 0 (from
         the start) without one; raises InvalidArgument on resume_token as decode() does."""
         return self.decode(token, filters, field="resume_token") if token else 0
+
+    async def page(
+        self,
+        token: str,
+        filters: Mapping[str, object],
+        limit: int,
+        *,
+        fetch: Callable[[int, int], Awaitable[Sequence[K]]],
+        start: int = 0,
+    ) -> tuple[Sequence[K], str]:
+        """A page of a keyset listing and the next page's token ("" after the last page).
+
+        fetch(key, count) reads up to count rows past key: the key the page token carries, or
+        `start` without one (0 for ascending ids, MAX_ID for descending). One row more than the
+        page is read; it only says whether another page follows."""
+        key = self.decode(token, filters) if token else start
+        rows = await fetch(key, limit + 1)
+        page = rows[:limit]
+        return page, self.encode(page[-1].id, filters) if len(rows) > limit else ""
+
+    async def export(
+        self,
+        token: str,
+        filters: Mapping[str, object],
+        *,
+        batches: Callable[[int], AsyncGenerator[B, None]],
+        last_key: Callable[[B], int],
+        convert: Callable[[B, str], M],
+    ) -> AsyncGenerator[M, None]:
+        """An export's messages: batches(after), from the key the resume token carries (0
+        without one), each batch converted with the resume token of its last key.
+
+        Close it (aclosing): that closes the application's generator, and with it the snapshot,
+        even when the call ends at a yield. The work added is per batch, never per row."""
+        after = self.resume_after(token, filters)
+        resume_token = self.encoder(filters)
+        rows = batches(after)
+        async with aclosing(rows):
+            async for batch in rows:
+                yield convert(batch, resume_token(last_key(batch)))

@@ -10,7 +10,7 @@ from shop.v1 import user_service_pb2 as api
 from shop.v1 import user_service_pb2_grpc as api_grpc
 
 from service.api.context import Context
-from service.api.paging import PageTokens
+from service.api.paging import PageTokens, last_id
 from service.api.users_bulk import import_batches, user_rows
 from service.api.users_convert import user_row_to_proto, user_to_proto
 from service.api.users_encode import encode_user_batch
@@ -98,16 +98,18 @@ class UserServicer(api_grpc.UserServiceServicer):
             "full_name": request.full_name,
             "include_orders": request.include_orders,
         }
-        after_id = self.tokens.decode(request.page_token, filters) if request.page_token else 0
-        users = await self.users.page(
-            after_id=after_id,
-            limit=limit + 1,
-            show_deleted=request.show_deleted,
-            full_name=request.full_name,
-            include_orders=request.include_orders,
+        page, next_token = await self.tokens.page(
+            request.page_token,
+            filters,
+            limit,
+            fetch=lambda after_id, count: self.users.page(
+                after_id=after_id,
+                limit=count,
+                show_deleted=request.show_deleted,
+                full_name=request.full_name,
+                include_orders=request.include_orders,
+            ),
         )
-        page = users[:limit]
-        next_token = self.tokens.encode(page[-1].id, filters) if len(users) > limit else ""
         return api.ListUsersResponse(
             users=[user_to_proto(u, with_orders=request.include_orders) for u in page],
             next_page_token=next_token,
@@ -127,18 +129,22 @@ class UserServicer(api_grpc.UserServiceServicer):
             "show_deleted": request.show_deleted,
             "active_only": request.active_only,
         }
-        after_id = self.tokens.resume_after(request.resume_token, filters)
-        resume_token = self.tokens.encoder(filters)
-        batches = self.users.export(
-            show_deleted=request.show_deleted,
-            active_only=request.active_only,
-            batch_size=batch_size,
-            after_id=after_id,
+        messages = self.tokens.export(
+            request.resume_token,
+            filters,
+            batches=lambda after_id: self.users.export(
+                show_deleted=request.show_deleted,
+                active_only=request.active_only,
+                batch_size=batch_size,
+                after_id=after_id,
+            ),
+            last_key=last_id,
+            convert=encode_user_batch,
         )
         # Closed here, and with it the snapshot, even when the call ends at a yield.
-        async with aclosing(batches):
-            async for rows in batches:
-                yield encode_user_batch(rows, resume_token(rows[-1].id))
+        async with aclosing(messages):
+            async for message in messages:
+                yield message
 
     async def UpsertUsers(
         self, request: api.UpsertUsersRequest, context: Context

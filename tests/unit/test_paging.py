@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
 
 import pytest
 
@@ -110,3 +113,76 @@ def test_a_signed_token_that_nests_is_refused_unread(payload: bytes) -> None:
     assert len(token) <= MAX_TOKEN_LENGTH
     with pytest.raises(InvalidArgument):
         tokens.decode(token, FILTERS)
+
+
+@dataclass
+class Row:
+    id: int
+
+
+@pytest.mark.parametrize(("found", "more"), [(3, False), (4, True)])
+async def test_a_page_reads_one_row_more_than_it_returns(found: int, more: bool) -> None:
+    tokens = PageTokens(b"secret")
+    asked: list[tuple[int, int]] = []
+
+    async def fetch(key: int, count: int) -> Sequence[Row]:
+        asked.append((key, count))
+        return [Row(key - i) for i in range(1, found + 1)]
+
+    page, next_token = await tokens.page("", FILTERS, 3, fetch=fetch, start=100)
+    assert asked == [(100, 4)]
+    assert [r.id for r in page] == [99, 98, 97]
+    assert (tokens.decode(next_token, FILTERS) if next_token else None) == (97 if more else None)
+
+
+async def test_a_page_token_carries_on_from_its_key() -> None:
+    tokens = PageTokens(b"secret")
+    asked: list[int] = []
+
+    async def fetch(key: int, count: int) -> Sequence[Row]:
+        asked.append(key)
+        return []
+
+    assert await tokens.page(tokens.encode(7, FILTERS), FILTERS, 3, fetch=fetch) == ([], "")
+    assert asked == [7]
+
+
+async def test_an_export_closed_at_a_yield_closes_its_batches_now() -> None:
+    tokens = PageTokens(b"secret")
+    closed: list[int] = []
+
+    async def batches(after: int) -> AsyncGenerator[list[Row], None]:
+        try:
+            yield [Row(after + 1), Row(after + 2)]
+            yield [Row(after + 3)]
+        finally:
+            closed.append(after)
+
+    messages = tokens.export(
+        tokens.encode(10, {"export": "x"}),
+        {"export": "x"},
+        batches=batches,
+        last_key=lambda rows: rows[-1].id,
+        convert=lambda rows, token: (len(rows), tokens.resume_after(token, {"export": "x"})),
+    )
+    async with aclosing(messages):
+        assert await anext(messages) == (2, 12)
+    assert closed == [10]
+
+
+async def test_an_export_refuses_a_page_token_as_its_resume_token() -> None:
+    tokens = PageTokens(b"secret")
+
+    async def batches(after: int) -> AsyncGenerator[list[Row], None]:
+        yield [Row(after + 1)]
+
+    messages = tokens.export(
+        tokens.encode(10, FILTERS),
+        {"export": "x", **FILTERS},
+        batches=batches,
+        last_key=lambda rows: rows[-1].id,
+        convert=lambda rows, token: token,
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        await anext(messages)
+    assert [v.field for v in caught.value.violations] == ["resume_token"]
