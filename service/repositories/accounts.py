@@ -16,7 +16,7 @@ from service.errors import NotFound
 
 IS_CUSTOMER = Account.kind == AccountKind.CUSTOMER.value
 
-# An account's columns as GetAccount sends them (handlers/accounts_convert.account_row_to_proto).
+# An account's columns as GetAccount sends them (api/accounts_convert.account_to_proto).
 ACCOUNT_COLUMNS = (
     Account.id,
     Account.user_id,
