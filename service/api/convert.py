@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -22,3 +24,11 @@ def set_timestamp(field: Timestamp, epoch_microseconds: int) -> None:
     seconds, microseconds = divmod(epoch_microseconds, 1_000_000)
     field.seconds = seconds
     field.nanos = microseconds * 1000
+
+
+def seconds_and_nanos(value: datetime) -> tuple[int, int]:
+    """An aware datetime as a Timestamp's (seconds, nanos): what FromDatetime sets, by one
+    subtraction (~240 ns where FromDatetime takes ~1.8 us, and epoch microseconds for
+    set_timestamp by floor division ~530 ns; protobuf 7 upb)."""
+    since = value - _EPOCH
+    return since.days * 86_400 + since.seconds, since.microseconds * 1000
