@@ -52,11 +52,12 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_a_read_token_may_call_exactly_get_list_and_stream() -> None:
-    """README: a `read` token may call Get*, List* and Stream*; every other RPC needs write."""
+    """README: a `read` token may call Get*, List*, Stream* and WatchChanges; every other RPC
+    needs write."""
     assert METHOD_ROLES  # not vacuous
     for method, role in METHOD_ROLES.items():
         name = method.rsplit("/", 1)[1]
-        expected = Role.READ if name.startswith(("Get", "List", "Stream")) else Role.WRITE
+        expected = Role.READ if name.startswith(("Get", "List", "Stream", "Watch")) else Role.WRITE
         assert role is expected, method
 
 

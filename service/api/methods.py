@@ -29,6 +29,8 @@ WRITE = Role.WRITE
 FRESH = "none: reads the primary"
 LAGGED = "up to SHOP_REPLICA_MAX_LAG (+ one check interval); typically milliseconds"
 LAGGED_SNAPSHOT = "one snapshot, up to SHOP_REPLICA_MAX_LAG old when it starts"
+# The change feed reads where it is sent and waits for a replica behind a token's position.
+FOLLOWS_REPLAY = "follows the replica's replay; a position never goes back"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,8 @@ METHODS: dict[str, Method] = {
     "/shop.v1.AccountService/BatchTransfer": Method(WRITE, idempotent=True),
     "/shop.v1.AccountService/ListTransfers": Method(READ, REPLICA, LAGGED),
     "/shop.v1.AccountService/StreamTransfers": Method(READ, REPLICA, LAGGED_SNAPSHOT),
+    # ChangeFeedService
+    "/shop.v1.ChangeFeedService/WatchChanges": Method(READ, REPLICA, FOLLOWS_REPLAY),
 }
 
 # Derived views, for the interceptors and the tables in the docs.

@@ -4,13 +4,23 @@ a row, and a row says idempotent exactly when its request carries a request_id."
 from __future__ import annotations
 
 from google.protobuf.descriptor import MethodDescriptor
-from shop.v1 import account_service_pb2, order_service_pb2, user_service_pb2
+from shop.v1 import (
+    account_service_pb2,
+    change_feed_service_pb2,
+    order_service_pb2,
+    user_service_pb2,
+)
 
 from service.api.methods import METHODS, READ, ROUTES, WRITE
 
 RPCS: dict[str, MethodDescriptor] = {
     f"/{service.full_name}/{method.name}": method
-    for module in (user_service_pb2, order_service_pb2, account_service_pb2)
+    for module in (
+        user_service_pb2,
+        order_service_pb2,
+        account_service_pb2,
+        change_feed_service_pb2,
+    )
     for service in module.DESCRIPTOR.services_by_name.values()
     for method in service.methods
 }
@@ -40,6 +50,6 @@ def test_idempotent_exactly_when_the_request_carries_a_request_id() -> None:
 def test_reads_are_the_get_list_and_stream_calls_and_only_they_have_a_route() -> None:
     for name, method in METHODS.items():
         verb = name.rsplit("/", 1)[1]
-        expected = READ if verb.startswith(("Get", "List", "Stream")) else WRITE
+        expected = READ if verb.startswith(("Get", "List", "Stream", "Watch")) else WRITE
         assert method.role is expected, name
     assert set(ROUTES) == {name for name, method in METHODS.items() if method.role is READ}

@@ -6,7 +6,12 @@ from __future__ import annotations
 import math
 import re
 
-from shop.v1 import account_service_pb2, order_service_pb2, user_service_pb2
+from shop.v1 import (
+    account_service_pb2,
+    change_feed_service_pb2,
+    order_service_pb2,
+    user_service_pb2,
+)
 
 from service.api.methods import ROUTES, route_of
 from service.config import Settings
@@ -16,7 +21,12 @@ from tests.tools import ROOT
 
 METHODS = {
     f"/{service.full_name}/{method.name}"
-    for module in (user_service_pb2, order_service_pb2, account_service_pb2)
+    for module in (
+        user_service_pb2,
+        order_service_pb2,
+        account_service_pb2,
+        change_feed_service_pb2,
+    )
     for service in module.DESCRIPTOR.services_by_name.values()
     for method in service.methods
 }
@@ -27,6 +37,7 @@ STALE_OK = {
     "/shop.v1.OrderService/StreamOrders",
     "/shop.v1.AccountService/ListTransfers",
     "/shop.v1.AccountService/StreamTransfers",
+    "/shop.v1.ChangeFeedService/WatchChanges",
 }
 
 

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
-from shop.v1 import account_service_pb2, order_service_pb2, user_service_pb2
+from shop.v1 import (
+    account_service_pb2,
+    change_feed_service_pb2,
+    order_service_pb2,
+    user_service_pb2,
+)
 
 from service.api.interceptors.auth import TokenTable
 from service.api.methods import METHOD_ROLES, Role, required_role
@@ -126,7 +131,12 @@ def test_token_table_roles() -> None:
 def test_every_shop_method_is_classified() -> None:
     methods = {
         f"/{service.full_name}/{method.name}"
-        for module in (user_service_pb2, order_service_pb2, account_service_pb2)
+        for module in (
+            user_service_pb2,
+            order_service_pb2,
+            account_service_pb2,
+            change_feed_service_pb2,
+        )
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }
