@@ -17,6 +17,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     Numeric,
+    SmallInteger,
     String,
     UniqueConstraint,
     event,
@@ -27,7 +28,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.hybrid import hybrid_property
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, object_session, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Unmapped,
+    mapped_column,
+    object_session,
+    relationship,
+    unmapped_column,
+)
 from sqlalchemy.sql.elements import ColumnElement
 
 # Postgres-friendly constraint names, so migrations can name what they drop.
@@ -95,6 +104,10 @@ class User(TimestampMixin, SoftDeleteMixin, Base):
     first_name: Mapped[str] = mapped_column(String(100))
     last_name: Mapped[str] = mapped_column(String(100))
     is_active: Mapped[bool] = mapped_column(server_default=true(), default=True)
+    # Written by the database (alembic 0007): 1 on insert, +1 by a trigger on every update;
+    # the change feed reads it from the change log. In the table, not in the mapping: the ORM
+    # never selects, returns or sets it (so a build also serves a schema from before 0007).
+    version: Unmapped[int] = unmapped_column(BigInteger, server_default="1")
 
     orders: Mapped[list[Order]] = relationship(
         back_populates="user", lazy="raise", order_by="Order.id"
@@ -150,6 +163,10 @@ class Order(TimestampMixin, Base):
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"))
     status: Mapped[str] = mapped_column(String(16), default=OrderStatus.PENDING.value)
+    # Written by the database (alembic 0007): 1 on insert, +1 by a trigger on every update;
+    # the change feed reads it from the change log. In the table, not in the mapping: the ORM
+    # never selects, returns or sets it (so a build also serves a schema from before 0007).
+    version: Unmapped[int] = unmapped_column(BigInteger, server_default="1")
     total: Mapped[Decimal]
     # Rolled out expand-contract (alembic/versions/0003..0005, docs/migrations.md). A server
     # started on a schema without the column (SchemaFeatures) must never name it, so: deferred
@@ -228,6 +245,10 @@ class Account(TimestampMixin, Base):
     )
     currency: Mapped[str] = mapped_column(String(3))
     balance: Mapped[Decimal] = mapped_column(default=Decimal("0.00"), server_default="0")
+    # Written by the database (alembic 0007): 1 on insert, +1 by a trigger on every update;
+    # the change feed reads it from the change log. In the table, not in the mapping: the ORM
+    # never selects, returns or sets it (so a build also serves a schema from before 0007).
+    version: Unmapped[int] = unmapped_column(BigInteger, server_default="1")
 
 
 class Transfer(Base):
@@ -293,3 +314,17 @@ class AuditLog(Base):
     action: Mapped[str] = mapped_column(String(16))
     changes: Mapped[dict[str, Any]] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Change(Base):
+    """One statement's changes to one resource table, written by the triggers of alembic 0007
+    in the writing transaction: `rows` is a JSON array of [operation, row as after it]. The
+    change feed (app/changes.py) reads them; nothing in the service writes them."""
+
+    __tablename__ = "changes"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    xid: Mapped[int] = mapped_column(BigInteger, index=True)  # the writer's pg_current_xact_id()
+    resource_type: Mapped[int] = mapped_column(SmallInteger)
+    changed_at: Mapped[datetime] = mapped_column(server_default=func.clock_timestamp())
+    rows: Mapped[list[Any]] = mapped_column(JSONB)
