@@ -149,6 +149,14 @@ class Settings(BaseSettings):
     # its resume token), and its connection and transaction are released.
     stream_stall_timeout: float = Field(default=60.0, gt=0)
 
+    # The change feed (WatchChanges, docs/change-feed.md). Seconds between the polls of the
+    # change log that every waiting watcher of a process shares (one query per interval while
+    # any watches, none otherwise): the feed's added latency is at most this.
+    changes_poll_interval: float = Field(default=0.05, gt=0)
+    # Seconds: a watcher that got nothing for this long gets a heartbeat with a fresh token
+    # (well inside a proxy's idle timeout: Envoy's stream_idle_timeout is 5 min).
+    changes_heartbeat: float = Field(default=10.0, gt=0)
+
     # Security (service/serving/security.py): "token:role,token:role", role read or write.
     auth_tokens: SecretStr | None = None
     allow_insecure: bool = False  # serve a non-loopback address without tokens

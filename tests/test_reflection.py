@@ -9,14 +9,19 @@ import grpc
 import pytest
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from shop.v1 import account_service_pb2, order_service_pb2, user_service_pb2
+from shop.v1 import (
+    account_service_pb2,
+    change_feed_service_pb2,
+    order_service_pb2,
+    user_service_pb2,
+)
 
 from service.serving.reflection import SERVICE_NAMES, V1_FILE, V1_SERVICE_NAME
 from service.serving.server import SHOP_SERVICES, USER_SERVICE
 from tests.process import ROOT
 
 DESCRIPTOR_SET = ROOT / "generated" / "descriptors" / "shop_v1.binpb"
-SHOP_FILES = (user_service_pb2, order_service_pb2, account_service_pb2)
+SHOP_FILES = (user_service_pb2, order_service_pb2, account_service_pb2, change_feed_service_pb2)
 
 
 def messages(package: str) -> tuple[Any, Any]:

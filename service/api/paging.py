@@ -77,10 +77,32 @@ class PageTokens:
     def decode(self, token: str, filters: Mapping[str, object], field: str = "page_token") -> int:
         """The last key of the previous page; raises InvalidArgument for a forged, corrupt,
         foreign or oversized token."""
-        if len(token) > MAX_TOKEN_LENGTH:
+        data = self._open(token, filters, field, MAX_TOKEN_LENGTH)
+        key = data.get("k")
+        # Keys are ids (BIGINT): a token outside that range was not issued here, even if signed
+        # with our key (an old or leaked secret), and must not reach the query as an overflow.
+        if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key <= _MAX_KEY:
+            raise InvalidArgument.single(field, "is not a page token issued by this service")
+        return key
+
+    def seal(self, fields: Mapping[str, str | int], filters: Mapping[str, object]) -> str:
+        """A token carrying flat `fields` (strings and ints; a change feed's position), bound
+        to the request's filters like a page token."""
+        payload = json.dumps({**fields, "f": self._fingerprint(filters)}).encode()
+        return f"{_b64(payload)}.{_b64(self._sign(payload))}"
+
+    def unseal(
+        self, token: str, filters: Mapping[str, object], field: str, max_length: int
+    ) -> dict[str, Any]:
+        """The fields of a sealed token; InvalidArgument as decode() raises it."""
+        return self._open(token, filters, field, max_length)
+
+    def _open(
+        self, token: str, filters: Mapping[str, object], field: str, max_length: int
+    ) -> dict[str, Any]:
+        if len(token) > max_length:
             raise InvalidArgument.single(
-                field,
-                f"is longer than any token this service issues (at most {MAX_TOKEN_LENGTH})",
+                field, f"is longer than any token this service issues (at most {max_length})"
             )
         try:
             payload_text, sig_text = token.split(".")
@@ -94,14 +116,9 @@ class PageTokens:
             data = None
         if not isinstance(data, dict):
             raise InvalidArgument.single(field, "is not a page token issued by this service")
-        key = data.get("k")
-        # Keys are ids (BIGINT): a token outside that range was not issued here, even if signed
-        # with our key (an old or leaked secret), and must not reach the query as an overflow.
-        if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key <= _MAX_KEY:
-            raise InvalidArgument.single(field, "is not a page token issued by this service")
         if data.get("f") != self._fingerprint(filters):
             raise InvalidArgument.single(field, "was issued for a request with other filters")
-        return key
+        return data
 
     def resume_after(self, token: str, filters: Mapping[str, object]) -> int:
         """The last key an export already sent, from a stream request's resume_token: 0 (from

@@ -7,7 +7,16 @@ import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, ColumnElement, Row, Select, cast, extract, literal_column
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Row,
+    Select,
+    TextClause,
+    cast,
+    extract,
+    literal_column,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import QueryableAttribute
 
@@ -46,7 +55,9 @@ def epoch_microseconds(
 
 
 async def partitions(
-    source: AsyncSession | AsyncConnection, stmt: Select[*tuple[Any, ...]], batch_size: int
+    source: AsyncSession | AsyncConnection,
+    stmt: Select[*tuple[Any, ...]] | TextClause,
+    batch_size: int,
 ) -> AsyncGenerator[Rows, None]:
     """The statement's rows, batch_size at a time, from a server-side cursor in the session's
     transaction: SQLAlchemy's streaming (stream_results with yield_per) on the session's

@@ -13,6 +13,8 @@ from grpc_health.v1 import health, health_pb2_grpc
 from shop.v1 import (
     account_service_pb2,
     account_service_pb2_grpc,
+    change_feed_service_pb2,
+    change_feed_service_pb2_grpc,
     order_service_pb2,
     order_service_pb2_grpc,
     user_service_pb2,
@@ -22,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.accounts import AccountServicer
 from service.api.accounts_convert import ANSWERS
+from service.api.changes import ChangeFeedServicer
 from service.api.interceptors.admission import AdmissionInterceptor
 from service.api.interceptors.auth import AuthInterceptor, TokenTable
 from service.api.interceptors.call_scope import CallScopeInterceptor
@@ -35,6 +38,7 @@ from service.api.paging import PageTokens
 from service.api.users import UserServicer
 from service.api.users_encode import serialize_user_batch
 from service.app.accounts import Accounts
+from service.app.changes import ChangeFeed
 from service.app.orders import Orders
 from service.app.users import Users
 from service.config import Settings
@@ -59,6 +63,7 @@ SHOP_SERVICES = (
     USER_SERVICE,
     order_service_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name,
     account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
+    change_feed_service_pb2.DESCRIPTOR.services_by_name["ChangeFeedService"].full_name,
 )
 
 
@@ -191,6 +196,15 @@ def add_shop_services(server: grpc.aio.Server, db: Database, settings: Settings)
     )
     account_service_pb2_grpc.add_AccountServiceServicer_to_server(
         AccountServicer(Accounts(db, ANSWERS), tokens), server
+    )
+    feed = ChangeFeed(
+        db,
+        poll_interval=settings.changes_poll_interval,
+        heartbeat=settings.changes_heartbeat,
+        readers=settings.stream_budget(),
+    )
+    change_feed_service_pb2_grpc.add_ChangeFeedServiceServicer_to_server(
+        ChangeFeedServicer(feed, tokens), server
     )
 
 

@@ -1,0 +1,550 @@
+"""The change feed: every committed change of users, orders, accounts and transfers, in commit
+order per resource, exactly once along a stream and its resumes (docs/change-feed.md).
+
+What is read: alembic 0007's triggers write, in the writing transaction, one `changes` row per
+statement holding [operation, row as after it] for every row it touched, tagged with the
+transaction's id (xid). What is commit-safe: a transaction's changes are handed out once it
+is visible in a snapshot (pg_current_snapshot) that the position did not cover. A position is
+a snapshot: everything visible in it has been delivered. The next read takes the changes of
+the transactions visible in a newer snapshot and not in the position's (the two snapshots'
+difference), ordered by changes.id, and the newer snapshot becomes the position.
+
+Why that is commit order per resource: two transactions that change one resource are ordered
+by its row lock, so the later one writes its changes row after the earlier one committed
+(a larger changes.id); if both fall in one difference, changes.id orders them; if not, the one
+in the earlier difference committed before the later difference's snapshot was taken, so it
+is the earlier one. A transaction still in flight is in the newer snapshot's in-progress list:
+it is read by the difference after the one in which it commits, never skipped.
+
+Positions are snapshots, so they mean the same on the primary, on a replica (xids are the
+cluster's) and after a failover; a read whose own snapshot does not yet cover the position
+(a replica behind it) waits rather than hand out less.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import IntEnum
+from typing import Any
+
+from service.db.database import Database
+from service.db.deadlines import deadline_bound
+from service.repositories.changes import ChangeLog
+
+log = logging.getLogger(__name__)
+
+# Changes rows fetched per round trip when a stream reads the log itself (each holds up to
+# 1000 changes: one per statement, per 1000 rows of a large one).
+LOG_ROWS_PER_FETCH = 64
+# A poll hands out at most this many changes rows; past it, the streams read the log
+# themselves (a burst the size of an import is not held in the poller's memory).
+POLL_CAP = 200
+# Polls kept for streams a step behind.
+STEPS_KEPT = 32
+
+
+class ResourceType(IntEnum):
+    """shop.v1.ResourceType's numbers, as alembic 0007 writes them in changes.resource_type."""
+
+    USER = 1
+    ORDER = 2
+    ACCOUNT = 3
+    TRANSFER = 4
+
+
+class Operation(IntEnum):
+    """shop.v1.Operation's numbers, as alembic 0007 writes them in each [operation, row]."""
+
+    CREATED = 1
+    UPDATED = 2
+    DELETED = 3
+    SNAPSHOT = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A pg_snapshot: transactions below xmin are finished, those from xmax on had not begun,
+    and those in xip were in progress; every other one below xmax had finished."""
+
+    xmin: int
+    xmax: int
+    xip: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        """From pg_snapshot's text form, 'xmin:xmax:xip1,xip2'; ValueError if malformed."""
+        xmin_text, xmax_text, xip_text = text.split(":")
+        xmin, xmax = int(xmin_text), int(xmax_text)
+        xip = frozenset(int(x) for x in xip_text.split(",")) if xip_text else frozenset()
+        if not 0 < xmin <= xmax or any(not xmin <= x < xmax for x in xip):
+            raise ValueError(f"not a snapshot: {text!r}")
+        return cls(xmin, xmax, xip)
+
+    def __str__(self) -> str:
+        return f"{self.xmin}:{self.xmax}:{','.join(str(x) for x in sorted(self.xip))}"
+
+    def sees(self, xid: int) -> bool:
+        """Whether a transaction finished before this snapshot (pg_visible_in_snapshot)."""
+        return xid < self.xmin or (xid < self.xmax and xid not in self.xip)
+
+    def covers(self, other: Snapshot) -> bool:
+        """Whether every transaction `other` sees, this one sees too."""
+        if self.xmax < other.xmax:
+            return False
+        return all(x >= other.xmax or x in other.xip for x in self.xip)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedChange:
+    """One change as the feed hands it out: `row` is the resource as after the change, as
+    PostgreSQL's to_jsonb wrote it (numbers as Decimal, timestamps as ISO 8601 strings); an
+    order's row carries its lines under "items" (a list of to_jsonb(order_items) rows)."""
+
+    resource_type: ResourceType
+    operation: Operation
+    version: int
+    time: datetime
+    row: dict[str, Any]
+
+
+class Event(IntEnum):
+    """shop.v1.ChangeFeedEvent's numbers."""
+
+    NONE = 0
+    SNAPSHOT_DONE = 1
+    CAUGHT_UP = 2
+    HEARTBEAT = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Resources from (resource_type, after_id) on, in scan order, were exported at snapshot
+    `at` (a snapshot resumed in a newer transaction): a change of theirs that `at` sees is in
+    the snapshot already and is not handed out again."""
+
+    at: Snapshot
+    resource_type: ResourceType
+    after_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a stream is; a resume token carries it. Every change `since` sees was handed out
+    (or is in the snapshot); `sequence` is the last sequence handed out. Mid-snapshot, `scan`
+    is the last row sent, as (type, id). Mid-difference, `upto` is the snapshot the difference
+    is read to and `offset` how many of its changes were sent."""
+
+    since: Snapshot
+    sequence: int = 0
+    scan: tuple[ResourceType, int] | None = None
+    segments: tuple[Segment, ...] = ()
+    upto: Snapshot | None = None
+    offset: int = 0
+
+    def to_fields(self) -> dict[str, str | int]:
+        """Flat fields for a token (service/api signs them)."""
+        return {
+            "since": str(self.since),
+            "seq": self.sequence,
+            "scan": "" if self.scan is None else f"{int(self.scan[0])}:{self.scan[1]}",
+            "seg": ";".join(f"{s.at}|{int(s.resource_type)}|{s.after_id}" for s in self.segments),
+            "upto": "" if self.upto is None else str(self.upto),
+            "off": self.offset,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Position:
+        """The inverse of to_fields; ValueError (or KeyError, TypeError) if they do not parse."""
+        scan_text, seg_text, upto_text = str(fields["scan"]), str(fields["seg"]), fields["upto"]
+        scan = None
+        if scan_text:
+            kind, last_id = scan_text.split(":")
+            scan = (ResourceType(int(kind)), int(last_id))
+        segments = []
+        for part in seg_text.split(";") if seg_text else ():
+            at, kind, after = part.split("|")
+            segments.append(Segment(Snapshot.parse(at), ResourceType(int(kind)), int(after)))
+        sequence, offset = fields["seq"], fields["off"]
+        if not isinstance(sequence, int) or not isinstance(offset, int) or sequence < 0:
+            raise ValueError("not a position")
+        if offset < 0 or (offset and not upto_text):
+            raise ValueError("not a position")
+        return cls(
+            since=Snapshot.parse(str(fields["since"])),
+            sequence=sequence,
+            scan=scan,
+            segments=tuple(segments),
+            upto=Snapshot.parse(str(upto_text)) if upto_text else None,
+            offset=offset,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FeedBatch:
+    """What one response carries: changes, the position right after them, and an event."""
+
+    changes: list[FeedChange]
+    position: Position
+    event: Event = Event.NONE
+
+
+def _ahead(head: Snapshot, since: Snapshot) -> bool:
+    """Whether `head` sees a transaction that `since` does not."""
+    return head.xmax > since.xmax or any(head.sees(x) for x in since.xip)
+
+
+def _exported(segments: Sequence[Segment], kind: ResourceType, resource_id: int, xid: int) -> bool:
+    """Whether a change is already in a resumed snapshot's rows (see Segment)."""
+    covering = None
+    for segment in segments:
+        if (segment.resource_type, segment.after_id) < (kind, resource_id):
+            covering = segment
+    return covering is not None and covering.at.sees(xid)
+
+
+def _parse(text: str) -> Any:
+    return json.loads(text, parse_float=Decimal)
+
+
+@dataclass(frozen=True, slots=True)
+class _Logged:
+    """A change read from the log, with its transaction's id (for Segment filtering)."""
+
+    xid: int
+    change: FeedChange
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One poll: the changes between two snapshots (None: more than POLL_CAP rows)."""
+
+    since: Snapshot
+    upto: Snapshot
+    changes: list[_Logged] | None
+
+
+async def _decode(log_: ChangeLog, rows: Sequence[Any]) -> list[_Logged]:
+    """Changes rows -> changes, in order; an order's row gets its lines (one query)."""
+    decoded = [(row, _parse(row.rows)) for row in rows]
+    order_ids = [
+        data["id"]
+        for row, elements in decoded
+        if row.resource_type == ResourceType.ORDER
+        for _, data in elements
+    ]
+    items = await log_.items(order_ids) if order_ids else {}
+    out = []
+    for row, elements in decoded:
+        kind = ResourceType(row.resource_type)
+        for operation, data in elements:
+            if kind is ResourceType.ORDER:
+                data["items"] = _parse(items.get(data["id"], "[]"))
+            version = data.get("version", 1)
+            out.append(
+                _Logged(
+                    row.xid, FeedChange(kind, Operation(operation), version, row.changed_at, data)
+                )
+            )
+    return out
+
+
+class _Head:
+    """The newest snapshot this process has seen, and the changes of its last polls: one poll
+    every `interval` while any stream waits, shared by all of them, so a stream that is caught
+    up costs no query and holds no connection."""
+
+    def __init__(self, db: Database, interval: float) -> None:
+        self._db = db
+        self._interval = interval
+        self.latest: Snapshot | None = None
+        self.steps: deque[_Step] = deque(maxlen=STEPS_KEPT)
+        self._moved = asyncio.Event()
+        self._waiting = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def step_from(self, since: Snapshot) -> _Step | None:
+        for step in self.steps:
+            if step.since == since:
+                return step
+        return None
+
+    async def wait(self, since: Snapshot, seconds: float) -> bool:
+        """Until a poll sees something newer than `since` (True) or `seconds` pass."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        self._waiting += 1
+        try:
+            self._ensure_polling()
+            while True:
+                if self.latest is not None and _ahead(self.latest, since):
+                    return True
+                left = deadline - loop.time()
+                if left <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(self._moved.wait(), left)
+                except TimeoutError:
+                    return False
+        finally:
+            self._waiting -= 1
+
+    def _ensure_polling(self) -> None:
+        if self._task is None or self._task.done():
+            # Its own context: not the deadline of the call that happened to start it (the
+            # route, replica or primary, is the feed's and stays).
+            context = contextvars.copy_context()
+            self._task = asyncio.get_running_loop().create_task(self._poll(), context=context)
+
+    async def _poll(self) -> None:
+        with deadline_bound(None):
+            while self._waiting:
+                try:
+                    await self._poll_once()
+                except Exception as exc:  # the streams read the log themselves meanwhile
+                    log.info("change feed poll failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(self._interval)
+
+    async def _poll_once(self) -> None:
+        since = self.latest
+        async with self._db.read() as session:
+            log_ = ChangeLog(session)
+            if since is None:
+                upto = Snapshot.parse(await log_.current_snapshot())
+                changes: list[_Logged] | None = []
+            else:
+                text, rows = await log_.poll(
+                    since.xmax, sorted(since.xip), list(ResourceType), POLL_CAP
+                )
+                upto = Snapshot.parse(text)
+                if not upto.covers(since):  # another replica, behind this one: wait for it
+                    return
+                changes = None if len(rows) > POLL_CAP else await _decode(log_, rows)
+        if upto == since:
+            return
+        if since is not None:
+            self.steps.append(_Step(since, upto, changes))
+        self.latest = upto
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
+
+
+class ChangeFeed:
+    """WatchChanges for any transport: a snapshot, then every committed change."""
+
+    def __init__(
+        self, db: Database, *, poll_interval: float, heartbeat: float, readers: int
+    ) -> None:
+        self._db = db
+        self._poll_interval = poll_interval
+        self._heartbeat = heartbeat
+        self._head = _Head(db, poll_interval)
+        self._readers = asyncio.Semaphore(readers)
+
+    async def watch(
+        self,
+        start: Position | None,
+        types: Iterable[ResourceType],
+        max_batch: int,
+        *,
+        snapshot: bool = False,
+    ) -> AsyncGenerator[FeedBatch, None]:
+        """From `start` (a resume token's position), or from now, or (`snapshot`) from a
+        snapshot of every current resource. Never ends on its own."""
+        kinds = sorted(set(types))
+        position = start
+        if (position is None and snapshot) or (position is not None and position.scan is not None):
+            scan = self._scan(position, kinds, max_batch)
+            async with aclosing(scan):
+                async for batch in scan:
+                    position = batch.position
+                    yield batch
+        if position is None:
+            async with self._db.read() as session:
+                now = Snapshot.parse(await ChangeLog(session).current_snapshot())
+            position = Position(now)
+            yield FeedBatch([], position, Event.CAUGHT_UP)
+        announce = start is not None or snapshot  # say when a resumed or snapshot stream catches up
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        while True:
+            before = position
+            step = self._head.step_from(position.since) if position.upto is None else None
+            if step is not None and step.changes is not None:
+                batches = self._from_step(step, position, kinds, max_batch)
+            elif position.upto is not None or (
+                self._head.latest is not None and _ahead(self._head.latest, position.since)
+            ):
+                batches = self._read(position, kinds, max_batch, self._head.latest)
+            else:
+                quiet = self._heartbeat - (loop.time() - sent_at)
+                if quiet <= 0 or not await self._head.wait(position.since, quiet):
+                    yield FeedBatch([], position, Event.HEARTBEAT)
+                    sent_at = loop.time()
+                continue
+            async with aclosing(batches):
+                async for batch in batches:
+                    position = batch.position
+                    caught_up = batch.event is Event.CAUGHT_UP
+                    if batch.changes or (caught_up and announce):
+                        yield batch
+                        sent_at = loop.time()
+                        announce = False
+            if position == before:  # a replica behind the position: give it time
+                await asyncio.sleep(self._poll_interval)
+            elif loop.time() - sent_at >= self._heartbeat:
+                yield FeedBatch([], position, Event.HEARTBEAT)
+                sent_at = loop.time()
+
+    async def _scan(
+        self, position: Position | None, kinds: list[ResourceType], max_batch: int
+    ) -> AsyncGenerator[FeedBatch, None]:
+        """The snapshot's rows (OPERATION_SNAPSHOT), max_batch per batch, the last one marked
+        SNAPSHOT_DONE. Resumed mid-snapshot, the rest is read in a newer snapshot, and a
+        Segment says which changes that one already holds."""
+        while True:
+            async with self._db.snapshot() as session:
+                log_ = ChangeLog(session)
+                at = Snapshot.parse(await log_.current_snapshot())
+                if position is None:
+                    position = Position(at, scan=(kinds[0], 0))
+                elif not at.covers(position.since):
+                    position = position  # a replica behind the token: retry below
+                else:
+                    assert position.scan is not None
+                    if at != position.since:
+                        segment = Segment(at, *position.scan)
+                        position = replace(position, segments=(*position.segments, segment))
+                    async for batch in self._scan_rows(log_, position, kinds, max_batch):
+                        yield batch
+                    return
+            await asyncio.sleep(self._poll_interval)
+
+    async def _scan_rows(
+        self, log_: ChangeLog, position: Position, kinds: list[ResourceType], max_batch: int
+    ) -> AsyncGenerator[FeedBatch, None]:
+        assert position.scan is not None
+        first, after_id = position.scan
+        taken = datetime.now(UTC)
+        sequence = position.sequence
+        batch: list[FeedChange] = []
+        for kind in kinds:
+            if kind < first:
+                continue
+            pages = log_.rows_after(kind, after_id if kind == first else 0, max_batch)
+            async with aclosing(pages):
+                async for rows in pages:
+                    items = (
+                        await log_.items([r.id for r in rows]) if kind is ResourceType.ORDER else {}
+                    )
+                    for resource_id, text in rows:
+                        data = _parse(text)
+                        if kind is ResourceType.ORDER:
+                            data["items"] = _parse(items.get(resource_id, "[]"))
+                        version = data.get("version", 1)
+                        batch.append(FeedChange(kind, Operation.SNAPSHOT, version, taken, data))
+                        sequence += 1
+                        if len(batch) == max_batch:
+                            yield FeedBatch(
+                                batch,
+                                replace(position, sequence=sequence, scan=(kind, resource_id)),
+                            )
+                            batch = []
+        done = Position(position.since, sequence, segments=position.segments)
+        yield FeedBatch(batch, done, Event.SNAPSHOT_DONE)
+
+    async def _deliver(
+        self,
+        position: Position,
+        upto: Snapshot,
+        changes: AsyncIterable[_Logged],
+        max_batch: int,
+        kinds: list[ResourceType],
+    ) -> AsyncGenerator[FeedBatch, None]:
+        """The difference position.since -> upto as batches: the changes of `kinds` not in a
+        resumed snapshot, past position.offset; the last batch moves the position to upto."""
+        segments = position.segments
+        sequence, sent = position.sequence, 0
+        batch: list[FeedChange] = []
+        async for logged in changes:
+            change = logged.change
+            if change.resource_type not in kinds:
+                continue
+            if segments and _exported(segments, change.resource_type, change.row["id"], logged.xid):
+                continue
+            sent += 1
+            if sent <= position.offset:
+                continue
+            if len(batch) == max_batch:
+                yield FeedBatch(
+                    batch, replace(position, sequence=sequence, upto=upto, offset=sent - 1)
+                )
+                batch = []
+            sequence += 1
+            batch.append(change)
+        kept = tuple(s for s in segments if not upto.covers(s.at))
+        yield FeedBatch(batch, Position(upto, sequence, segments=kept), Event.CAUGHT_UP)
+
+    async def _from_step(
+        self, step: _Step, position: Position, kinds: list[ResourceType], max_batch: int
+    ) -> AsyncGenerator[FeedBatch, None]:
+        assert step.changes is not None
+
+        async def changes() -> AsyncGenerator[_Logged, None]:
+            for logged in step.changes or ():
+                yield logged
+
+        async with aclosing(self._deliver(position, step.upto, changes(), max_batch, kinds)) as b:
+            async for batch in b:
+                yield batch
+
+    async def _read(
+        self,
+        position: Position,
+        kinds: list[ResourceType],
+        max_batch: int,
+        target: Snapshot | None,
+    ) -> AsyncGenerator[FeedBatch, None]:
+        """The difference from position.since read from the log: to position.upto when the
+        position is mid-difference, else to the poller's newest snapshot (`target`) when this
+        read's snapshot covers it (so the stream then follows the polls), else to this read's
+        own snapshot. Nothing is handed out when the read's snapshot does not cover the
+        position (a replica behind it). A slow client holds the read back (server-side
+        cursor), as an export does; at most `readers` streams read the log at once."""
+        since = position.since
+        async with self._readers, self._db.read() as session:
+            log_ = ChangeLog(session)
+            pages = log_.newer(
+                since.xmax, sorted(since.xip), [int(k) for k in kinds], LOG_ROWS_PER_FETCH
+            )
+            async with aclosing(pages):
+                first = await anext(pages)
+                seen = Snapshot.parse(first[0].snapshot)
+                if not seen.covers(since):
+                    return
+                upto = position.upto
+                if upto is None:
+                    aligned = target is not None and seen.covers(target) and target.covers(since)
+                    upto = target if aligned and target is not None else seen
+                visible = upto
+
+                async def changes() -> AsyncGenerator[_Logged, None]:
+                    page: Sequence[Any] | None = first
+                    while page is not None:
+                        wanted = [r for r in page if r.id is not None and visible.sees(r.xid)]
+                        for logged in await _decode(log_, wanted):
+                            yield logged
+                        page = await anext(pages, None)
+
+                batches = self._deliver(position, upto, changes(), max_batch, kinds)
+                async with aclosing(batches):
+                    async for batch in batches:
+                        yield batch

@@ -1,0 +1,111 @@
+"""The change log's reads (alembic 0007's triggers write it; app/changes.py says what they mean).
+
+Snapshots travel as pg_snapshot text ('xmin:xmax:xip1,xip2'); xids as bigint (the log stores
+pg_current_xact_id() as bigint, so the reads compare plain integers and use ix_changes_xid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+from sqlalchemy import TextClause, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from service.db.streaming import Rows, partitions
+
+# The transactions a snapshot did not cover are those from its xmax on and those it saw in
+# progress; the statement's own snapshot bounds the rest (a transaction it does not see, it
+# does not read). One statement: the snapshot it returns is the one its rows were read in.
+_NEWER = """
+    (c.xid >= :since_xmax OR c.xid = ANY(CAST(:since_xip AS bigint[])))
+    AND c.resource_type = ANY(CAST(:types AS smallint[]))
+"""
+
+
+# The changes since `since` that the statement's snapshot sees, by id, each with that snapshot
+# (the first row always: with no change, one row of NULLs besides it).
+def _newer_sql(limit: str) -> str:
+    return f"""
+    SELECT s.snap::text AS snapshot, c.id, c.xid, c.resource_type, c.changed_at,
+           c.rows::text AS rows
+    FROM (SELECT pg_current_snapshot() AS snap) s
+    LEFT JOIN LATERAL (
+        SELECT c.id, c.xid, c.resource_type, c.changed_at, c.rows
+        FROM changes c
+        WHERE {_NEWER}
+        ORDER BY c.id
+        {limit}
+    ) c ON true
+    ORDER BY c.id
+    """
+
+
+# A poll: at most :cap + 1 changes rows, so that the poller can tell "more than it hands out".
+POLL = text(_newer_sql("LIMIT :cap + 1"))
+_NEWER_ALL = _newer_sql("")
+
+_ITEMS = text(
+    """
+    SELECT i.order_id, jsonb_agg(to_jsonb(i) ORDER BY i.id)::text
+    FROM order_items i
+    WHERE i.order_id = ANY(CAST(:ids AS bigint[]))
+    GROUP BY i.order_id
+    """
+)
+
+# Snapshot pages: a resource table's rows after an id, as to_jsonb (what the triggers log).
+_TABLES = {1: "users", 2: "orders", 3: "accounts", 4: "transfers"}
+
+
+def _newer(since_xmax: int, since_xip: Sequence[int], types: Sequence[int]) -> dict[str, Any]:
+    return {"since_xmax": since_xmax, "since_xip": list(since_xip), "types": list(types)}
+
+
+class ChangeLog:
+    """Reads of the change log and of the resource tables as the log writes them, on the
+    session or connection a door gave."""
+
+    def __init__(self, source: AsyncSession | AsyncConnection) -> None:
+        self.source = source
+
+    async def poll(
+        self, since_xmax: int, since_xip: Sequence[int], types: Sequence[int], cap: int
+    ) -> tuple[str, Sequence[Any]]:
+        """(the statement's snapshot, the changes rows newer than `since` it sees, at most
+        cap + 1 of them, by id)."""
+        params = _newer(since_xmax, since_xip, types) | {"cap": cap}
+        rows = (await self.source.execute(POLL, params)).all()
+        return rows[0].snapshot, [r for r in rows if r.id is not None]
+
+    async def current_snapshot(self) -> str:
+        """The snapshot of the statement, or of the transaction under REPEATABLE READ."""
+        return str((await self.source.execute(text("SELECT pg_current_snapshot()::text"))).scalar())
+
+    def newer(
+        self, since_xmax: int, since_xip: Sequence[int], types: Sequence[int], batch_size: int
+    ) -> AsyncGenerator[Rows, None]:
+        """The changes rows newer than `since` that one statement's snapshot sees, by id, from
+        a server-side cursor, batch_size rows at a time; each row carries that snapshot, and
+        the first row is there even when there is no change (its id is NULL)."""
+        stmt = text(_NEWER_ALL).bindparams(**_newer(since_xmax, since_xip, types))
+        return partitions(self.source, stmt, batch_size)
+
+    async def items(self, order_ids: Sequence[int]) -> dict[int, str]:
+        """Each order's lines as a JSON array of to_jsonb(order_items) rows, by order id."""
+        if not order_ids:
+            return {}
+        rows = await self.source.execute(_ITEMS, {"ids": list(order_ids)})
+        return {order_id: items for order_id, items in rows}
+
+    def rows_after(
+        self, resource_type: int, after_id: int, batch_size: int
+    ) -> AsyncGenerator[Rows, None]:
+        """The table's rows with id > after_id as (id, to_jsonb text), by id, batch_size at a
+        time: a snapshot's pages, in the transaction's snapshot."""
+        table = _TABLES[resource_type]
+        stmt: TextClause = text(
+            f"SELECT t.id, to_jsonb(t)::text AS row FROM {table} t "
+            "WHERE t.id > :after_id ORDER BY t.id"
+        ).bindparams(after_id=after_id)
+        return partitions(self.source, stmt, batch_size)
