@@ -13,7 +13,7 @@ from service.config import Settings
 from service.db.migrate import upgrade
 from service.db.schema_state import SchemaBehind
 from service.db.url import database_url
-from service.housekeeping import purge_idempotency_keys
+from service.housekeeping import prune_changes, purge_idempotency_keys
 from service.observability.logs import configure_logging
 from service.serving.security import InsecureBindError, check_exposure
 from service.serving.workers import serve_processes
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
         "purge-idempotency-keys",
         help="forget request_ids older than SHOP_IDEMPOTENCY_RETENTION_HOURS",
     )
+    commands.add_parser(
+        "prune-changes", help="forget change-feed entries older than SHOP_CHANGES_RETENTION"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -53,6 +56,11 @@ def main(argv: list[str] | None = None) -> None:
             retention = timedelta(hours=settings.idempotency_retention_hours)
             purged = asyncio.run(purge_idempotency_keys(url, retention))
             log.info("purged %d idempotency keys older than %s", purged, retention)
+        elif args.command == "prune-changes":
+            pruned = asyncio.run(prune_changes(url, settings.changes_retention))
+            log.info(
+                "pruned %d change-log entries older than %s", pruned, settings.changes_retention
+            )
         else:
             try:
                 status = serve_processes(settings, url)  # SHOP_WORKERS processes

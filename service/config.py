@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,16 @@ class Settings(BaseSettings):
     # Seconds: a watcher that got nothing for this long gets a heartbeat with a fresh token
     # (well inside a proxy's idle timeout: Envoy's stream_idle_timeout is 5 min).
     changes_heartbeat: float = Field(default=10.0, gt=0)
+    # nats://host:port of a NATS server with JetStream: one serve process of the cluster (an
+    # advisory lock elects it) relays every change there (service/serving/relay.py). Unset: off.
+    # A secret: a NATS URL may carry a user and password.
+    changes_nats_url: SecretStr | None = None
+    # The JetStream stream the relay publishes to, created when missing on subjects
+    # shop.changes.>; the lock is per stream, so one relay per cluster and stream.
+    changes_nats_stream: str = Field(default="SHOP_CHANGES", pattern=r"^[A-Za-z0-9_-]+$")
+    # How long the change log keeps a change (`python -m service prune-changes` forgets older
+    # ones), as an ISO 8601 duration (P7D, PT12H). A token older than this has expired.
+    changes_retention: timedelta = Field(default=timedelta(days=7), gt=timedelta(0))
 
     # Security (service/serving/security.py): "token:role,token:role", role read or write.
     auth_tokens: SecretStr | None = None
@@ -186,6 +197,11 @@ class Settings(BaseSettings):
     def stream_budget(self) -> int:
         """How many streaming calls may hold a connection at once (SHOP_MAX_STREAM_CONNECTIONS)."""
         return self.max_stream_connections or max(1, (self.pool_size + self.max_overflow) // 2)
+
+    def nats_url(self) -> str | None:
+        """SHOP_CHANGES_NATS_URL, None when unset or blank (the relay is off)."""
+        url = "" if self.changes_nats_url is None else self.changes_nats_url.get_secret_value()
+        return url.strip() or None
 
     def replica_urls(self) -> list[str]:
         """SHOP_DATABASE_REPLICA_URLS as a list (empty entries ignored)."""

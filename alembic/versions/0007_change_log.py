@@ -51,6 +51,17 @@ CREATE TABLE changes (
 )
 """
 
+# How far the log has been pruned (housekeeping, SHOP_CHANGES_RETENTION): every change of a
+# transaction with xid <= through_xid is gone. One row.
+CREATE_PRUNED = """
+CREATE TABLE changes_pruned (
+    one boolean NOT NULL DEFAULT true,
+    through_xid bigint NOT NULL DEFAULT 0,
+    CONSTRAINT pk_changes_pruned PRIMARY KEY (one),
+    CONSTRAINT ck_changes_pruned_one CHECK (one)
+)
+"""
+
 # Operations in a row's [operation, row]: shop.v1.Operation's numbers.
 CREATED, UPDATED, DELETED = 1, 2, 3
 
@@ -130,6 +141,8 @@ def upgrade() -> None:
     # The feed's reads: the transactions a snapshot did not cover (xid >= its xmax, or one of
     # those it saw in progress).
     op.execute("CREATE INDEX ix_changes_xid ON changes (xid)")
+    op.execute(CREATE_PRUNED)
+    op.execute("INSERT INTO changes_pruned DEFAULT VALUES")
     op.execute(BUMP_VERSION)
     op.execute(LOG_INSERT)
     op.execute(LOG_UPDATE)
@@ -166,6 +179,7 @@ def downgrade() -> None:
         op.execute(f"DROP TRIGGER IF EXISTS {table}_version ON {table}")
     for function in ("shop_log_insert", "shop_log_update", "shop_log_delete", "shop_bump_version"):
         op.execute(f"DROP FUNCTION IF EXISTS {function}()")
+    op.execute("DROP TABLE IF EXISTS changes_pruned")
     op.execute("DROP TABLE IF EXISTS changes")
     for table in VERSIONED:
         op.execute(f"ALTER TABLE {table} DROP COLUMN IF EXISTS version")

@@ -31,13 +31,16 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import IntEnum
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from service.db.database import Database
 from service.db.deadlines import deadline_bound
+from service.errors import FailedPrecondition
 from service.repositories.changes import ChangeLog
 
 log = logging.getLogger(__name__)
@@ -211,6 +214,18 @@ def _exported(segments: Sequence[Segment], kind: ResourceType, resource_id: int,
     return covering is not None and covering.at.sees(xid)
 
 
+def _expired(since: Snapshot, pruned: int) -> bool:
+    """Whether the log was pruned of a transaction that `since` does not see (every pruned one
+    has an xid <= pruned): a position that may have missed a change for good."""
+    return since.xmax <= pruned or any(x <= pruned for x in since.xip)
+
+
+EXPIRED = (
+    "the resume token is older than the change log keeps (SHOP_CHANGES_RETENTION); "
+    "start again with a snapshot"
+)
+
+
 def _parse(text: str) -> Any:
     return json.loads(text, parse_float=Decimal)
 
@@ -321,13 +336,16 @@ class _Head:
                 upto = Snapshot.parse(await log_.current_snapshot())
                 changes: list[_Logged] | None = []
             else:
-                text, rows = await log_.poll(
+                text, pruned, rows = await log_.poll(
                     since.xmax, sorted(since.xip), list(ResourceType), POLL_CAP
                 )
                 upto = Snapshot.parse(text)
                 if not upto.covers(since):  # another replica, behind this one: wait for it
                     return
-                changes = None if len(rows) > POLL_CAP else await _decode(log_, rows)
+                if _expired(since, pruned):  # no poll for longer than the retention
+                    changes = None
+                else:
+                    changes = None if len(rows) > POLL_CAP else await _decode(log_, rows)
         if upto == since:
             return
         if since is not None:
@@ -348,6 +366,13 @@ class ChangeFeed:
         self._heartbeat = heartbeat
         self._head = _Head(db, poll_interval)
         self._readers = asyncio.Semaphore(readers)
+
+    async def oldest(self) -> Position:
+        """A position before every change the log still holds (the relay's start on an empty
+        stream): it sees exactly the pruned transactions."""
+        async with self._db.read() as session:
+            pruned = await ChangeLog(session).pruned_through()
+        return Position(Snapshot(pruned + 1, pruned + 1, frozenset()))
 
     async def watch(
         self,
@@ -528,6 +553,8 @@ class ChangeFeed:
             async with aclosing(pages):
                 first = await anext(pages)
                 seen = Snapshot.parse(first[0].snapshot)
+                if _expired(since, first[0].pruned):
+                    raise FailedPrecondition(EXPIRED, reason="RESUME_TOKEN_EXPIRED")
                 if not seen.covers(since):
                     return
                 upto = position.upto
@@ -548,3 +575,18 @@ class ChangeFeed:
                 async with aclosing(batches):
                     async for batch in batches:
                         yield batch
+
+
+async def prune(db: Database, retention: timedelta, batch: int = 10_000) -> int:
+    """Forget the changes older than `retention`, `batch` at a time, each batch its own
+    transaction (short locks, no long transaction); the number forgotten. A stream whose
+    position falls behind what is kept ends RESUME_TOKEN_EXPIRED."""
+    cutoff = datetime.now(UTC) - retention
+
+    async def prune_batch(session: AsyncSession) -> int:
+        return await ChangeLog(session).prune(cutoff, batch)
+
+    total = 0
+    while pruned := await db.write(prune_batch):
+        total += pruned
+    return total

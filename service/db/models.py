@@ -328,3 +328,14 @@ class Change(Base):
     resource_type: Mapped[int] = mapped_column(SmallInteger)
     changed_at: Mapped[datetime] = mapped_column(server_default=func.clock_timestamp())
     rows: Mapped[list[Any]] = mapped_column(JSONB)
+
+
+class ChangesPruned(Base):
+    """How far the change log has been pruned (housekeeping): every change of a transaction
+    with xid <= through_xid is gone; a position that may miss one has expired. One row."""
+
+    __tablename__ = "changes_pruned"
+    __table_args__ = (CheckConstraint("one", name="one"),)
+
+    one: Mapped[bool] = mapped_column(primary_key=True, server_default=true())
+    through_xid: Mapped[int] = mapped_column(BigInteger, server_default="0")

@@ -7,6 +7,7 @@ pg_current_xact_id() as bigint, so the reads compare plain integers and use ix_c
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import TextClause, text
@@ -24,12 +25,17 @@ _NEWER = """
 
 
 # The changes since `since` that the statement's snapshot sees, by id, each with that snapshot
-# (the first row always: with no change, one row of NULLs besides it).
+# and how far the log was pruned in it (the first row always: with no change, one row of NULLs
+# besides them). One statement, one snapshot: a prune committed meanwhile is either seen in
+# `pruned` or not at all in the rows.
 def _newer_sql(limit: str) -> str:
     return f"""
-    SELECT s.snap::text AS snapshot, c.id, c.xid, c.resource_type, c.changed_at,
+    SELECT s.snap::text AS snapshot, s.pruned, c.id, c.xid, c.resource_type, c.changed_at,
            c.rows::text AS rows
-    FROM (SELECT pg_current_snapshot() AS snap) s
+    FROM (
+        SELECT pg_current_snapshot() AS snap,
+               COALESCE((SELECT through_xid FROM changes_pruned), 0) AS pruned
+    ) s
     LEFT JOIN LATERAL (
         SELECT c.id, c.xid, c.resource_type, c.changed_at, c.rows
         FROM changes c
@@ -44,6 +50,28 @@ def _newer_sql(limit: str) -> str:
 # A poll: at most :cap + 1 changes rows, so that the poller can tell "more than it hands out".
 POLL = text(_newer_sql("LIMIT :cap + 1"))
 _NEWER_ALL = _newer_sql("")
+
+_PRUNED = "SELECT COALESCE((SELECT through_xid FROM changes_pruned), 0)"
+
+PRUNE = text(
+    """
+    WITH oldest AS (
+        SELECT max(o.xid) AS through
+        FROM (
+            SELECT c.xid FROM changes c WHERE c.changed_at < :cutoff ORDER BY c.id LIMIT :batch
+        ) o
+    ), gone AS (
+        DELETE FROM changes c USING oldest WHERE c.xid <= oldest.through RETURNING c.id
+    ), moved AS (
+        INSERT INTO changes_pruned (one, through_xid)
+        SELECT true, oldest.through FROM oldest WHERE oldest.through IS NOT NULL
+        ON CONFLICT (one) DO UPDATE
+        SET through_xid = GREATEST(changes_pruned.through_xid, EXCLUDED.through_xid)
+        RETURNING 1
+    )
+    SELECT count(*) FROM gone
+    """
+)
 
 _ITEMS = text(
     """
@@ -71,12 +99,25 @@ class ChangeLog:
 
     async def poll(
         self, since_xmax: int, since_xip: Sequence[int], types: Sequence[int], cap: int
-    ) -> tuple[str, Sequence[Any]]:
-        """(the statement's snapshot, the changes rows newer than `since` it sees, at most
-        cap + 1 of them, by id)."""
+    ) -> tuple[str, int, Sequence[Any]]:
+        """(the statement's snapshot, how far the log was pruned, the changes rows newer than
+        `since` it sees, at most cap + 1 of them, by id)."""
         params = _newer(since_xmax, since_xip, types) | {"cap": cap}
         rows = (await self.source.execute(POLL, params)).all()
-        return rows[0].snapshot, [r for r in rows if r.id is not None]
+        return rows[0].snapshot, rows[0].pruned, [r for r in rows if r.id is not None]
+
+    async def pruned_through(self) -> int:
+        """Every change of a transaction with an xid up to this one has been pruned."""
+        pruned = await self.source.execute(text(_PRUNED))
+        return int(pruned.scalar_one())
+
+    async def prune(self, cutoff: datetime, batch: int) -> int:
+        """Delete up to about `batch` of the oldest changes written before `cutoff`, and with
+        them every change of a transaction with an xid no newer than theirs, so that the log
+        keeps exactly the transactions after one xid (its pruned_through); the number deleted."""
+        return int(
+            (await self.source.execute(PRUNE, {"cutoff": cutoff, "batch": batch})).scalar_one()
+        )
 
     async def current_snapshot(self) -> str:
         """The snapshot of the statement, or of the transaction under REPEATABLE READ."""
