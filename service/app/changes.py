@@ -359,9 +359,18 @@ class ChangeFeed:
     """WatchChanges for any transport: a snapshot, then every committed change."""
 
     def __init__(
-        self, db: Database, *, poll_interval: float, heartbeat: float, readers: int
+        self,
+        db: Database,
+        *,
+        poll_interval: float,
+        heartbeat: float,
+        readers: int,
+        enabled: bool = True,
     ) -> None:
+        """`enabled`: the schema has the change log (a server started on an older schema with
+        SHOP_ALLOW_SCHEMA_BEHIND refuses WatchChanges rather than fail inside it)."""
         self._db = db
+        self._enabled = enabled
         self._poll_interval = poll_interval
         self._heartbeat = heartbeat
         self._head = _Head(db, poll_interval)
@@ -385,6 +394,12 @@ class ChangeFeed:
         """From `start` (a resume token's position), or from now, or (`snapshot`) from a
         snapshot of every current resource. Never ends on its own."""
         kinds = sorted(set(types))
+        if not self._enabled:
+            raise FailedPrecondition(
+                "this server runs on a schema from before the change feed (migration 0007); "
+                "it is served once the schema is migrated and the server restarted",
+                reason="SCHEMA_BEHIND",
+            )
         position = start
         if (position is None and snapshot) or (position is not None and position.scan is not None):
             scan = self._scan(position, kinds, max_batch)

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # read only once the backfill has run. See docs/migrations.md.
 ORDER_CURRENCY_ADDED = "0003"
 ORDER_CURRENCY_BACKFILLED = "0004"
+CHANGE_LOG = "0007"
 
 
 class SchemaBehind(Exception):
@@ -114,12 +115,14 @@ class SchemaFeatures:
 
     write_order_currency: bool = True
     read_order_currency: bool = True
+    change_log: bool = True  # the change feed's log (WatchChanges)
 
     @classmethod
     def of(cls, state: SchemaState) -> SchemaFeatures:
         return cls(
             write_order_currency=state.has(ORDER_CURRENCY_ADDED),
             read_order_currency=state.has(ORDER_CURRENCY_BACKFILLED),
+            change_log=state.has(CHANGE_LOG),
         )
 
 

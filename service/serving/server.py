@@ -46,7 +46,7 @@ from service.db.closing import dispose_within
 from service.db.database import Database
 from service.db.engine import create_engine, create_probe_engine, create_sessionmaker
 from service.db.replicas import open_replicas
-from service.db.schema_state import serving_features, session_info
+from service.db.schema_state import SchemaFeatures, serving_features, session_info
 from service.observability.metrics import MetricsEndpoint, RpcMetrics, serve_metrics, server_metrics
 from service.observability.tracing import tracing_interceptors
 from service.serving.health import HealthProbe, HealthService
@@ -174,7 +174,9 @@ def interceptors(settings: Settings, metrics: RpcMetrics | None = None) -> list[
     return chain
 
 
-def add_shop_services(server: grpc.aio.Server, db: Database, settings: Settings) -> None:
+def add_shop_services(
+    server: grpc.aio.Server, db: Database, settings: Settings, features: SchemaFeatures
+) -> None:
     tokens = PageTokens(settings.page_token_secret.get_secret_value().encode())
     users = UserServicer(Users(db), tokens)
     user_service_pb2_grpc.add_UserServiceServicer_to_server(users, server)
@@ -202,6 +204,7 @@ def add_shop_services(server: grpc.aio.Server, db: Database, settings: Settings)
         poll_interval=settings.changes_poll_interval,
         heartbeat=settings.changes_heartbeat,
         readers=settings.stream_budget(),
+        enabled=features.change_log,
     )
     change_feed_service_pb2_grpc.add_ChangeFeedServiceServicer_to_server(
         ChangeFeedServicer(feed, tokens), server
@@ -248,7 +251,7 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
         open_replicas(settings, info),
         stream_connections=settings.stream_budget(),
     )
-    add_shop_services(server, db, settings)
+    add_shop_services(server, db, settings, features)
     health_service = HealthService(("", *SHOP_SERVICES))
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     enable_reflection((*SHOP_SERVICES, health.SERVICE_NAME), server)
