@@ -30,7 +30,11 @@ FRESH = "none: reads the primary"
 LAGGED = "up to SHOP_REPLICA_MAX_LAG (+ one check interval); typically milliseconds"
 LAGGED_SNAPSHOT = "one snapshot, up to SHOP_REPLICA_MAX_LAG old when it starts"
 # The change feed reads where it is sent and waits for a replica behind a token's position.
-FOLLOWS_REPLAY = "follows the replica's replay; a position never goes back"
+# pg_current_snapshot() on a hot standby lists no transaction in progress on the primary (they
+# are in its subxip, which the function does not export): a feed position taken there would
+# count an open transaction as seen and lose its changes. So the feed reads the primary until
+# it takes its snapshots from the primary and waits for the replica's replay (docs/change-feed.md).
+FEED_ON_PRIMARY = "none: reads the primary (a standby's snapshot hides open transactions)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +84,7 @@ METHODS: dict[str, Method] = {
     "/shop.v1.AccountService/ListTransfers": Method(READ, REPLICA, LAGGED),
     "/shop.v1.AccountService/StreamTransfers": Method(READ, REPLICA, LAGGED_SNAPSHOT),
     # ChangeFeedService
-    "/shop.v1.ChangeFeedService/WatchChanges": Method(READ, REPLICA, FOLLOWS_REPLAY),
+    "/shop.v1.ChangeFeedService/WatchChanges": Method(READ, PRIMARY, FEED_ON_PRIMARY),
 }
 
 # Derived views, for the interceptors and the tables in the docs.
