@@ -27,6 +27,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
 from contextlib import aclosing
@@ -272,6 +273,14 @@ async def _decode(log_: ChangeLog, rows: Sequence[Any]) -> list[_Logged]:
     return out
 
 
+@dataclass(slots=True, eq=False)  # identity: each stream its own entry in a set
+class _Behind:
+    """A stream's lag: since when (time.monotonic()) it has not been caught up; None while it
+    is (waiting for the next commit)."""
+
+    since: float | None
+
+
 class _Head:
     """The newest snapshot this process has seen, and the changes of its last polls: one poll
     every `interval` while any stream waits, shared by all of them, so a stream that is caught
@@ -375,6 +384,7 @@ class ChangeFeed:
         self._heartbeat = heartbeat
         self._head = _Head(db, poll_interval)
         self._readers = asyncio.Semaphore(readers)
+        self._streams: set[_Behind] = set()
 
     async def oldest(self) -> Position:
         """A position before every change the log still holds (the relay's start on an empty
@@ -400,6 +410,31 @@ class ChangeFeed:
                 "it is served once the schema is migrated and the server restarted",
                 reason="SCHEMA_BEHIND",
             )
+        behind = _Behind(time.monotonic())
+        self._streams.add(behind)
+        try:
+            async for batch in self._follow(start, kinds, max_batch, snapshot, behind):
+                yield batch
+        finally:
+            self._streams.discard(behind)
+
+    def lag(self) -> tuple[int, float]:
+        """(streams being served, the seconds the furthest behind of them has spent since it
+        was last caught up: 0 when all are): the feed's lag. Safe from another thread (the
+        metrics endpoint's): tuple() copies the set in one step under the GIL."""
+        streams = tuple(self._streams)
+        now = time.monotonic()
+        behind = [now - since for b in streams if (since := b.since) is not None]
+        return len(streams), max(behind, default=0.0)
+
+    async def _follow(
+        self,
+        start: Position | None,
+        kinds: list[ResourceType],
+        max_batch: int,
+        snapshot: bool,
+        behind: _Behind,
+    ) -> AsyncGenerator[FeedBatch, None]:
         position = start
         if (position is None and snapshot) or (position is not None and position.scan is not None):
             scan = self._scan(position, kinds, max_batch)
@@ -425,11 +460,14 @@ class ChangeFeed:
             ):
                 batches = self._read(position, kinds, max_batch, self._head.latest)
             else:
+                behind.since = None  # caught up: waiting for the next commit
                 quiet = self._heartbeat - (loop.time() - sent_at)
                 if quiet <= 0 or not await self._head.wait(position.since, quiet):
                     yield FeedBatch([], position, Event.HEARTBEAT)
                     sent_at = loop.time()
                 continue
+            if behind.since is None:
+                behind.since = time.monotonic()
             async with aclosing(batches):
                 async for batch in batches:
                     position = batch.position
