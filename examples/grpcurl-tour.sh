@@ -52,6 +52,25 @@ gk() {
     echo "${reply}"
 }
 
+# WatchChanges never ends on its own: grpcurl's -max-time ends it. Prints the responses that
+# came before that, keeps them in $reply, and fails unless the call ended by that deadline.
+watch() {
+    local seconds="$1" out
+    shift
+    echo "\$ grpcurl ${transport[*]} -max-time ${seconds} ${*@Q}"
+    if out="$("${grpcurl_bin}" "${transport[@]}" "${auth[@]}" -max-time "${seconds}" "$@" 2>&1)"; then
+        echo "${out}"
+        echo "tour: WatchChanges ended on its own" >&2
+        exit 1
+    fi
+    echo "${out}"
+    if ! grep -q "Code: DeadlineExceeded" <<<"${out}"; then
+        echo "tour: expected WatchChanges to run until -max-time" >&2
+        exit 1
+    fi
+    reply="${out}"
+}
+
 section() { printf '\n### %s\n\n' "$*"; }
 
 section "Discover"
@@ -113,6 +132,21 @@ g -d "{\"account_id\":${to},\"page_size\":10}" "${address}" shop.v1.AccountServi
 g -d "{\"requests\":[{\"from_account_id\":${from},\"to_account_id\":${to},\"amount\":\"10.00\",\"request_id\":\"pay-1-${run}\"},{\"from_account_id\":${from},\"to_account_id\":${to},\"amount\":\"900.00\",\"request_id\":\"pay-2-${run}\"}]}" \
     "${address}" shop.v1.AccountService/BatchTransfer
 g -d "{\"id\":${from}}" "${address}" shop.v1.AccountService/GetAccount
+
+section "ChangeFeedService"
+# A snapshot of the current users, then the stream waits for changes (-max-time ends it).
+watch 3 -d '{"resource_types":["RESOURCE_TYPE_USER"],"start_position":"START_POSITION_SNAPSHOT","max_batch_size":2}' \
+    "${address}" shop.v1.ChangeFeedService/WatchChanges
+# From now on: the first response is an empty CAUGHT_UP whose token marks where it stands...
+types='"resource_types":["RESOURCE_TYPE_ACCOUNT","RESOURCE_TYPE_TRANSFER"]'
+watch 2 -d "{${types},\"start_position\":\"START_POSITION_NOW\"}" \
+    "${address}" shop.v1.ChangeFeedService/WatchChanges
+since="$(sed -n 's/^  "resume_token": "\([^"]*\)",\{0,1\}$/\1/p' <<<"${reply}" | head -n1)"
+g -d "{\"account_id\":${to},\"amount\":\"5.00\",\"request_id\":\"dep-feed-${run}\"}" \
+    "${address}" shop.v1.AccountService/Deposit
+# ... and resuming from it brings the deposit: its transfer and the account's new balance.
+watch 2 -d "{${types},\"resume_token\":\"${since}\"}" \
+    "${address}" shop.v1.ChangeFeedService/WatchChanges
 
 section "Errors carry details"
 expect_error InvalidArgument -d '{"email":"not-an-email","first_name":"","last_name":"X"}' \

@@ -80,3 +80,9 @@ def test_grpcurl_tour(address: str) -> None:
     for code in ("AlreadyExists", "FailedPrecondition", "InvalidArgument", "NotFound"):
         assert f"Code: {code}" in out
     assert '"reason":"INSUFFICIENT_FUNDS"' in out
+    # WatchChanges: a snapshot that ends SNAPSHOT_DONE, and a resume from a NOW stream's token
+    # that brings the deposit made after it (grpcurl prints request_id so only in a response).
+    assert "shop.v1.ChangeFeedService" in out
+    assert '"event": "CHANGE_FEED_EVENT_SNAPSHOT_DONE"' in out
+    assert '"operation": "OPERATION_CREATED"' in out
+    assert '"request_id": "dep-feed-' in out

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -129,6 +131,36 @@ class Api:
         assert reply.headers["content-type"] == "application/json", reply
         return reply.lines()
 
+    @contextmanager
+    def watch(self, path: str, query: list[tuple[str, str]]) -> Iterator[Iterator[Any]]:
+        """A GET that never ends on its own (WatchChanges): the JSON messages of its
+        newline-delimited body as curl receives them (-N, no buffering), read as they come; curl
+        is stopped on leaving. `query` is a list of pairs, so a repeated field repeats its name.
+        curl's --max-time ends a stream that stays silent, so a missing line fails the test."""
+        request_id = f"http-routes-{uuid.uuid4().hex}"
+        self.calls.append(Call("GET", path, request_id))
+        url = f"{self.cluster.url}{path}?{urlencode(query)}"
+        args = ["-sS", "-i", "-N", "--max-time", "60", url, "-H", f"x-request-id: {request_id}"]
+        with subprocess.Popen(
+            [tools.require(tools.CURL), *args], stdout=subprocess.PIPE, text=True
+        ) as process:
+            assert process.stdout is not None
+            stdout = process.stdout
+            try:
+                head = list(iter(lambda: stdout.readline().rstrip("\r\n"), ""))
+                assert head and head[0].split()[1] == "200", (head, logs_of(self.cluster))
+                assert "content-type: application/json" in (h.lower() for h in head), head
+
+                def messages() -> Iterator[Any]:
+                    for line in stdout:
+                        if line.strip():
+                            yield json.loads(line)
+                    raise AssertionError(f"the watch ended\n{logs_of(self.cluster)}")
+
+                yield messages()
+            finally:
+                process.terminate()
+
     def reached(self) -> dict[str, str]:
         """request id -> the gRPC path the replica served for it, from the replicas' access
         lines (`service.access [<request id>]: /shop.v1.UserService/GetUser OK ...`)."""
@@ -171,9 +203,14 @@ def tag() -> str:
 
 def test_every_service_of_the_descriptor_has_an_http_test() -> None:
     services = {path.split("/")[1] for path in descriptor_routes()}
-    assert services == {"shop.v1.UserService", "shop.v1.OrderService", "shop.v1.AccountService"}
+    assert services == {
+        "shop.v1.UserService",
+        "shop.v1.OrderService",
+        "shop.v1.AccountService",
+        "shop.v1.ChangeFeedService",
+    }
     assert set(COVERED) == services, COVERED
-    assert len(descriptor_routes()) == 22
+    assert len(descriptor_routes()) == 23
 
 
 def test_the_docs_route_table_is_the_descriptors() -> None:
@@ -501,3 +538,101 @@ def test_account_service_over_http(envoy_cluster: Cluster) -> None:
     assert [(t["requestId"], t["amount"]) for b in batches for t in b["transfers"]] == history
 
     api.assert_reached_every_rpc_of("shop.v1.AccountService")
+
+
+# --- ChangeFeedService ---------------------------------------------------------------------
+
+
+def until(messages: Iterator[Any], done: Callable[[Any], bool]) -> list[Any]:
+    """The messages of a watch up to and including the first for which `done` holds."""
+    seen = []
+    for message in messages:
+        seen.append(message)
+        if done(message):
+            return seen
+    raise AssertionError("unreachable: messages() raises when the stream ends")
+
+
+def changes_of(messages: list[Any], key: str, resource_id: str) -> list[tuple[str, str]]:
+    """(operation, version) of each change of one resource (`key`: user, order, ...)."""
+    return [
+        (c["operation"], c["version"])
+        for m in messages
+        for c in m["changes"]
+        if key in c and c[key]["id"] == resource_id
+    ]
+
+
+@covers("shop.v1.ChangeFeedService")
+def test_change_feed_service_over_http(envoy_cluster: Cluster) -> None:
+    api = Api(envoy_cluster)
+    name = tag()
+    user = api.ok(
+        api.post(
+            "/v1/users", {"email": f"{name}@example.com", "firstName": name, "lastName": "Watched"}
+        )
+    )
+    # WatchChanges: GET /v1/changes:watch, newline-delimited WatchChangesResponse messages that
+    # keep coming; a repeated enum is its name repeated in the query, values by enum name.
+    query = [
+        ("resourceTypes", "RESOURCE_TYPE_USER"),
+        ("resourceTypes", "RESOURCE_TYPE_ORDER"),
+        ("startPosition", "START_POSITION_SNAPSHOT"),
+    ]
+    with api.watch("/v1/changes:watch", query) as messages:
+        # The snapshot (users and orders only, the user just created among them) first.
+        snapshot = until(messages, lambda m: m["event"] == "CHANGE_FEED_EVENT_SNAPSHOT_DONE")
+        rows = [c for m in snapshot for c in m["changes"]]
+        assert {c["operation"] for c in rows} == {"OPERATION_SNAPSHOT"}
+        assert {c["resourceType"] for c in rows} <= {"RESOURCE_TYPE_USER", "RESOURCE_TYPE_ORDER"}
+        assert changes_of(snapshot, "user", user["id"]) == [("OPERATION_SNAPSHOT", "1")]
+        [row] = [c for c in rows if c.get("user", {}).get("id") == user["id"]]
+        assert row["user"] == user
+        token = snapshot[-1]["resumeToken"]
+        assert token
+
+        # Then a change made through another route arrives on the open stream, in order.
+        api.ok(
+            api.send(
+                "PATCH", f"/v1/users/{user['id']}", {"lastName": "Seen"}, {"updateMask": "lastName"}
+            )
+        )
+        order = api.ok(
+            api.post(
+                "/v1/orders",
+                {
+                    "userId": user["id"],
+                    "items": [{"sku": "FEED-1", "quantity": 1, "unitPrice": "3.50"}],
+                    "requestId": f"feed-{name}",
+                },
+            )
+        )
+        tail = until(messages, lambda m: bool(changes_of([m], "order", order["id"])))
+    assert changes_of(tail, "user", user["id"]) == [("OPERATION_UPDATED", "2")]
+    assert changes_of(tail, "order", order["id"]) == [("OPERATION_CREATED", "1")]
+    [updated] = [
+        c["user"] for m in tail for c in m["changes"] if c.get("user", {}).get("id") == user["id"]
+    ]
+    assert (updated["lastName"], updated["fullName"]) == ("Seen", f"{name} Seen")
+    sequences = [int(c["sequence"]) for m in snapshot + tail for c in m["changes"]]
+    assert sequences == sorted(set(sequences))  # strictly increasing along the stream
+
+    # Resumed from the snapshot's token (same types), on whichever replica Envoy picks: the
+    # same changes with the same sequences, nothing of the snapshot again.
+    resume = [(k, v) for k, v in query if k == "resourceTypes"] + [("resumeToken", token)]
+    with api.watch("/v1/changes:watch", resume) as messages:
+        again = until(messages, lambda m: bool(changes_of([m], "order", order["id"])))
+    assert changes_of(again, "user", user["id"]) == [("OPERATION_UPDATED", "2")]
+    mine = {"user": user["id"], "order": order["id"]}
+
+    def sequences_of(batch: list[Any]) -> list[str]:
+        return [
+            c["sequence"]
+            for m in batch
+            for c in m["changes"]
+            if any(key in c and c[key]["id"] == i for key, i in mine.items())
+        ]
+
+    assert sequences_of(again) == sequences_of(tail)
+
+    api.assert_reached_every_rpc_of("shop.v1.ChangeFeedService")
