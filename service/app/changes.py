@@ -455,8 +455,10 @@ class ChangeFeed:
             step = self._head.step_from(position.since) if position.upto is None else None
             if step is not None and step.changes is not None:
                 batches = self._from_step(step, position, kinds, max_batch)
-            elif position.upto is not None or (
-                self._head.latest is not None and _ahead(self._head.latest, position.since)
+            elif (
+                position.upto is not None
+                or announce  # a resumed stream reads once, to say it is caught up
+                or (self._head.latest is not None and _ahead(self._head.latest, position.since))
             ):
                 batches = self._read(position, kinds, max_batch, self._head.latest)
             else:
