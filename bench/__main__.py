@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only stream,unary,workers,transfer,bulk,imported]`: seeds a
+"""`python -m bench [--quick] [--only stream,unary,workers,transfer,bulk,imported,changes]`: seeds a
 database of its own, starts the service as a subprocess, runs the selected benchmarks beside
 their baselines, prints the tables and writes docs/benchmarks.md with PNG plots."""
 

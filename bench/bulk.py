@@ -20,12 +20,16 @@ def _users(prefix: str, count: int, start: int) -> list[user_service_pb2.UpsertU
     ]
 
 
-async def upsert_users(target: str, batches: int, batch_size: int) -> Measurement:
+async def upsert_users(
+    target: str, batches: int, batch_size: int, prefix: str = "apiup"
+) -> Measurement:
+    """`batches` UpsertUsers calls of `batch_size` users each, one at a time; a `prefix` not
+    used before makes every row an insert."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
         started = time.perf_counter()
         for b in range(batches):
-            users = _users("apiup", batch_size, b * batch_size)
+            users = _users(prefix, batch_size, b * batch_size)
             await stub.UpsertUsers(user_service_pb2.UpsertUsersRequest(users=users))
         elapsed = time.perf_counter() - started
     return Measurement(

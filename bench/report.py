@@ -48,6 +48,12 @@ METHOD = """\
   baselines run from one asyncpg connection: the same multi-row `INSERT … ON CONFLICT (email)
   DO UPDATE … RETURNING xmax = 0` that UpsertUsers sends, and `copy_records_to_table` straight
   into `users`, one transaction per batch or call.
+- **WatchChanges** (`bench/feed.py`, issue 21): latency from a write's RPC returning to a
+  watcher process receiving that change (matched by type, id and version), writer processes
+  pacing mixed single-row writes open loop; catch-up of a watcher resumed behind users inserted
+  by `INSERT … SELECT generate_series`, beside StreamUsers over the same table; and
+  BatchTransfer / UpsertUsers with the change log's statement triggers disabled (`ALTER TABLE …
+  DISABLE TRIGGER *_log_*`, version triggers kept) against the same build with them on.
 """
 
 

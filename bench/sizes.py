@@ -33,6 +33,14 @@ class Sizes:
     import_message_rows: int = 1000
     # One ImportUsers into a new database, then StreamUsers' first batch at once.
     fresh_import_rows: int = 1_000_000
+    # The change feed (issue 21): mixed writes at this many changes/s for point_seconds while a
+    # watcher follows; a watcher resuming this many changes behind (users inserted by SQL,
+    # this many per statement); the log on/off write-cost pairs, this many rounds.
+    feed_rate: float = 1000.0
+    feed_seconds: float = 10.0
+    feed_catch_up: int = 1_000_000
+    feed_statement_rows: int = 100_000
+    feed_cost_rounds: int = 2
 
 
 FULL = Sizes()
@@ -48,4 +56,9 @@ QUICK = Sizes(
     batch_transfers=200,
     batch_seconds=1.0,
     fresh_import_rows=50_000,
+    feed_rate=300.0,
+    feed_seconds=2.0,
+    feed_catch_up=20_000,
+    feed_statement_rows=10_000,
+    feed_cost_rounds=1,
 )

@@ -4,12 +4,13 @@ returns report sections. `python -m bench --only KEY,...` selects them by key.""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncpg
 
-from bench import baselines, batched, bulk, seed, streaming
+from bench import baselines, batched, bulk, feed, seed, streaming
 from bench.load import LoadSpec, run_load
 from bench.postgres import Postgres
 from bench.processes import ServerProcess, run_migrations
@@ -18,6 +19,9 @@ from bench.results import Comparison, Measurement, Section
 from bench.sizes import Sizes
 
 RSS_LIMIT_MB = 50.0
+# Issue 21's change feed: end-to-end latency targets and the anchor they come from.
+FEED_P50_MS, FEED_P99_MS = 50.0, 250.0
+SEQUIN = "Sequin's published 55 ms average / 253 ms p99 (its own benchmark; not this run)"
 FIRST_BATCH_MS = 50.0
 # Transfer as docs/benchmarks.md published it at this commit, before group commit (issue 11).
 BEFORE = "89b17fe"
@@ -408,6 +412,208 @@ async def imported(run: Run) -> list[Section]:
     return [section]
 
 
+async def _feed_latency(run: Run, accounts: list[int]) -> Section:
+    s = run.sizes
+    title = f"WatchChanges end-to-end latency at {s.feed_rate:,.0f} changes/s of mixed writes"
+    section = Section("changes-latency", title, issue=21)
+    run.progress("changes", f"watcher + writer at {s.feed_rate:,.0f} changes/s")
+    spec = feed.LatencySpec(
+        target=run.service.target,
+        rate=s.feed_rate,
+        seconds=s.feed_seconds if s.feed_seconds else s.point_seconds,
+        warmup=s.warmup_seconds,
+        accounts=accounts,
+        order_user_ids=run.max_user_id,
+        processes=s.client_processes,
+    )
+    result = await feed.measure_latency(spec)
+    m = result.feed
+    run.progress(
+        "changes",
+        f"latency p50 {m.p50_ms or 0:.1f} ms, p99 {m.p99_ms or 0:.1f} ms over {result.matched:,} "
+        f"writes; {result.missing} never received; writes {result.writes.value:,.0f} changes/s "
+        f"({result.writes.details})",
+    )
+    # The ratio says whether the watcher kept up with what was written; the targets are the
+    # absolute checks below.
+    section.comparisons.append(Comparison(m, result.writes))
+    p50, p99 = m.p50_ms or 0.0, m.p99_ms or 0.0
+    section.checks += [
+        (
+            f"WatchChanges commit-acknowledged -> received p50 {p50:.1f} ms (target <= "
+            f"{FEED_P50_MS:g} ms; anchor: {SEQUIN})",
+            p50 <= FEED_P50_MS and result.matched > 0,
+        ),
+        (
+            f"WatchChanges commit-acknowledged -> received p99 {p99:.1f} ms (target <= "
+            f"{FEED_P99_MS:g} ms)",
+            p99 <= FEED_P99_MS and result.matched > 0,
+        ),
+        (
+            f"Every acknowledged write in the window reached the watcher: {result.missing} missing",
+            result.missing == 0,
+        ),
+        (
+            f"Writes refused by the service during the point (not measured): {result.refused}",
+            None,
+        ),
+    ]
+    section.notes += [
+        "A watcher process opens WatchChanges (START_POSITION_NOW, every type) and, once its "
+        "first response came, writer processes (the load generator's number of client "
+        "processes, each a share of the rate, started on one clock) send CreateUser, "
+        "UpdateUser (of users the same process created, one write in flight per user, so it "
+        "knows each version), Transfer and "
+        "CreateOrder in a fixed cycle, open loop at the paced rate (12 changes per 6 writes, "
+        "half of them transfers: a transfer is 3 changes, itself and its two accounts). "
+        "Latency is from the write's RPC returning to the watcher receiving the response "
+        "holding that change, matched by "
+        "(type, id, version) (an order by its first version), both on CLOCK_MONOTONIC; writes "
+        "acknowledged in the warm-up are not counted. A negative latency (change received "
+        "before the acknowledgement) counts as it is.",
+        "The rate column of the feed row is changes received per second in the window (account "
+        "changes included); the baseline row is the changes the acknowledged writes made, with "
+        "the write RPCs' own p50/p99: a ratio near 1.00x says the watcher kept up. The service "
+        "runs with its default SHOP_CHANGES_POLL_INTERVAL (0.05 s), one shared poll per process.",
+    ]
+    return section
+
+
+async def _feed_catch_up(run: Run) -> Section:
+    s = run.sizes
+    count = s.feed_catch_up
+    title = f"WatchChanges catch-up, {count:,} changes behind, beside StreamUsers"
+    section = Section("changes-catch-up", title, issue=21)
+    token = await feed.token_now(run.service.target)
+    run.progress("changes", f"inserting {count:,} users by INSERT ... SELECT generate_series")
+    seconds = await feed.insert_users(run.dsn, count, s.feed_statement_rows)
+    run.progress("changes", f"inserted in {seconds:.1f} s; resuming a watcher {count:,} behind")
+    subject = await feed.catch_up(run.service.target, token, count, s.stream_batch)
+    run.progress("changes", f"catch-up: {subject.value:,.0f} changes/s; StreamUsers")
+    stream, _, _ = await streaming.stream_users(run.service, s.stream_batch)
+    run.progress("changes", f"StreamUsers: {stream.value:,.0f} rows/s")
+    section.comparisons.append(Comparison(subject, stream, target=0.5))
+    section.notes += [
+        f"A resume token for users at the newest commit, then {count:,} users inserted by SQL "
+        f"(INSERT ... SELECT generate_series, {s.feed_statement_rows:,} rows per statement and "
+        "transaction: the triggers log them, 1000 per changes row), then VACUUM (ANALYZE) of "
+        "users and changes. A watcher in its own process resumes from the token "
+        f"(max_batch_size {s.stream_batch}) and reads until it has them all and is CAUGHT_UP; "
+        "then StreamUsers exports the whole users table (the seed and these rows) from "
+        "another process, batch_size the same, as in the stream benchmark.",
+    ]
+    return section
+
+
+async def _feed_cost_point(
+    run: Run, on: bool, accounts: list[int], prefix: str
+) -> tuple[Measurement, Measurement, float, float]:
+    """BatchTransfer and UpsertUsers with the change log on or off; WAL bytes and changes rows
+    per transfer of the BatchTransfer point."""
+    s = run.sizes
+    label = "log on" if on else "log off"
+    await feed.set_change_log(run.dsn, on)
+    before = await feed.counters(run.dsn)
+    batch = await _batch_transfer(run, accounts)
+    wal, logged, _ = await feed.per_transfer(run.dsn, before)
+    batch.name += f", {label}"
+    batch.details += f"; {wal:,.0f} WAL bytes and {logged:.4f} changes rows per transfer"
+    upsert = await bulk.upsert_users(run.service.target, s.upsert_batches, s.upsert_batch, prefix)
+    upsert.name += f", {label}"
+    run.progress(
+        "changes",
+        f"{label}: BatchTransfer {batch.value:,.0f} transfers/s ({wal:,.0f} WAL B/transfer), "
+        f"UpsertUsers {upsert.value:,.0f} rows/s",
+    )
+    return batch, upsert, wal, logged
+
+
+def _mean(found: list[Measurement]) -> Measurement:
+    """The rounds' mean rate (and mean p50/p99, CPU), under the first one's name."""
+    first = found[0]
+
+    def avg(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return sum(known) / len(known) if known else None
+
+    return Measurement(
+        first.name,
+        sum(m.value for m in found) / len(found),
+        first.unit,
+        in_flight=first.in_flight,
+        p50_ms=avg([m.p50_ms for m in found]),
+        p99_ms=avg([m.p99_ms for m in found]),
+        errors=sum(m.errors for m in found),
+        details="; ".join(dict.fromkeys(m.details for m in found if m.details)),
+        server_cpu_ms=avg([m.server_cpu_ms for m in found]),
+    )
+
+
+async def _feed_cost(run: Run, accounts: list[int]) -> Section:
+    s = run.sizes
+    title = "Cost of the change log on writes: BatchTransfer and UpsertUsers, log on vs off"
+    section = Section("changes-cost", title, issue=21)
+    points: dict[bool, list[tuple[Measurement, Measurement, float, float]]] = {
+        True: [],
+        False: [],
+    }
+    tag = uuid.uuid4().hex[:6]
+    try:
+        for r in range(s.feed_cost_rounds):
+            # Alternated, log on first, so drift in the machine's load hits both alike.
+            for on in (True, False):
+                prefix = f"cost{tag}{r}{'n' if on else 'f'}"
+                points[on].append(await _feed_cost_point(run, on, accounts, prefix))
+    finally:
+        await feed.set_change_log(run.dsn, True)
+    with_log = [_mean([p[i] for p in points[True]]) for i in (0, 1)]
+    without = [_mean([p[i] for p in points[False]]) for i in (0, 1)]
+    section.comparisons = [
+        Comparison(with_log[0], without[0], target=0.85),
+        Comparison(with_log[1], without[1], target=0.85),
+    ]
+    wal_on = sum(p[2] for p in points[True]) / len(points[True])
+    wal_off = sum(p[2] for p in points[False]) / len(points[False])
+    rows_on = sum(p[3] for p in points[True]) / len(points[True])
+    ratio = f" ({wal_on / wal_off:.2f}x)" if wal_off else ""
+    section.checks.append(
+        (
+            f"BatchTransfer WAL per transfer: {wal_on:,.0f} bytes with the log, {wal_off:,.0f} "
+            f"without{ratio}; {rows_on * 1000:.1f} changes rows per 1000 transfers with it",
+            None,
+        )
+    )
+    section.notes += [
+        f"The same build and database, {s.feed_cost_rounds} round(s) of log on then log off, "
+        "each row the mean over its rounds. Off is a bench-only switch: ALTER TABLE ... DISABLE "
+        "TRIGGER on the 12 statement triggers that write the log (users, orders, accounts, "
+        "transfers; *_log_insert/update/delete), re-enabled after. The *_version row triggers "
+        "stay on in both: they keep the rows' version column, which is the data, not the log. "
+        "BatchTransfer is the transfer benchmark's workload (same accounts, calls in flight, "
+        "transfers per call); UpsertUsers is the bulk benchmark's (one call at a time, new "
+        "emails, all inserts).",
+        "WAL bytes per transfer: pg_current_wal_lsn() before and after the BatchTransfer point "
+        "(warm-up included) over the transfers it wrote; the whole server's WAL, so anything "
+        "else writing to the same PostgreSQL counts too. Changes rows: max(changes.id) before "
+        "and after.",
+    ]
+    return section
+
+
+async def change_feed(run: Run) -> list[Section]:
+    """Issue 21's figures: latency, catch-up, cost on writes. (The relay's, JetStream holding
+    a change <= 100 ms after commit, is another suite: TODO(issue 21, relay), reusing
+    feed.measure_latency with a JetStream receiver.)"""
+    s = run.sizes
+    run.progress("changes", f"opening and funding {s.transfer_accounts} accounts via the API")
+    user_ids = list(range(1, s.transfer_accounts + 1))
+    accounts = await seed.open_funded_accounts(run.service.target, user_ids, "1000000.00")
+    latency = await _feed_latency(run, accounts)
+    catch_up = await _feed_catch_up(run)
+    cost = await _feed_cost(run, accounts)
+    return [latency, catch_up, cost]
+
+
 SUITES: dict[str, Callable[[Run], Awaitable[list[Section]]]] = {
     "stream": stream,
     "unary": unary,
@@ -415,4 +621,5 @@ SUITES: dict[str, Callable[[Run], Awaitable[list[Section]]]] = {
     "transfer": transfer,
     "bulk": bulk_writes,
     "imported": imported,
+    "changes": change_feed,
 }
