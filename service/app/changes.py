@@ -107,7 +107,7 @@ class Snapshot:
         return all(x >= other.xmax or x in other.xip for x in self.xip)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen init costs 0.5 µs more, once per change
 class FeedChange:
     """One change as the feed hands it out: `row` is the resource as after the change, as
     PostgreSQL's to_jsonb wrote it (numbers as Decimal, timestamps as ISO 8601 strings); an
@@ -231,7 +231,7 @@ def _parse(text: str) -> Any:
     return json.loads(text, parse_float=Decimal)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, like FeedChange: one per change
 class _Logged:
     """A change read from the log, with its transaction's id (for Segment filtering)."""
 
@@ -248,29 +248,33 @@ class _Step:
     changes: list[_Logged] | None
 
 
-async def _decode(log_: ChangeLog, rows: Sequence[Any]) -> list[_Logged]:
-    """Changes rows -> changes, in order; an order's row gets its lines (one query)."""
-    decoded = [(row, _parse(row.rows)) for row in rows]
-    order_ids = [
-        data["id"]
-        for row, elements in decoded
-        if row.resource_type == ResourceType.ORDER
-        for _, data in elements
-    ]
+_KINDS = {int(k): k for k in ResourceType}
+_OPERATIONS = {int(o): o for o in Operation}
+
+
+async def _decoded(log_: ChangeLog, rows: Sequence[Any]) -> AsyncGenerator[_Logged, None]:
+    """Changes rows -> changes, in order, each row parsed only when reached (a page may hold
+    64,000 changes: the first go out before the last is parsed); orders get their lines, one
+    query for the page's orders."""
+    orders = {row.id: _parse(row.rows) for row in rows if row.resource_type == ResourceType.ORDER}
+    order_ids = [data["id"] for elements in orders.values() for _, data in elements]
     items = await log_.items(order_ids) if order_ids else {}
-    out = []
-    for row, elements in decoded:
-        kind = ResourceType(row.resource_type)
+    for row in rows:
+        kind = _KINDS[row.resource_type]
+        elements = orders[row.id] if kind is ResourceType.ORDER else _parse(row.rows)
+        xid, changed_at = row.xid, row.changed_at
         for operation, data in elements:
             if kind is ResourceType.ORDER:
                 data["items"] = _parse(items.get(data["id"], "[]"))
-            version = data.get("version", 1)
-            out.append(
-                _Logged(
-                    row.xid, FeedChange(kind, Operation(operation), version, row.changed_at, data)
-                )
+            change = FeedChange(
+                kind, _OPERATIONS[operation], data.get("version", 1), changed_at, data
             )
-    return out
+            yield _Logged(xid, change)
+
+
+async def _decode(log_: ChangeLog, rows: Sequence[Any]) -> list[_Logged]:
+    """_decoded, all at once (a poll's step, shared by every stream)."""
+    return [logged async for logged in _decoded(log_, rows)]
 
 
 @dataclass(slots=True, eq=False)  # identity: each stream its own entry in a set
@@ -622,7 +626,7 @@ class ChangeFeed:
                     page: Sequence[Any] | None = first
                     while page is not None:
                         wanted = [r for r in page if r.id is not None and visible.sees(r.xid)]
-                        for logged in await _decode(log_, wanted):
+                        async for logged in _decoded(log_, wanted):
                             yield logged
                         page = await anext(pages, None)
 
