@@ -164,6 +164,17 @@ class Settings(BaseSettings):
     # The JetStream stream the relay publishes to, created when missing on subjects
     # shop.changes.>; the lock is per stream, so one relay per cluster and stream.
     changes_nats_stream: str = Field(default="SHOP_CHANGES", pattern=r"^[A-Za-z0-9_-]+$")
+
+    @model_validator(mode="after")
+    def _relay_lock_holds(self) -> Settings:
+        # PgBouncer in transaction mode hands a session's statements to any server connection:
+        # the relay's session advisory lock would be taken on one and checked on another.
+        if self.pgbouncer and self.nats_url() is not None:
+            raise ValueError(
+                "SHOP_CHANGES_NATS_URL needs a direct SHOP_DATABASE_URL, not PgBouncer"
+            )
+        return self
+
     # How long the change log keeps a change (`python -m service prune-changes` forgets older
     # ones), as an ISO 8601 duration (P7D, PT12H). A token older than this has expired.
     changes_retention: timedelta = Field(default=timedelta(days=7), gt=timedelta(0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -75,6 +76,40 @@ class PoolCollector(Collector):
         )
         yield GaugeMetricFamily(
             "shop_db_pool_size", "Connections the pool keeps.", value=pool.size()
+        )
+
+
+class RelayProgress(Protocol):
+    """What the NATS relay (service/serving/relay.py) shows of itself."""
+
+    @property
+    def leader(self) -> bool: ...
+    @property
+    def sequence(self) -> int: ...
+    def lag_seconds(self) -> float: ...
+
+
+class RelayCollector(Collector):
+    """The change relay's state, read at scrape time."""
+
+    def __init__(self, relay: RelayProgress) -> None:
+        self.relay = relay
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "shop_changes_relay_leader",
+            "1 while this process holds the relay's cluster lock and publishes.",
+            value=int(self.relay.leader),
+        )
+        yield GaugeMetricFamily(
+            "shop_changes_relay_sequence",
+            "Sequence of the last change this process published to JetStream.",
+            value=self.relay.sequence,
+        )
+        yield GaugeMetricFamily(
+            "shop_changes_relay_lag_seconds",
+            "Seconds since the commit of the change being published; 0 once caught up.",
+            value=self.relay.lag_seconds(),
         )
 
 

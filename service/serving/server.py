@@ -47,11 +47,18 @@ from service.db.database import Database
 from service.db.engine import create_engine, create_probe_engine, create_sessionmaker
 from service.db.replicas import open_replicas
 from service.db.schema_state import SchemaFeatures, serving_features, session_info
-from service.observability.metrics import MetricsEndpoint, RpcMetrics, serve_metrics, server_metrics
+from service.observability.metrics import (
+    MetricsEndpoint,
+    RelayCollector,
+    RpcMetrics,
+    serve_metrics,
+    server_metrics,
+)
 from service.observability.tracing import tracing_interceptors
 from service.serving.health import HealthProbe, HealthService
 from service.serving.limits import compression, limit_options
 from service.serving.reflection import enable_reflection
+from service.serving.relay import ChangeRelay, relay_from_settings
 from service.serving.security import check_exposure, exposure_warnings
 from service.serving.shutdown import StopSignals
 from service.serving.tls import server_credentials
@@ -87,6 +94,7 @@ class RunningServer:
     metrics: MetricsEndpoint | None = None
     probe: HealthProbe | None = None
     streams: ActiveStreams | None = None
+    relay: ChangeRelay | None = None
 
     async def drain(self, delay: float, cut_short: asyncio.Event | None = None) -> None:
         """Health NOT_SERVING at once, while every RPC is still served for `delay` seconds (or
@@ -118,6 +126,8 @@ class RunningServer:
             behind_at = self.streams.behind_at
             if grace and behind_at is not None and loop.time() - behind_at < grace:
                 await self._hold_connections(loop.time() + grace, cut_short)
+        if self.relay is not None:  # its lock goes with it: another process takes over
+            await self.relay.stop()
         await self.server.stop(None if deadline is None else max(0.0, deadline - loop.time()))
         log.info("calls ended; closing the database pool")
         if self.db is not None:
@@ -252,6 +262,9 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
         stream_connections=settings.stream_budget(),
     )
     add_shop_services(server, db, settings, features)
+    relay = relay_from_settings(settings, database_url, db, features)
+    if metrics is not None and relay is not None:
+        metrics.registry.register(RelayCollector(relay))
     health_service = HealthService(("", *SHOP_SERVICES))
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     enable_reflection((*SHOP_SERVICES, health.SERVICE_NAME), server)
@@ -266,6 +279,8 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     await probe.probe_once()  # so health is already true when start_server returns
     probe.start()
     await db.start_replicas()
+    if relay is not None:
+        relay.start()
     transport = (
         "plaintext"
         if settings.tls_cert is None
@@ -280,7 +295,15 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     if endpoint is not None:
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, endpoint.port)
     return RunningServer(
-        server, port, health_service, engine, db, endpoint, probe=probe, streams=streams
+        server,
+        port,
+        health_service,
+        engine,
+        db,
+        endpoint,
+        probe=probe,
+        streams=streams,
+        relay=relay,
     )
 
 

@@ -23,7 +23,7 @@ from service.serving.security import (
     is_loopback,
 )
 
-SECRETS = ("s3cret-token", "pg-pass", "page-key")
+SECRETS = ("s3cret-token", "pg-pass", "page-key", "nats-pass")
 
 
 def test_settings_print_with_secrets_masked() -> None:
@@ -31,12 +31,24 @@ def test_settings_print_with_secrets_masked() -> None:
         auth_tokens="s3cret-token:write",
         database_url="postgresql+asyncpg://shop:pg-pass@db/shop",
         page_token_secret="page-key",
+        changes_nats_url="nats://relay:nats-pass@nats:4222",
     )
     for shown in (repr(settings), str(settings), str(settings.safe_dump())):
         for secret in SECRETS:
             assert secret not in shown
     assert settings.safe_dump()["auth_tokens"] == "**********"
     assert settings.safe_dump()["grpc_port"] == 50051
+
+
+@pytest.mark.parametrize("url", ["", "  "])
+def test_blank_nats_url_is_no_relay(url: str) -> None:
+    assert Settings(changes_nats_url=url).nats_url() is None
+
+
+def test_the_relay_refuses_pgbouncer() -> None:
+    """Its session advisory lock would not stay on one server connection."""
+    with pytest.raises(ValidationError, match="SHOP_CHANGES_NATS_URL"):
+        Settings(pgbouncer=True, changes_nats_url="nats://127.0.0.1:4222")
 
 
 @pytest.mark.parametrize(
