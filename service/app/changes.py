@@ -552,9 +552,12 @@ class ChangeFeed:
         changes: AsyncIterable[_Logged],
         max_batch: int,
         kinds: list[ResourceType],
+        *,
+        newest: bool,
     ) -> AsyncGenerator[FeedBatch, None]:
         """The difference position.since -> upto as batches: the changes of `kinds` not in a
-        resumed snapshot, past position.offset; the last batch moves the position to upto."""
+        resumed snapshot, past position.offset; the last batch moves the position to upto,
+        and says CAUGHT_UP when upto is the `newest` snapshot known."""
         segments = position.segments
         sequence, sent = position.sequence, 0
         batch: list[FeedChange] = []
@@ -575,7 +578,8 @@ class ChangeFeed:
             sequence += 1
             batch.append(change)
         kept = tuple(s for s in segments if not upto.covers(s.at))
-        yield FeedBatch(batch, Position(upto, sequence, segments=kept), Event.CAUGHT_UP)
+        final = Position(upto, sequence, segments=kept)
+        yield FeedBatch(batch, final, Event.CAUGHT_UP if newest else Event.NONE)
 
     async def _from_step(
         self, step: _Step, position: Position, kinds: list[ResourceType], max_batch: int
@@ -586,7 +590,9 @@ class ChangeFeed:
             for logged in step.changes or ():
                 yield logged
 
-        async with aclosing(self._deliver(position, step.upto, changes(), max_batch, kinds)) as b:
+        newest = step.upto == self._head.latest
+        batches = self._deliver(position, step.upto, changes(), max_batch, kinds, newest=newest)
+        async with aclosing(batches) as b:
             async for batch in b:
                 yield batch
 
@@ -618,7 +624,14 @@ class ChangeFeed:
                     return
                 upto = position.upto
                 if upto is None:
-                    aligned = target is not None and seen.covers(target) and target.covers(since)
+                    # Join the polls (a stream at a poll's snapshot takes the next poll's
+                    # changes from memory) when the newest poll is ahead of the position.
+                    aligned = (
+                        target is not None
+                        and target != since
+                        and target.covers(since)
+                        and seen.covers(target)
+                    )
                     upto = target if aligned and target is not None else seen
                 visible = upto
 
@@ -630,7 +643,9 @@ class ChangeFeed:
                             yield logged
                         page = await anext(pages, None)
 
-                batches = self._deliver(position, upto, changes(), max_batch, kinds)
+                batches = self._deliver(
+                    position, upto, changes(), max_batch, kinds, newest=upto == seen
+                )
                 async with aclosing(batches):
                     async for batch in batches:
                         yield batch
