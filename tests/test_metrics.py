@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from shop.v1 import change_feed_service_pb2 as cf
+from shop.v1 import change_feed_service_pb2_grpc as cf_grpc
 from shop.v1 import user_service_pb2 as api
+from sqlalchemy import text
 
 from tests.factories import Factory
 from tests.servers import free_port, own_server, rpc, scrape, wait_for_sample
@@ -52,3 +57,33 @@ async def test_in_flight_gauge_counts_a_paused_stream(database_url: str) -> None
         await call.done_writing()
         assert (await call).imported == 0
         assert (await scrape(server))[key] == 0
+
+
+async def test_the_change_feed_shows_its_watchers_and_lag(database_url: str) -> None:
+    async with own_server(database_url, metrics_port=free_port()) as server:
+        feed = cf_grpc.ChangeFeedServiceStub(server.channel)
+        first = feed.WatchChanges(cf.WatchChangesRequest())
+        token = (await first.read()).resume_token  # type: ignore[union-attr]
+        assert await wait_for_sample(server, ("shop_changes_watchers", frozenset()), 1)
+        assert await wait_for_sample(server, ("shop_changes_lag_seconds", frozenset()), 0)
+        first.cancel()
+        # 3,000 changes behind, and a reader that takes one and stops: the stream is held
+        # back by flow control with most of them still to send, so it is not caught up.
+        async with server.running.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO users (email, first_name, last_name) "
+                    "SELECT 'lag' || n || '@example.com', 'L', 'L' FROM generate_series(1, 3000) n"
+                )
+            )
+        slow = feed.WatchChanges(cf.WatchChangesRequest(resume_token=token, max_batch_size=1))
+        assert (await slow.read()).changes  # type: ignore[union-attr]
+        for _ in range(200):
+            seen = await scrape(server)
+            if seen[("shop_changes_lag_seconds", frozenset())] > 0.5:
+                break
+            await asyncio.sleep(0.05)
+        assert seen[("shop_changes_lag_seconds", frozenset())] > 0.5
+        assert seen[("shop_changes_watchers", frozenset())] == 1
+        slow.cancel()
+        assert await wait_for_sample(server, ("shop_changes_watchers", frozenset()), 0)

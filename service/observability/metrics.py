@@ -79,6 +79,31 @@ class PoolCollector(Collector):
         )
 
 
+class FeedLag(Protocol):
+    """What the change feed (service/app/changes.py ChangeFeed) shows of its streams."""
+
+    def lag(self) -> tuple[int, float]: ...
+
+
+class FeedCollector(Collector):
+    """The change feed's streams and lag, read at scrape time."""
+
+    def __init__(self, feed: FeedLag) -> None:
+        self.feed = feed
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        streams, seconds = self.feed.lag()
+        yield GaugeMetricFamily(
+            "shop_changes_watchers", "WatchChanges streams served by this process.", value=streams
+        )
+        yield GaugeMetricFamily(
+            "shop_changes_lag_seconds",
+            "Seconds the furthest-behind WatchChanges stream of this process has spent since it "
+            "was last caught up with the newest commit (0 when every stream is).",
+            value=seconds,
+        )
+
+
 class RelayProgress(Protocol):
     """What the NATS relay (service/serving/relay.py) shows of itself."""
 

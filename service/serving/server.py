@@ -48,6 +48,7 @@ from service.db.engine import create_engine, create_probe_engine, create_session
 from service.db.replicas import open_replicas
 from service.db.schema_state import SchemaFeatures, serving_features, session_info
 from service.observability.metrics import (
+    FeedCollector,
     MetricsEndpoint,
     RelayCollector,
     RpcMetrics,
@@ -186,7 +187,8 @@ def interceptors(settings: Settings, metrics: RpcMetrics | None = None) -> list[
 
 def add_shop_services(
     server: grpc.aio.Server, db: Database, settings: Settings, features: SchemaFeatures
-) -> None:
+) -> ChangeFeed:
+    """The shop.v1 servicers on `server`; returns the change feed (its lag is a metric)."""
     tokens = PageTokens(settings.page_token_secret.get_secret_value().encode())
     users = UserServicer(Users(db), tokens)
     user_service_pb2_grpc.add_UserServiceServicer_to_server(users, server)
@@ -219,6 +221,7 @@ def add_shop_services(
     change_feed_service_pb2_grpc.add_ChangeFeedServiceServicer_to_server(
         ChangeFeedServicer(feed, tokens), server
     )
+    return feed
 
 
 def bind(server: grpc.aio.Server, settings: Settings) -> int:
@@ -261,7 +264,9 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
         open_replicas(settings, info),
         stream_connections=settings.stream_budget(),
     )
-    add_shop_services(server, db, settings, features)
+    feed = add_shop_services(server, db, settings, features)
+    if metrics is not None:
+        metrics.registry.register(FeedCollector(feed))
     relay = relay_from_settings(settings, database_url, db, features)
     if metrics is not None and relay is not None:
         metrics.registry.register(RelayCollector(relay))
