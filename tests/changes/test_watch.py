@@ -19,9 +19,9 @@ from shop.v1 import user_service_pb2_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.changes.helpers import Watcher, change_id
 from tests.rpc import stream_fails
 
-WAIT = 20.0  # bound on any one expected message; the feed polls every 0.05 s
 USER = cf.RESOURCE_TYPE_USER
 CREATED, UPDATED, DELETED, SNAPSHOT = (
     cf.OPERATION_CREATED,
@@ -34,54 +34,6 @@ CREATED, UPDATED, DELETED, SNAPSHOT = (
 @pytest.fixture(scope="session")
 def feed_stub(channel: grpc.aio.Channel) -> cf_grpc.ChangeFeedServiceStub:
     return cf_grpc.ChangeFeedServiceStub(channel)
-
-
-class Watcher:
-    """One WatchChanges call read in the background: every response, in order."""
-
-    def __init__(self, stub: cf_grpc.ChangeFeedServiceStub, request: cf.WatchChangesRequest):
-        self.call = stub.WatchChanges(request)
-        self.responses: list[cf.WatchChangesResponse] = []
-        self._arrived = asyncio.Event()
-        self._task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for response in self.call:
-            self.responses.append(response)
-            self._arrived.set()
-
-    @property
-    def changes(self) -> list[cf.Change]:
-        return [c for r in self.responses for c in r.changes]
-
-    async def until(self, check: Any, what: str) -> None:
-        async def wait() -> None:
-            while not check(self):
-                if self._task.done():
-                    self._task.result()
-                    raise AssertionError(f"the stream ended before {what}")
-                self._arrived.clear()
-                await self._arrived.wait()
-
-        try:
-            await asyncio.wait_for(wait(), WAIT)
-        except TimeoutError:
-            raise AssertionError(f"no {what} within {WAIT} s: {self.summary()}") from None
-
-    async def changes_at_least(self, n: int) -> list[cf.Change]:
-        await self.until(lambda w: len(w.changes) >= n, f"{n} changes")
-        return self.changes
-
-    def summary(self) -> list[tuple[int, int, int, int]]:
-        return [(c.resource_type, _id(c), c.version, c.operation) for c in self.changes]
-
-    async def close(self) -> None:
-        self.call.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
-def _id(change: cf.Change) -> int:
-    return int(getattr(change, change.WhichOneof("resource")).id)
 
 
 @pytest.fixture
@@ -258,7 +210,7 @@ async def test_a_transaction_that_began_first_and_commits_last_is_neither_lost_n
         await a.commit()
     changes = await watcher.changes_at_least(3)
     await asyncio.sleep(0.3)
-    assert [(_id(c), c.version, c.user.last_name) for c in watcher.changes] == [
+    assert [(change_id(c), c.version, c.user.last_name) for c in watcher.changes] == [
         (one, 2, "B"),
         (early, 1, "X"),
         (one, 3, "A"),
