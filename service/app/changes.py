@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.database import Database
 from service.db.deadlines import deadline_bound
+from service.db.routing import PRIMARY, reading_from
 from service.errors import FailedPrecondition
 from service.repositories.changes import ChangeLog
 
@@ -52,6 +53,8 @@ LOG_ROWS_PER_FETCH = 64
 # A poll hands out at most this many changes rows; past it, the streams read the log
 # themselves (a burst the size of an import is not held in the poller's memory).
 POLL_CAP = 200
+# No transaction id reaches this: a poll from it reads no change, only the snapshot.
+NOTHING = 2**63 - 1
 # Polls kept for streams a step behind.
 STEPS_KEPT = 32
 
@@ -287,17 +290,29 @@ class _Behind:
 
 class _Head:
     """The newest snapshot this process has seen, and the changes of its last polls: one poll
-    every `interval` while any stream waits, shared by all of them, so a stream that is caught
-    up costs no query and holds no connection."""
+    every `interval` while the process serves any stream, shared by all of them, so a stream
+    that is caught up costs no query and holds no connection."""
 
     def __init__(self, db: Database, interval: float) -> None:
         self._db = db
         self._interval = interval
         self.latest: Snapshot | None = None
+        self.latest_lsn = 0  # the primary's WAL position when `latest` was taken
         self.steps: deque[_Step] = deque(maxlen=STEPS_KEPT)
         self._moved = asyncio.Event()
-        self._waiting = 0
+        self._streams = 0  # polls run while this process serves any stream
         self._task: asyncio.Task[None] | None = None
+
+    def join(self) -> None:
+        """A stream starts: poll while it lasts."""
+        self._streams += 1
+        if self._task is None or self._task.done():
+            # Its own context: not the deadline of the call that happened to start it.
+            context = contextvars.copy_context()
+            self._task = asyncio.get_running_loop().create_task(self._poll(), context=context)
+
+    def leave(self) -> None:
+        self._streams -= 1
 
     def step_from(self, since: Snapshot) -> _Step | None:
         for step in self.steps:
@@ -309,32 +324,20 @@ class _Head:
         """Until a poll sees something newer than `since` (True) or `seconds` pass."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        self._waiting += 1
-        try:
-            self._ensure_polling()
-            while True:
-                if self.latest is not None and _ahead(self.latest, since):
-                    return True
-                left = deadline - loop.time()
-                if left <= 0:
-                    return False
-                try:
-                    await asyncio.wait_for(self._moved.wait(), left)
-                except TimeoutError:
-                    return False
-        finally:
-            self._waiting -= 1
-
-    def _ensure_polling(self) -> None:
-        if self._task is None or self._task.done():
-            # Its own context: not the deadline of the call that happened to start it (the
-            # route, replica or primary, is the feed's and stays).
-            context = contextvars.copy_context()
-            self._task = asyncio.get_running_loop().create_task(self._poll(), context=context)
+        while True:
+            if self.latest is not None and _ahead(self.latest, since):
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._moved.wait(), left)
+            except TimeoutError:
+                return False
 
     async def _poll(self) -> None:
         with deadline_bound(None):
-            while self._waiting:
+            while self._streams:
                 try:
                     await self._poll_once()
                 except Exception as exc:  # the streams read the log themselves meanwhile
@@ -343,27 +346,28 @@ class _Head:
 
     async def _poll_once(self) -> None:
         since = self.latest
-        async with self._db.read() as session:
+        # On the primary, whatever the calls' route: only its snapshots list every transaction
+        # in progress (a standby's pg_current_snapshot() lists none of the primary's).
+        with reading_from(PRIMARY):
+            opened = self._db.read()
+        async with opened as session:
             log_ = ChangeLog(session)
-            if since is None:
-                upto = Snapshot.parse(await log_.current_snapshot())
-                changes: list[_Logged] | None = []
-            else:
-                text, pruned, rows = await log_.poll(
-                    since.xmax, sorted(since.xip), list(ResourceType), POLL_CAP
-                )
-                upto = Snapshot.parse(text)
-                if not upto.covers(since):  # another replica, behind this one: wait for it
+            xmax, xip = (since.xmax, sorted(since.xip)) if since is not None else (NOTHING, [])
+            text, lsn, pruned, rows = await log_.poll(xmax, xip, list(ResourceType), POLL_CAP)
+            upto = Snapshot.parse(text)
+            changes: list[_Logged] | None = []
+            if since is not None:
+                if not upto.covers(since):  # a new primary, behind the old one: wait for it
                     return
-                if _expired(since, pruned):  # no poll for longer than the retention
-                    changes = None
+                if _expired(since, pruned) or len(rows) > POLL_CAP:
+                    changes = None  # the streams read the log themselves
                 else:
-                    changes = None if len(rows) > POLL_CAP else await _decode(log_, rows)
+                    changes = await _decode(log_, rows)
         if upto == since:
             return
         if since is not None:
             self.steps.append(_Step(since, upto, changes))
-        self.latest = upto
+        self.latest, self.latest_lsn = upto, lsn
         moved, self._moved = self._moved, asyncio.Event()
         moved.set()
 
@@ -416,10 +420,12 @@ class ChangeFeed:
             )
         behind = _Behind(time.monotonic())
         self._streams.add(behind)
+        self._head.join()
         try:
             async for batch in self._follow(start, kinds, max_batch, snapshot, behind):
                 yield batch
         finally:
+            self._head.leave()
             self._streams.discard(behind)
 
     def lag(self) -> tuple[int, float]:
@@ -447,7 +453,9 @@ class ChangeFeed:
                     position = batch.position
                     yield batch
         if position is None:
-            async with self._db.read() as session:
+            with reading_from(PRIMARY):  # a snapshot from the primary (see _poll_once)
+                opened = self._db.read()
+            async with opened as session:
                 now = Snapshot.parse(await ChangeLog(session).current_snapshot())
             position = Position(now)
             yield FeedBatch([], position, Event.CAUGHT_UP)
@@ -482,9 +490,9 @@ class ChangeFeed:
                         yield batch
                         sent_at = loop.time()
                         announce = False
-            if position == before:  # a replica behind the position: give it time
+            if position == before:  # nothing read: a replica not yet replayed to the polls
                 await asyncio.sleep(self._poll_interval)
-            elif loop.time() - sent_at >= self._heartbeat:
+            if loop.time() - sent_at >= self._heartbeat:
                 yield FeedBatch([], position, Event.HEARTBEAT)
                 sent_at = loop.time()
 
@@ -495,7 +503,11 @@ class ChangeFeed:
         SNAPSHOT_DONE. Resumed mid-snapshot, the rest is read in a newer snapshot, and a
         Segment says which changes that one already holds."""
         while True:
-            async with self._db.snapshot() as session:
+            # On the primary: the snapshot's own pg_snapshot is where the tail starts, and a
+            # standby's leaves out the transactions in progress on the primary.
+            with reading_from(PRIMARY):
+                opened = self._db.snapshot()
+            async with opened as session:
                 log_ = ChangeLog(session)
                 at = Snapshot.parse(await log_.current_snapshot())
                 if position is None:
@@ -603,36 +615,58 @@ class ChangeFeed:
         max_batch: int,
         target: Snapshot | None,
     ) -> AsyncGenerator[FeedBatch, None]:
-        """The difference from position.since read from the log: to position.upto when the
-        position is mid-difference, else to the poller's newest snapshot (`target`) when this
-        read's snapshot covers it (so the stream then follows the polls), else to this read's
-        own snapshot. Nothing is handed out when the read's snapshot does not cover the
-        position (a replica behind it). A slow client holds the read back (server-side
-        cursor), as an export does; at most `readers` streams read the log at once."""
+        """The difference from position.since read from the log, where the call's reads are
+        routed: to position.upto when the position is mid-difference, else to the poller's
+        newest snapshot (`target`) when it is ahead of the position (so the stream then takes
+        the polls from memory), else, on the primary, to this read's own snapshot.
+
+        On a standby every snapshot is the primary's (its own lists no transaction in
+        progress): the read waits until the standby has replayed past the poll that took
+        `target`, then keeps only the transactions that snapshot sees. Nothing is handed out
+        while the read cannot see everything up to where it would go. A slow client holds
+        the read back (server-side cursor), as an export does; at most `readers` streams read
+        the log at once."""
         since = position.since
+        target_lsn = self._head.latest_lsn
         async with self._readers, self._db.read() as session:
             log_ = ChangeLog(session)
+            replayed = await log_.replayed()
+            upto: Snapshot | None = None
+            newest = False
+            if replayed is not None:  # a standby
+                goal = position.upto or target
+                ready = (
+                    target is not None
+                    and goal is not None
+                    and replayed >= target_lsn
+                    and target.covers(goal)
+                    and goal.covers(since)
+                )
+                if not ready or goal is None:
+                    return
+                upto, newest = goal, goal == target
             pages = log_.newer(
                 since.xmax, sorted(since.xip), [int(k) for k in kinds], LOG_ROWS_PER_FETCH
             )
             async with aclosing(pages):
                 first = await anext(pages)
-                seen = Snapshot.parse(first[0].snapshot)
                 if _expired(since, first[0].pruned):
                     raise FailedPrecondition(EXPIRED, reason="RESUME_TOKEN_EXPIRED")
-                if not seen.covers(since):
-                    return
-                upto = position.upto
-                if upto is None:
-                    # Join the polls (a stream at a poll's snapshot takes the next poll's
-                    # changes from memory) when the newest poll is ahead of the position.
-                    aligned = (
-                        target is not None
-                        and target != since
-                        and target.covers(since)
-                        and seen.covers(target)
-                    )
-                    upto = target if aligned and target is not None else seen
+                if upto is None:  # the primary: its own snapshot is exact
+                    seen = Snapshot.parse(first[0].snapshot)
+                    if not seen.covers(since):
+                        return
+                    upto = position.upto
+                    if upto is None:
+                        # Join the polls when the newest poll is ahead of the position.
+                        aligned = (
+                            target is not None
+                            and target != since
+                            and target.covers(since)
+                            and seen.covers(target)
+                        )
+                        upto = target if aligned and target is not None else seen
+                    newest = upto == seen
                 visible = upto
 
                 async def changes() -> AsyncGenerator[_Logged, None]:
@@ -643,9 +677,7 @@ class ChangeFeed:
                             yield logged
                         page = await anext(pages, None)
 
-                batches = self._deliver(
-                    position, upto, changes(), max_batch, kinds, newest=upto == seen
-                )
+                batches = self._deliver(position, upto, changes(), max_batch, kinds, newest=newest)
                 async with aclosing(batches):
                     async for batch in batches:
                         yield batch

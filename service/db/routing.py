@@ -9,6 +9,8 @@ primary. Outside an RPC (tests, tools) reads go to the primary.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 
 
@@ -33,3 +35,14 @@ def bind_reads_from(reads_from: ReadsFrom) -> None:
 def current_reads_from() -> ReadsFrom:
     """Where the current RPC reads (the primary outside an RPC: tests, tools)."""
     return _reads_from.get()
+
+
+@contextmanager
+def reading_from(reads_from: ReadsFrom) -> Iterator[None]:
+    """Doors opened in the block read from `reads_from`, whatever the RPC's route (the change
+    feed takes its snapshots on the primary and reads rows where the call is routed)."""
+    token = _reads_from.set(reads_from)
+    try:
+        yield
+    finally:
+        _reads_from.reset(token)

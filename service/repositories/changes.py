@@ -28,13 +28,14 @@ _NEWER = """
 # and how far the log was pruned in it (the first row always: with no change, one row of NULLs
 # besides them). One statement, one snapshot: a prune committed meanwhile is either seen in
 # `pruned` or not at all in the rows.
-def _newer_sql(limit: str) -> str:
+def _newer_sql(limit: str, lsn: str) -> str:
     return f"""
-    SELECT s.snap::text AS snapshot, s.pruned, c.id, c.xid, c.resource_type, c.changed_at,
-           c.rows::text AS rows
+    SELECT s.snap::text AS snapshot, s.pruned, s.lsn, c.id, c.xid, c.resource_type,
+           c.changed_at, c.rows::text AS rows
     FROM (
         SELECT pg_current_snapshot() AS snap,
-               COALESCE((SELECT through_xid FROM changes_pruned), 0) AS pruned
+               COALESCE((SELECT through_xid FROM changes_pruned), 0) AS pruned,
+               {lsn} AS lsn
     ) s
     LEFT JOIN LATERAL (
         SELECT c.id, c.xid, c.resource_type, c.changed_at, c.rows
@@ -48,8 +49,11 @@ def _newer_sql(limit: str) -> str:
 
 
 # A poll: at most :cap + 1 changes rows, so that the poller can tell "more than it hands out".
-POLL = text(_newer_sql("LIMIT :cap + 1"))
-_NEWER_ALL = _newer_sql("")
+# A poll runs on the primary: with the WAL position its snapshot is reached at (a replica that
+# has replayed past it sees every transaction the snapshot does).
+POLL = text(_newer_sql("LIMIT :cap + 1", "pg_current_wal_lsn()::text"))
+_NEWER_ALL = _newer_sql("", "NULL::text")
+_REPLAY = text("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text")
 
 _PRUNED = "SELECT COALESCE((SELECT through_xid FROM changes_pruned), 0)"
 
@@ -86,6 +90,12 @@ _ITEMS = text(
 _TABLES = {1: "users", 2: "orders", 3: "accounts", 4: "transfers"}
 
 
+def lsn_of(text: str) -> int:
+    """A pg_lsn's text ('16/B374D848') as an integer, to compare."""
+    high, low = text.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
 def _newer(since_xmax: int, since_xip: Sequence[int], types: Sequence[int]) -> dict[str, Any]:
     return {"since_xmax": since_xmax, "since_xip": list(since_xip), "types": list(types)}
 
@@ -99,12 +109,23 @@ class ChangeLog:
 
     async def poll(
         self, since_xmax: int, since_xip: Sequence[int], types: Sequence[int], cap: int
-    ) -> tuple[str, int, Sequence[Any]]:
-        """(the statement's snapshot, how far the log was pruned, the changes rows newer than
-        `since` it sees, at most cap + 1 of them, by id)."""
+    ) -> tuple[str, int, int, Sequence[Any]]:
+        """On the primary: (the statement's snapshot, the WAL position then, how far the log was
+        pruned, the changes rows newer than `since` it sees, at most cap + 1, by id)."""
         params = _newer(since_xmax, since_xip, types) | {"cap": cap}
         rows = (await self.source.execute(POLL, params)).all()
-        return rows[0].snapshot, rows[0].pruned, [r for r in rows if r.id is not None]
+        first = rows[0]
+        return (
+            first.snapshot,
+            lsn_of(first.lsn),
+            first.pruned,
+            [r for r in rows if r.id is not None],
+        )
+
+    async def replayed(self) -> int | None:
+        """On a standby, the WAL position it has replayed to; None on a primary."""
+        standby, lsn = (await self.source.execute(_REPLAY)).one()
+        return lsn_of(lsn) if standby else None
 
     async def pruned_through(self) -> int:
         """Every change of a transaction with an xid up to this one has been pruned."""
