@@ -30,11 +30,10 @@ FRESH = "none: reads the primary"
 LAGGED = "up to SHOP_REPLICA_MAX_LAG (+ one check interval); typically milliseconds"
 LAGGED_SNAPSHOT = "one snapshot, up to SHOP_REPLICA_MAX_LAG old when it starts"
 # The change feed reads where it is sent and waits for a replica behind a token's position.
-# pg_current_snapshot() on a hot standby lists no transaction in progress on the primary (they
-# are in its subxip, which the function does not export): a feed position taken there would
-# count an open transaction as seen and lose its changes. So the feed reads the primary until
-# it takes its snapshots from the primary and waits for the replica's replay (docs/change-feed.md).
-FEED_ON_PRIMARY = "none: reads the primary (a standby's snapshot hides open transactions)"
+# The change feed takes every snapshot on the primary (a standby's pg_current_snapshot() lists
+# no transaction in progress on the primary) and reads the log on a replica once it has
+# replayed past the primary's WAL position at that snapshot (docs/change-feed.md: Replicas).
+FOLLOWS_REPLAY = "up to one poll and the replica's replay; a position never goes back"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +83,7 @@ METHODS: dict[str, Method] = {
     "/shop.v1.AccountService/ListTransfers": Method(READ, REPLICA, LAGGED),
     "/shop.v1.AccountService/StreamTransfers": Method(READ, REPLICA, LAGGED_SNAPSHOT),
     # ChangeFeedService
-    "/shop.v1.ChangeFeedService/WatchChanges": Method(READ, PRIMARY, FEED_ON_PRIMARY),
+    "/shop.v1.ChangeFeedService/WatchChanges": Method(READ, REPLICA, FOLLOWS_REPLAY),
 }
 
 # Derived views, for the interceptors and the tables in the docs.

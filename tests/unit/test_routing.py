@@ -37,6 +37,7 @@ STALE_OK = {
     "/shop.v1.OrderService/StreamOrders",
     "/shop.v1.AccountService/ListTransfers",
     "/shop.v1.AccountService/StreamTransfers",
+    "/shop.v1.ChangeFeedService/WatchChanges",
 }
 
 
