@@ -58,3 +58,15 @@ class Watcher:
 def change_id(change: cf.Change) -> int:
     """The id of the resource a change carries."""
     return int(getattr(change, change.WhichOneof("resource")).id)
+
+
+async def first_response(
+    stub: cf_grpc.ChangeFeedServiceStub, **fields: Any
+) -> cf.WatchChangesResponse:
+    """The first response of a WatchChanges call, which is then cancelled."""
+    call = stub.WatchChanges(cf.WatchChangesRequest(**fields))
+    try:
+        response: cf.WatchChangesResponse = await asyncio.wait_for(call.read(), WAIT)
+        return response
+    finally:
+        call.cancel()

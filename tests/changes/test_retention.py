@@ -16,17 +16,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.housekeeping import prune_changes
+from tests.changes.helpers import first_response
 from tests.rpc import stream_fails
 
-WAIT = 20.0
-
-
-async def _first(stub: cf_grpc.ChangeFeedServiceStub, **fields: object) -> cf.WatchChangesResponse:
-    call = stub.WatchChanges(cf.WatchChangesRequest(**fields))  # type: ignore[arg-type]
-    try:
-        return await asyncio.wait_for(call.read(), WAIT)  # type: ignore[no-any-return]
-    finally:
-        call.cancel()
+WAIT = 20.0  # bound on one expected message
 
 
 async def test_a_token_older_than_the_retention_has_expired(
@@ -36,7 +29,7 @@ async def test_a_token_older_than_the_retention_has_expired(
     engine: AsyncEngine,
 ) -> None:
     feed = cf_grpc.ChangeFeedServiceStub(channel)
-    old = (await _first(feed, resource_types=[cf.RESOURCE_TYPE_USER])).resume_token
+    old = (await first_response(feed, resource_types=[cf.RESOURCE_TYPE_USER])).resume_token
     await user_stub.CreateUser(
         api.CreateUserRequest(email="gone@example.com", first_name="G", last_name="G")
     )
@@ -54,7 +47,7 @@ async def test_a_token_older_than_the_retention_has_expired(
     assert failure.reason == "RESUME_TOKEN_EXPIRED"
 
     # A token from after the prune resumes, and gets what came after it.
-    fresh = (await _first(feed, resource_types=[cf.RESOURCE_TYPE_USER])).resume_token
+    fresh = (await first_response(feed, resource_types=[cf.RESOURCE_TYPE_USER])).resume_token
     await user_stub.CreateUser(
         api.CreateUserRequest(email="kept@example.com", first_name="K", last_name="K")
     )
@@ -75,7 +68,7 @@ async def test_pruning_keeps_what_is_newer_than_the_retention(
     database_url: str,
 ) -> None:
     feed = cf_grpc.ChangeFeedServiceStub(channel)
-    token = (await _first(feed, resource_types=[cf.RESOURCE_TYPE_USER])).resume_token
+    token = (await first_response(feed, resource_types=[cf.RESOURCE_TYPE_USER])).resume_token
     await user_stub.CreateUser(
         api.CreateUserRequest(email="young@example.com", first_name="Y", last_name="Y")
     )
