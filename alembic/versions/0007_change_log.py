@@ -74,64 +74,48 @@ END
 $$
 """
 
-# TG_ARGV[0]: the resource_type; TG_ARGV[1] = 'soft' for a table whose UPDATE that sets
-# deleted_at is a (soft) delete. One function per event: a trigger with transition tables
-# has exactly one event, and each names the tables it has.
-LOG_INSERT = f"""
-CREATE FUNCTION shop_log_insert() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO changes (xid, resource_type, rows)
-    SELECT pg_current_xact_id()::text::bigint, TG_ARGV[0]::smallint,
-           jsonb_agg(jsonb_build_array({CREATED}, c.row) ORDER BY c.n)
-    FROM (SELECT to_jsonb(r) AS row, row_number() OVER () - 1 AS n FROM new_rows r) c
-    GROUP BY c.n / {CHUNK}
-    ORDER BY c.n / {CHUNK};
-    RETURN NULL;
-END
-$$
-"""
 
-LOG_UPDATE = f"""
-CREATE FUNCTION shop_log_update() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_ARGV[1] = 'soft' THEN
+def _log(operation: str, rows: str) -> str:
+    """The statement that logs a statement's rows: `rows` is the FROM item (the transition
+    table aliased r, as it is after the statement), `operation` each row's operation. One
+    changes row per CHUNK rows, each a JSON array of [operation, to_jsonb(r)]; none for no row."""
+    return f"""
         INSERT INTO changes (xid, resource_type, rows)
         SELECT pg_current_xact_id()::text::bigint, TG_ARGV[0]::smallint,
                jsonb_agg(jsonb_build_array(c.op, c.row) ORDER BY c.n)
         FROM (
-            SELECT to_jsonb(r) AS row, row_number() OVER () - 1 AS n,
-                   CASE WHEN r.deleted_at IS NOT NULL AND o.deleted_at IS NULL
-                        THEN {DELETED} ELSE {UPDATED} END AS op
-            FROM new_rows r JOIN old_rows o ON o.id = r.id
+            SELECT to_jsonb(r) AS row, row_number() OVER () - 1 AS n, {operation} AS op
+            FROM {rows}
         ) c
         GROUP BY c.n / {CHUNK}
-        ORDER BY c.n / {CHUNK};
-    ELSE
-        INSERT INTO changes (xid, resource_type, rows)
-        SELECT pg_current_xact_id()::text::bigint, TG_ARGV[0]::smallint,
-               jsonb_agg(jsonb_build_array({UPDATED}, c.row) ORDER BY c.n)
-        FROM (SELECT to_jsonb(r) AS row, row_number() OVER () - 1 AS n FROM new_rows r) c
-        GROUP BY c.n / {CHUNK}
-        ORDER BY c.n / {CHUNK};
-    END IF;
+        ORDER BY c.n / {CHUNK};"""
+
+
+def _function(name: str, body: str) -> str:
+    return f"""
+CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN{body}
     RETURN NULL;
 END
 $$
 """
 
-LOG_DELETE = f"""
-CREATE FUNCTION shop_log_delete() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO changes (xid, resource_type, rows)
-    SELECT pg_current_xact_id()::text::bigint, TG_ARGV[0]::smallint,
-           jsonb_agg(jsonb_build_array({DELETED}, c.row) ORDER BY c.n)
-    FROM (SELECT to_jsonb(r) AS row, row_number() OVER () - 1 AS n FROM old_rows r) c
-    GROUP BY c.n / {CHUNK}
-    ORDER BY c.n / {CHUNK};
-    RETURN NULL;
-END
-$$
-"""
+
+# TG_ARGV[0]: the resource_type; TG_ARGV[1] = 'soft' for a table whose UPDATE that sets
+# deleted_at is a (soft) delete. One function per event: a trigger with transition tables
+# has exactly one event, and each names the tables it has.
+SOFT_DELETE = (
+    f"CASE WHEN r.deleted_at IS NOT NULL AND o.deleted_at IS NULL THEN {DELETED} ELSE {UPDATED} END"
+)
+LOG_INSERT = _function("shop_log_insert", _log(str(CREATED), "new_rows r"))
+LOG_UPDATE = _function(
+    "shop_log_update",
+    f"""
+    IF TG_ARGV[1] = 'soft' THEN{_log(SOFT_DELETE, "new_rows r JOIN old_rows o ON o.id = r.id")}
+    ELSE{_log(str(UPDATED), "new_rows r")}
+    END IF;""",
+)
+LOG_DELETE = _function("shop_log_delete", _log(str(DELETED), "old_rows r"))
 
 
 def upgrade() -> None:
