@@ -8,11 +8,11 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import ARRAY, BigInteger, Row, any_, bindparam, or_, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.db.models import Account, AccountKind, Transfer
 from service.errors import NotFound
+from service.repositories.handle import Repository
 
 IS_CUSTOMER = Account.kind == AccountKind.CUSTOMER.value
 
@@ -31,17 +31,8 @@ _ACCOUNT_ROWS_BY_ID = select(*ACCOUNT_COLUMNS).where(
 )
 
 
-class AccountRepository:
+class AccountRepository(Repository):
     """Customer accounts: open, read, page through their transfers."""
-
-    def __init__(self, on: AsyncSession | AsyncConnection) -> None:
-        self.on = on
-
-    @property
-    def session(self) -> AsyncSession:
-        """What the ORM methods run on: the unit of work's session, not a batch's connection."""
-        assert isinstance(self.on, AsyncSession), "this method needs an AsyncSession"
-        return self.on
 
     async def add(self, user_id: int, currency: str) -> Account:
         account = Account(user_id=user_id, currency=currency, balance=Decimal("0.00"))

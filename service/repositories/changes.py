@@ -11,9 +11,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import TextClause, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db.streaming import Rows, partitions
+from service.repositories.handle import Repository
 
 # The transactions a snapshot did not cover are those from its xmax on and those it saw in
 # progress; the statement's own snapshot bounds the rest (a transaction it does not see, it
@@ -100,12 +100,9 @@ def _newer(since_xmax: int, since_xip: Sequence[int], types: Sequence[int]) -> d
     return {"since_xmax": since_xmax, "since_xip": list(since_xip), "types": list(types)}
 
 
-class ChangeLog:
+class ChangeLog(Repository):
     """Reads of the change log and of the resource tables as the log writes them, on the
     session or connection a door gave."""
-
-    def __init__(self, source: AsyncSession | AsyncConnection) -> None:
-        self.source = source
 
     async def poll(
         self, since_xmax: int, since_xip: Sequence[int], types: Sequence[int], cap: int
@@ -113,7 +110,7 @@ class ChangeLog:
         """On the primary: (the statement's snapshot, the WAL position then, how far the log was
         pruned, the changes rows newer than `since` it sees, at most cap + 1, by id)."""
         params = _newer(since_xmax, since_xip, types) | {"cap": cap}
-        rows = (await self.source.execute(POLL, params)).all()
+        rows = (await self.on.execute(POLL, params)).all()
         first = rows[0]
         return (
             first.snapshot,
@@ -124,25 +121,23 @@ class ChangeLog:
 
     async def replayed(self) -> int | None:
         """On a standby, the WAL position it has replayed to; None on a primary."""
-        standby, lsn = (await self.source.execute(_REPLAY)).one()
+        standby, lsn = (await self.on.execute(_REPLAY)).one()
         return lsn_of(lsn) if standby else None
 
     async def pruned_through(self) -> int:
         """Every change of a transaction with an xid up to this one has been pruned."""
-        pruned = await self.source.execute(text(_PRUNED))
+        pruned = await self.on.execute(text(_PRUNED))
         return int(pruned.scalar_one())
 
     async def prune(self, cutoff: datetime, batch: int) -> int:
         """Delete up to about `batch` of the oldest changes written before `cutoff`, and with
         them every change of a transaction with an xid no newer than theirs, so that the log
         keeps exactly the transactions after one xid (its pruned_through); the number deleted."""
-        return int(
-            (await self.source.execute(PRUNE, {"cutoff": cutoff, "batch": batch})).scalar_one()
-        )
+        return int((await self.on.execute(PRUNE, {"cutoff": cutoff, "batch": batch})).scalar_one())
 
     async def current_snapshot(self) -> str:
         """The snapshot of the statement, or of the transaction under REPEATABLE READ."""
-        return str((await self.source.execute(text("SELECT pg_current_snapshot()::text"))).scalar())
+        return str((await self.on.execute(text("SELECT pg_current_snapshot()::text"))).scalar())
 
     def newer(
         self, since_xmax: int, since_xip: Sequence[int], types: Sequence[int], batch_size: int
@@ -151,13 +146,13 @@ class ChangeLog:
         a server-side cursor, batch_size rows at a time; each row carries that snapshot, and
         the first row is there even when there is no change (its id is NULL)."""
         stmt = text(_NEWER_ALL).bindparams(**_newer(since_xmax, since_xip, types))
-        return partitions(self.source, stmt, batch_size)
+        return partitions(self.on, stmt, batch_size)
 
     async def items(self, order_ids: Sequence[int]) -> dict[int, str]:
         """Each order's lines as a JSON array of to_jsonb(order_items) rows, by order id."""
         if not order_ids:
             return {}
-        rows = await self.source.execute(_ITEMS, {"ids": list(order_ids)})
+        rows = await self.on.execute(_ITEMS, {"ids": list(order_ids)})
         return {order_id: items for order_id, items in rows}
 
     def rows_after(
@@ -170,4 +165,4 @@ class ChangeLog:
             f"SELECT t.id, to_jsonb(t)::text AS row FROM {table} t "
             "WHERE t.id > :after_id ORDER BY t.id"
         ).bindparams(after_id=after_id)
-        return partitions(self.source, stmt, batch_size)
+        return partitions(self.on, stmt, batch_size)

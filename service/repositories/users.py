@@ -9,13 +9,13 @@ from typing import Any
 
 from sqlalchemy import ARRAY, BigInteger, Row, Select, any_, bindparam, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import selectinload
 
 from service.db.errors import sqlstate, violated_constraint
 from service.db.models import Order, User
 from service.db.streaming import Rows, epoch_microseconds, partitions
 from service.errors import AlreadyExists, FailedPrecondition, NotFound
+from service.repositories.handle import Repository
 from service.repositories.orders import order_column_options
 
 log = logging.getLogger(__name__)
@@ -93,16 +93,7 @@ def _email_taken(exc: IntegrityError, email: str) -> AlreadyExists | None:
     return None
 
 
-class UserRepository:
-    def __init__(self, on: AsyncSession | AsyncConnection) -> None:
-        self.on = on
-
-    @property
-    def session(self) -> AsyncSession:
-        """What the ORM methods run on: the unit of work's session, not a batch's connection."""
-        assert isinstance(self.on, AsyncSession), "this method needs an AsyncSession"
-        return self.on
-
+class UserRepository(Repository):
     async def rows_by_id(self, user_ids: Sequence[int]) -> list[Row[*tuple[Any, ...]] | NotFound]:
         """Each id's row of USER_COLUMNS, or NotFound, in the order asked (an id may come more
         than once), soft-deleted users included: one statement for them all (GetUser's
