@@ -8,7 +8,28 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.descriptor import MethodDescriptor
 from google.rpc import error_details_pb2, status_pb2
+from shop.v1 import (
+    account_service_pb2,
+    change_feed_service_pb2,
+    order_service_pb2,
+    user_service_pb2,
+)
+
+# Every shop.v1 method by its full path, from the generated descriptors: what the per-method
+# table (service/api/methods.py) must classify, derived here rather than from that table.
+SHOP_RPCS: dict[str, MethodDescriptor] = {
+    f"/{service.full_name}/{method.name}": method
+    for module in (
+        user_service_pb2,
+        order_service_pb2,
+        account_service_pb2,
+        change_feed_service_pb2,
+    )
+    for service in module.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+}
 
 
 @dataclass

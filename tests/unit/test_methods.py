@@ -4,26 +4,11 @@ a row, and a row says idempotent exactly when its request carries a request_id."
 from __future__ import annotations
 
 from google.protobuf.descriptor import MethodDescriptor
-from shop.v1 import (
-    account_service_pb2,
-    change_feed_service_pb2,
-    order_service_pb2,
-    user_service_pb2,
-)
 
 from service.api.methods import METHODS, READ, ROUTES, WRITE
+from tests.rpc import SHOP_RPCS
 
-RPCS: dict[str, MethodDescriptor] = {
-    f"/{service.full_name}/{method.name}": method
-    for module in (
-        user_service_pb2,
-        order_service_pb2,
-        account_service_pb2,
-        change_feed_service_pb2,
-    )
-    for service in module.DESCRIPTOR.services_by_name.values()
-    for method in service.methods
-}
+RPCS: dict[str, MethodDescriptor] = SHOP_RPCS
 
 
 def _carries_a_request_id(method: MethodDescriptor) -> bool:

@@ -6,30 +6,14 @@ from __future__ import annotations
 import math
 import re
 
-from shop.v1 import (
-    account_service_pb2,
-    change_feed_service_pb2,
-    order_service_pb2,
-    user_service_pb2,
-)
-
 from service.api.methods import ROUTES, route_of
 from service.config import Settings
 from service.db.replicas import ReplayClock, Replica, Replicas
 from service.db.routing import PRIMARY, REPLICA
+from tests.rpc import SHOP_RPCS
 from tests.tools import ROOT
 
-METHODS = {
-    f"/{service.full_name}/{method.name}"
-    for module in (
-        user_service_pb2,
-        order_service_pb2,
-        account_service_pb2,
-        change_feed_service_pb2,
-    )
-    for service in module.DESCRIPTOR.services_by_name.values()
-    for method in service.methods
-}
+METHODS = set(SHOP_RPCS)
 STALE_OK = {
     "/shop.v1.UserService/ListUsers",
     "/shop.v1.UserService/StreamUsers",
