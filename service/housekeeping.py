@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,25 +21,29 @@ from service.db.models import utcnow
 from service.repositories.idempotency import IdempotencyRepository
 
 
-async def prune_changes(url: str, retention: timedelta) -> int:
-    """Delete the change log's entries older than `retention`, in batches, through the write
-    door."""
+@asynccontextmanager
+async def _database(url: str) -> AsyncIterator[Database]:
+    """A Database for one clean-up run, on connections of its own, closed afterwards."""
     engine = create_unpooled_engine(url)
     try:
-        return await prune(Database(engine, create_sessionmaker(engine)), retention)
+        yield Database(engine, create_sessionmaker(engine))
     finally:
         await engine.dispose()
 
 
+async def prune_changes(url: str, retention: timedelta) -> int:
+    """Delete the change log's entries older than `retention`, in batches, through the write
+    door."""
+    async with _database(url) as db:
+        return await prune(db, retention)
+
+
 async def purge_idempotency_keys(url: str, retention: timedelta) -> int:
     """Delete the keys older than `retention`, through the write door like any other write."""
-    engine = create_unpooled_engine(url)
     cutoff = utcnow() - retention
 
     async def purge(session: AsyncSession) -> int:
         return await IdempotencyRepository(session).purge(cutoff)
 
-    try:
-        return await Database(engine, create_sessionmaker(engine)).write(purge)
-    finally:
-        await engine.dispose()
+    async with _database(url) as db:
+        return await db.write(purge)

@@ -630,6 +630,9 @@ class ChangeFeed:
         target_lsn = self._head.latest_lsn
         async with self._readers, self._db.read() as session:
             log_ = ChangeLog(session)
+            # Its own statement, before the rows': the rows' snapshot is then taken after the
+            # standby had replayed this far. Read in the same statement, the replay position
+            # could pass the poll's while the snapshot was older, and rows would be missed.
             replayed = await log_.replayed()
             upto: Snapshot | None = None
             newest = False
