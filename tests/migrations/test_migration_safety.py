@@ -172,3 +172,34 @@ def test_concurrent_migrates_on_a_fresh_database_both_succeed(
     again = _migrate(scratch_url)
     assert again.wait(timeout=120) == 0
     assert current_revisions(scratch_url) == heads
+
+
+async def test_change_log_migration_waits_for_a_reader_without_deadlocking_it(
+    scratch_url: str, scratch_config: Config
+) -> None:
+    """0007 changes four tables in use. A read transaction holding orders that then reads users
+    (GetOrder does: the order, then its user) must not deadlock with it: the migration holds one
+    table's lock at a time, so it waits for the reader, and the reader never waits for it."""
+    await asyncio.to_thread(command.upgrade, scratch_config, "0006")
+    engine = create_unpooled_engine(scratch_url)
+    try:
+        async with engine.connect() as reader, engine.connect() as watcher:
+            await reader.execute(text("SELECT count(*) FROM orders"))  # ACCESS SHARE, held
+            upgrade = asyncio.create_task(asyncio.to_thread(command.upgrade, scratch_config, "0007"))
+            waiting = text(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'orders'::regclass"
+            )
+            for _ in range(200):  # bounded: 10 s
+                if (await watcher.execute(waiting)).scalar_one():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the migration never waited for the reader's lock on orders")
+            # Past PostgreSQL's deadlock_timeout (1 s): a cycle would be found and broken by now.
+            await asyncio.sleep(1.5)
+            await reader.execute(text("SELECT count(*) FROM users"))
+            await reader.commit()
+            await asyncio.wait_for(upgrade, 30)
+    finally:
+        await engine.dispose()
+    assert await asyncio.to_thread(current_revisions, scratch_url) == {"0007"}
