@@ -8,6 +8,7 @@ import secrets
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from tests.multihost.hosts import Host
 from tests.process import ROOT, free_port, service_env, wait_until_serving
 
 PORT = 50051  # each namespace has a port space of its own
+METRICS_PORT = 9464
 # Long enough for Envoy's 1 s health check to see NOT_SERVING before the listener closes.
 DRAIN_DELAY = 2.0
 GRACE = 5.0
@@ -55,6 +57,8 @@ class Replica:
             "SHOP_MAX_OVERFLOW": "4",
             "SHOP_HEALTH_INTERVAL": "0.5",
             "SHOP_LOG_LEVEL": "WARNING",
+            "SHOP_METRICS_HOST": self.host.address,
+            "SHOP_METRICS_PORT": str(METRICS_PORT),
         }
 
     def start(self) -> None:
@@ -72,6 +76,29 @@ class Replica:
     @property
     def log(self) -> Path:
         return self.logs / f"{self.host.netns}.log"
+
+    def in_flight(self, method: str) -> int:
+        """Calls of `method` (a bare name: "StreamUsers") this replica is serving now, read
+        from its own /metrics (grpc_server_in_flight)."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        url = f"http://{self.host.address}:{METRICS_PORT}/metrics"
+        with opener.open(url, timeout=2) as response:
+            lines = response.read().decode().splitlines()
+        label = f'grpc_method="{method}"'
+        return sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in lines
+            if line.startswith("grpc_server_in_flight{") and label in line
+        )
+
+    async def until_in_flight(self, method: str, within: float) -> bool:
+        """Wait (bounded) until this replica serves at least one call of `method`."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(self.in_flight, method) > 0:
+                return True
+            await asyncio.sleep(0.1)
+        return False
 
     def wait_serving(self) -> None:
         assert self.process is not None

@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.requires(tools.IP, tools.POSTGRES_SE
 
 STEADY = 3.0  # seconds of load before the first restart and after the last
 BETWEEN = 1.0
+EXPORT_WAIT = 20.0  # at most, for an export to be running on the replica about to stop
 
 
 @dataclass
@@ -42,7 +43,10 @@ class Restart:
 
 
 async def restart(replica: Replica, envoy: Envoy) -> Restart:
-    """SIGTERM, wait for the exit (status 0), start it again, wait until Envoy routes to it."""
+    """Once the replica serves an export (so the stop has one to cut: where Envoy sends each
+    export is its choice, and a stop that found none left the resume path untested), SIGTERM,
+    wait for the exit (status 0), start it again, wait until Envoy routes to it."""
+    await replica.until_in_flight("StreamUsers", within=EXPORT_WAIT)
     sigterm = time.monotonic()
     replica.signal(signal.SIGTERM)
     unhealthy = await envoy.until(replica.address, healthy=False, within=DRAIN_DELAY + 5)
