@@ -185,7 +185,9 @@ async def test_change_log_migration_waits_for_a_reader_without_deadlocking_it(
     try:
         async with engine.connect() as reader, engine.connect() as watcher:
             await reader.execute(text("SELECT count(*) FROM orders"))  # ACCESS SHARE, held
-            upgrade = asyncio.create_task(asyncio.to_thread(command.upgrade, scratch_config, "0007"))
+            upgrade = asyncio.create_task(
+                asyncio.to_thread(command.upgrade, scratch_config, "0007")
+            )
             waiting = text(
                 "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'orders'::regclass"
             )
