@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import IntEnum
@@ -80,21 +80,26 @@ class Operation(IntEnum):
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """A pg_snapshot: transactions below xmin are finished, those from xmax on had not begun,
-    and those in xip were in progress; every other one below xmax had finished."""
+    and those in xip were in progress; every other one below xmax had finished. `taken`: the
+    primary's clock just after it was taken (None where not known), which tells a transaction
+    it counts as finished from one that reused its xid after a failover (a change written
+    later than `taken`; service/repositories/changes.py). Not part of equality: two reads of
+    the same snapshot are the same position."""
 
     xmin: int
     xmax: int
     xip: frozenset[int]
+    taken: datetime | None = field(default=None, compare=False)
 
     @classmethod
-    def parse(cls, text: str) -> Snapshot:
+    def parse(cls, text: str, taken: datetime | None = None) -> Snapshot:
         """From pg_snapshot's text form, 'xmin:xmax:xip1,xip2'; ValueError if malformed."""
         xmin_text, xmax_text, xip_text = text.split(":")
         xmin, xmax = int(xmin_text), int(xmax_text)
         xip = frozenset(int(x) for x in xip_text.split(",")) if xip_text else frozenset()
         if not 0 < xmin <= xmax or any(not xmin <= x < xmax for x in xip):
             raise ValueError(f"not a snapshot: {text!r}")
-        return cls(xmin, xmax, xip)
+        return cls(xmin, xmax, xip, taken)
 
     def __str__(self) -> str:
         return f"{self.xmin}:{self.xmax}:{','.join(str(x) for x in sorted(self.xip))}"
@@ -161,10 +166,12 @@ class Position:
         """Flat fields for a token (service/api signs them)."""
         return {
             "since": str(self.since),
+            "t": _micros(self.since.taken),
             "seq": self.sequence,
             "scan": "" if self.scan is None else f"{int(self.scan[0])}:{self.scan[1]}",
             "seg": ";".join(f"{s.at}|{int(s.resource_type)}|{s.after_id}" for s in self.segments),
             "upto": "" if self.upto is None else str(self.upto),
+            "ut": 0 if self.upto is None else _micros(self.upto.taken),
             "off": self.offset,
         }
 
@@ -185,14 +192,29 @@ class Position:
             raise ValueError("not a position")
         if offset < 0 or (offset and not upto_text):
             raise ValueError("not a position")
+        since_taken, upto_taken = _time(fields.get("t", 0)), _time(fields.get("ut", 0))
         return cls(
-            since=Snapshot.parse(str(fields["since"])),
+            since=Snapshot.parse(str(fields["since"]), since_taken),
             sequence=sequence,
             scan=scan,
             segments=tuple(segments),
-            upto=Snapshot.parse(str(upto_text)) if upto_text else None,
+            upto=Snapshot.parse(str(upto_text), upto_taken) if upto_text else None,
             offset=offset,
         )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(taken: datetime | None) -> int:
+    """A snapshot's time in a token: microseconds since the epoch, 0 for none."""
+    return 0 if taken is None else (taken - _EPOCH) // timedelta(microseconds=1)
+
+
+def _time(micros: Any) -> datetime | None:
+    if not isinstance(micros, int) or micros < 0:
+        raise ValueError("not a position")
+    return _EPOCH + timedelta(microseconds=micros) if micros else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,8 +375,10 @@ class _Head:
         async with opened as session:
             log_ = ChangeLog(session)
             xmax, xip = (since.xmax, sorted(since.xip)) if since is not None else (NOTHING, [])
-            text, lsn, pruned, rows = await log_.poll(xmax, xip, list(ResourceType), POLL_CAP)
-            upto = Snapshot.parse(text)
+            taken = since.taken if since is not None else None
+            polled = await log_.poll(xmax, xip, taken, list(ResourceType), POLL_CAP)
+            text, upto_taken, lsn, pruned, rows = polled
+            upto = Snapshot.parse(text, upto_taken)
             changes: list[_Logged] | None = []
             if since is not None:
                 if not upto.covers(since):  # a new primary, behind the old one: wait for it
@@ -456,7 +480,7 @@ class ChangeFeed:
             with reading_from(PRIMARY):  # a snapshot from the primary (see _poll_once)
                 opened = self._db.read()
             async with opened as session:
-                now = Snapshot.parse(await ChangeLog(session).current_snapshot())
+                now = Snapshot.parse(*await ChangeLog(session).current_snapshot())
             position = Position(now)
             yield FeedBatch([], position, Event.CAUGHT_UP)
         announce = start is not None or snapshot  # say when a resumed or snapshot stream catches up
@@ -509,7 +533,7 @@ class ChangeFeed:
                 opened = self._db.snapshot()
             async with opened as session:
                 log_ = ChangeLog(session)
-                at = Snapshot.parse(await log_.current_snapshot())
+                at = Snapshot.parse(*await log_.current_snapshot())
                 if position is None:
                     position = Position(at, scan=(kinds[0], 0))
                 elif not at.covers(position.since):
@@ -649,14 +673,18 @@ class ChangeFeed:
                     return
                 upto, newest = goal, goal == target
             pages = log_.newer(
-                since.xmax, sorted(since.xip), [int(k) for k in kinds], LOG_ROWS_PER_FETCH
+                since.xmax,
+                sorted(since.xip),
+                since.taken,
+                [int(k) for k in kinds],
+                LOG_ROWS_PER_FETCH,
             )
             async with aclosing(pages):
                 first = await anext(pages)
                 if _expired(since, first[0].pruned):
                     raise FailedPrecondition(EXPIRED, reason="RESUME_TOKEN_EXPIRED")
                 if upto is None:  # the primary: its own snapshot is exact
-                    seen = Snapshot.parse(first[0].snapshot)
+                    seen = Snapshot.parse(first[0].snapshot, first[0].taken)
                     if not seen.covers(since):
                         return
                     upto = position.upto

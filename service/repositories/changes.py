@@ -18,24 +18,47 @@ from service.repositories.handle import Repository
 # The transactions a snapshot did not cover are those from its xmax on and those it saw in
 # progress; the statement's own snapshot bounds the rest (a transaction it does not see, it
 # does not read). One statement: the snapshot it returns is the one its rows were read in.
+#
+# And those written after the snapshot was taken (:since_taken, the primary's clock) by a
+# transaction it counts as finished: after a failover, the new primary hands out again the
+# xids of transactions the old one began but whose WAL never reached it (one that rolled back
+# just before the crash), and a position taken on the old primary counts them as finished.
+# Every transaction it rightly counts as finished wrote before the snapshot, so these are the
+# rows below :since_xmax, not in progress then, written later than :since_taken; `boundary` is
+# the newest xid below them that wrote earlier (an index scan down from :since_xmax that stops
+# at the first such row: in the common case the first it reads), and every row between
+# boundary and :since_xmax is a reused xid's. With no time (a position from before times were
+# kept) there is nothing between.
+_BOUNDARY = """
+    CASE WHEN CAST(:since_taken AS timestamptz) IS NULL THEN :since_xmax ELSE COALESCE((
+        SELECT b.xid FROM changes b
+        WHERE b.xid < :since_xmax AND b.xid <> ALL(CAST(:since_xip AS bigint[]))
+          AND b.changed_at <= CAST(:since_taken AS timestamptz)
+        ORDER BY b.xid DESC LIMIT 1
+    ), 0) END
+"""
 _NEWER = """
-    (c.xid >= :since_xmax OR c.xid = ANY(CAST(:since_xip AS bigint[])))
+    (c.xid >= :since_xmax OR c.xid = ANY(CAST(:since_xip AS bigint[]))
+     OR (c.xid > s.boundary AND c.xid < :since_xmax))
     AND c.resource_type = ANY(CAST(:types AS smallint[]))
 """
 
 
 # The changes since `since` that the statement's snapshot sees, by id, each with that snapshot
+# (and the time just after it was taken: clock_timestamp() runs after the statement's snapshot)
 # and how far the log was pruned in it (the first row always: with no change, one row of NULLs
 # besides them). One statement, one snapshot: a prune committed meanwhile is either seen in
 # `pruned` or not at all in the rows.
 def _newer_sql(limit: str, lsn: str) -> str:
     return f"""
-    SELECT s.snap::text AS snapshot, s.pruned, s.lsn, c.id, c.xid, c.resource_type,
+    SELECT s.snap::text AS snapshot, s.taken, s.pruned, s.lsn, c.id, c.xid, c.resource_type,
            c.changed_at, c.rows::text AS rows
     FROM (
         SELECT pg_current_snapshot() AS snap,
+               clock_timestamp() AS taken,
                COALESCE((SELECT through_xid FROM changes_pruned), 0) AS pruned,
-               {lsn} AS lsn
+               {lsn} AS lsn,
+               {_BOUNDARY} AS boundary
     ) s
     LEFT JOIN LATERAL (
         SELECT c.id, c.xid, c.resource_type, c.changed_at, c.rows
@@ -96,8 +119,15 @@ def lsn_of(text: str) -> int:
     return (int(high, 16) << 32) + int(low, 16)
 
 
-def _newer(since_xmax: int, since_xip: Sequence[int], types: Sequence[int]) -> dict[str, Any]:
-    return {"since_xmax": since_xmax, "since_xip": list(since_xip), "types": list(types)}
+def _newer(
+    since_xmax: int, since_xip: Sequence[int], since_taken: datetime | None, types: Sequence[int]
+) -> dict[str, Any]:
+    return {
+        "since_xmax": since_xmax,
+        "since_xip": list(since_xip),
+        "since_taken": since_taken,
+        "types": list(types),
+    }
 
 
 class ChangeLog(Repository):
@@ -105,15 +135,22 @@ class ChangeLog(Repository):
     session or connection a door gave."""
 
     async def poll(
-        self, since_xmax: int, since_xip: Sequence[int], types: Sequence[int], cap: int
-    ) -> tuple[str, int, int, Sequence[Any]]:
-        """On the primary: (the statement's snapshot, the WAL position then, how far the log was
-        pruned, the changes rows newer than `since` it sees, at most cap + 1, by id)."""
-        params = _newer(since_xmax, since_xip, types) | {"cap": cap}
+        self,
+        since_xmax: int,
+        since_xip: Sequence[int],
+        since_taken: datetime | None,
+        types: Sequence[int],
+        cap: int,
+    ) -> tuple[str, datetime, int, int, Sequence[Any]]:
+        """On the primary: (the statement's snapshot, the time just after it was taken, the WAL
+        position then, how far the log was pruned, the changes rows newer than `since` it
+        sees, at most cap + 1, by id)."""
+        params = _newer(since_xmax, since_xip, since_taken, types) | {"cap": cap}
         rows = (await self.on.execute(POLL, params)).all()
         first = rows[0]
         return (
             first.snapshot,
+            first.taken,
             lsn_of(first.lsn),
             first.pruned,
             [r for r in rows if r.id is not None],
@@ -135,17 +172,25 @@ class ChangeLog(Repository):
         keeps exactly the transactions after one xid (its pruned_through); the number deleted."""
         return int((await self.on.execute(PRUNE, {"cutoff": cutoff, "batch": batch})).scalar_one())
 
-    async def current_snapshot(self) -> str:
-        """The snapshot of the statement, or of the transaction under REPEATABLE READ."""
-        return str((await self.on.execute(text("SELECT pg_current_snapshot()::text"))).scalar())
+    async def current_snapshot(self) -> tuple[str, datetime]:
+        """The snapshot of the statement, or of the transaction under REPEATABLE READ, and the
+        time just after it was taken."""
+        query = text("SELECT pg_current_snapshot()::text, clock_timestamp()")
+        snapshot, taken = (await self.on.execute(query)).one()
+        return str(snapshot), taken
 
     def newer(
-        self, since_xmax: int, since_xip: Sequence[int], types: Sequence[int], batch_size: int
+        self,
+        since_xmax: int,
+        since_xip: Sequence[int],
+        since_taken: datetime | None,
+        types: Sequence[int],
+        batch_size: int,
     ) -> AsyncGenerator[Rows, None]:
         """The changes rows newer than `since` that one statement's snapshot sees, by id, from
         a server-side cursor, batch_size rows at a time; each row carries that snapshot, and
         the first row is there even when there is no change (its id is NULL)."""
-        stmt = text(_NEWER_ALL).bindparams(**_newer(since_xmax, since_xip, types))
+        stmt = text(_NEWER_ALL).bindparams(**_newer(since_xmax, since_xip, since_taken, types))
         return partitions(self.on, stmt, batch_size)
 
     async def items(self, order_ids: Sequence[int]) -> dict[int, str]:
