@@ -12,14 +12,15 @@ the change log's switch for measuring its cost on writes.
   only; the *_version row triggers stay on (the version column is part of the row, not of the
   log), so "off" is the same build writing the same rows without the changes rows.
 
-The relay's figure (JetStream holds a change <= 100 ms after commit) is another suite's: it can
-reuse `measure_latency` with a receiver that subscribes to the stream instead of `_watch_main`
-(TODO(issue 21, relay)).
+- The relay: the same writes and matching, with the receiver a JetStream subscriber (an ordered
+  consumer of the relay's stream) instead of a watcher: a message reaches a consumer only once
+  the stream has stored it, so commit -> received bounds commit -> stored from above.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing as mp
 import random
 import time
@@ -30,7 +31,10 @@ from typing import Any
 
 import asyncpg
 import grpc
+import nats  # the nats extra, in dev: the relay's receiver
 from google.protobuf import field_mask_pb2
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from shop.v1 import (
     account_service_pb2,
     account_service_pb2_grpc,
@@ -180,6 +184,77 @@ def _watch_main(target: str, ready: Any, stop: Any, out: Any) -> None:
     out.put(asyncio.run(_watch(target, ready, stop)))
 
 
+async def _relayed(
+    url: str, stream: str, ready: Any, stop: Any
+) -> tuple[dict[Key, float], list[float]]:
+    """As _watch, from the relay's JetStream stream: an ordered consumer of new messages."""
+    arrived: dict[Key, float] = {}
+    times: list[float] = []
+    client = await nats.connect(url)
+    try:
+        js = client.jetstream()
+
+        async def on_message(message: Any) -> None:
+            now = time.monotonic()
+            kind, rid, version = _change_key(
+                change_feed_service_pb2.Change.FromString(message.data)
+            )
+            arrived.setdefault((kind, rid, version), now)
+            arrived.setdefault((kind, rid, 0), now)
+            times.append(now)
+
+        subscription = await js.subscribe(
+            "shop.changes.>",
+            stream=stream,
+            cb=on_message,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
+        )
+        ready.set()
+        await asyncio.to_thread(stop.wait)
+        await subscription.unsubscribe()
+    finally:
+        await client.close()
+    return arrived, times
+
+
+def _relayed_main(url: str, stream: str, ready: Any, stop: Any, out: Any) -> None:
+    out.put(asyncio.run(_relayed(url, stream, ready, stop)))
+
+
+def relay_receiver(url: str, stream: str) -> Any:
+    """A receiver for measure_latency: the relay's stream `stream` on the NATS at `url`."""
+    return functools.partial(_relayed_main, url, stream)
+
+
+async def wait_for_stream(url: str, stream: str, within: float) -> None:
+    """Until the relay has created its stream (it leads and publishes), at most `within` s."""
+    client = await nats.connect(url)
+    try:
+        js = client.jetstream()
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                await js.stream_info(stream)
+                return
+            except NotFoundError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the relay created no stream {stream} in {within:g} s"
+                    ) from None
+                await asyncio.sleep(0.2)
+    finally:
+        await client.close()
+
+
+async def delete_stream(url: str, stream: str) -> None:
+    client = await nats.connect(url)
+    try:
+        await client.jetstream().delete_stream(stream)
+    finally:
+        await client.close()
+
+
 class _Writer:
     """Paced mixed writes; each acknowledged write noted as (key, sent, acknowledged)."""
 
@@ -296,14 +371,19 @@ class LatencyResult:
     refused: int  # writes that failed (not measured)
 
 
-async def measure_latency(spec: LatencySpec) -> LatencyResult:
-    """A watcher process on WatchChanges NOW, then a writer process at spec.rate changes/s;
-    latency per write acknowledged inside the window (after the warm-up)."""
+async def measure_latency(
+    spec: LatencySpec,
+    receiver: Any = None,
+    name: str = "WatchChanges, commit acknowledged -> watcher received",
+) -> LatencyResult:
+    """A watcher process on WatchChanges NOW (or `receiver`, called as receiver(ready, stop,
+    out) in a process of its own), then writer processes at spec.rate changes/s; latency per
+    write acknowledged inside the window (after the warm-up)."""
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     watch_out, write_out = ctx.Queue(), ctx.Queue()
-    args = (spec.target, ready, stop, watch_out)
-    watcher = ctx.Process(target=_watch_main, args=args, daemon=True)
+    receive = receiver or functools.partial(_watch_main, spec.target)
+    watcher = ctx.Process(target=receive, args=(ready, stop, watch_out), daemon=True)
     watcher.start()
     try:
         if not await asyncio.to_thread(ready.wait, 60):
@@ -351,7 +431,7 @@ async def measure_latency(spec: LatencySpec) -> LatencyResult:
     write_latencies.sort()
     in_window = sum(1 for t in times if begin <= t < begin + spec.seconds)
     feed = Measurement(
-        "WatchChanges, commit acknowledged -> watcher received",
+        name,
         in_window / spec.seconds,
         "changes/s",
         p50_ms=percentile(latencies, 0.50) * 1000,
