@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS changes (
     -- squawk-ignore prefer-bigint-over-smallint
     resource_type smallint NOT NULL,
     changed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- squawk-ignore prefer-bigint-over-smallint
+    entries smallint NOT NULL,
     rows jsonb NOT NULL,
     CONSTRAINT pk_changes PRIMARY KEY (id)
 )
@@ -79,10 +81,11 @@ $$
 def _log(operation: str, rows: str) -> str:
     """The statement that logs a statement's rows: `rows` is the FROM item (the transition
     table aliased r, as it is after the statement), `operation` each row's operation. One
-    changes row per CHUNK rows, each a JSON array of [operation, to_jsonb(r)]; none for no row."""
+    changes row per CHUNK rows, each a JSON array of [operation, to_jsonb(r)] and its length in
+    `entries`; none for no row."""
     return f"""
-        INSERT INTO changes (xid, resource_type, rows)
-        SELECT pg_current_xact_id()::text::bigint, TG_ARGV[0]::smallint,
+        INSERT INTO changes (xid, resource_type, entries, rows)
+        SELECT pg_current_xact_id()::text::bigint, TG_ARGV[0]::smallint, count(*),
                jsonb_agg(jsonb_build_array(c.op, c.row) ORDER BY c.n)
         FROM (
             SELECT to_jsonb(r) AS row, row_number() OVER () - 1 AS n, {operation} AS op

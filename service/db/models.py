@@ -327,6 +327,8 @@ class Change(Base):
     xid: Mapped[int] = mapped_column(BigInteger, index=True)  # the writer's pg_current_xact_id()
     resource_type: Mapped[int] = mapped_column(SmallInteger)
     changed_at: Mapped[datetime] = mapped_column(server_default=func.clock_timestamp())
+    # How many changes `rows` holds (1..1000): what a reader can count without detoasting it.
+    entries: Mapped[int] = mapped_column(SmallInteger)
     rows: Mapped[list[Any]] = mapped_column(JSONB)
 
 

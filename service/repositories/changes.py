@@ -49,10 +49,10 @@ _NEWER = """
 # and how far the log was pruned in it (the first row always: with no change, one row of NULLs
 # besides them). One statement, one snapshot: a prune committed meanwhile is either seen in
 # `pruned` or not at all in the rows.
-def _newer_sql(limit: str, lsn: str) -> str:
+def _newer_sql(limit: str, lsn: str, rows: str) -> str:
     return f"""
     SELECT s.snap::text AS snapshot, s.taken, s.pruned, s.lsn, c.id, c.xid, c.resource_type,
-           c.changed_at, c.rows::text AS rows
+           c.changed_at, c.entries, {rows} AS rows
     FROM (
         SELECT pg_current_snapshot() AS snap,
                clock_timestamp() AS taken,
@@ -61,7 +61,8 @@ def _newer_sql(limit: str, lsn: str) -> str:
                {_BOUNDARY} AS boundary
     ) s
     LEFT JOIN LATERAL (
-        SELECT c.id, c.xid, c.resource_type, c.changed_at, c.rows
+        SELECT c.id, c.xid, c.resource_type, c.changed_at, c.entries, c.rows,
+               sum(c.entries) OVER (ORDER BY c.id) AS running
         FROM changes c
         WHERE {_NEWER}
         ORDER BY c.id
@@ -71,11 +72,20 @@ def _newer_sql(limit: str, lsn: str) -> str:
     """
 
 
-# A poll: at most :cap + 1 changes rows, so that the poller can tell "more than it hands out".
-# A poll runs on the primary: with the WAL position its snapshot is reached at (a replica that
-# has replayed past it sees every transaction the snapshot does).
-POLL = text(_newer_sql("LIMIT :cap + 1", "pg_current_wal_lsn()::text"))
-_NEWER_ALL = _newer_sql("", "NULL::text")
+# A poll: at most :cap + 1 changes rows, so that the poller can tell "more than it hands out",
+# and their contents only while they hold :max_changes changes in all (the rest is NULL, not
+# even read from TOAST): what a poll keeps in memory for every stream is bounded by changes,
+# not by rows of up to 1000 each. A poll runs on the primary: with the WAL position its
+# snapshot is reached at (a replica that has replayed past it sees every transaction the
+# snapshot does).
+POLL = text(
+    _newer_sql(
+        "LIMIT :cap + 1",
+        "pg_current_wal_lsn()::text",
+        "CASE WHEN c.running <= :max_changes THEN c.rows::text END",
+    )
+)
+_NEWER_ALL = _newer_sql("", "NULL::text", "c.rows::text")
 _REPLAY = text("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text")
 
 _PRUNED = "SELECT COALESCE((SELECT through_xid FROM changes_pruned), 0)"
@@ -141,11 +151,13 @@ class ChangeLog(Repository):
         since_taken: datetime | None,
         types: Sequence[int],
         cap: int,
+        max_changes: int,
     ) -> tuple[str, datetime, int, int, Sequence[Any]]:
         """On the primary: (the statement's snapshot, the time just after it was taken, the WAL
         position then, how far the log was pruned, the changes rows newer than `since` it
-        sees, at most cap + 1, by id)."""
-        params = _newer(since_xmax, since_xip, since_taken, types) | {"cap": cap}
+        sees, at most cap + 1, by id; `rows` None past the first max_changes changes)."""
+        params = _newer(since_xmax, since_xip, since_taken, types)
+        params |= {"cap": cap, "max_changes": max_changes}
         rows = (await self.on.execute(POLL, params)).all()
         first = rows[0]
         return (

@@ -390,3 +390,64 @@ async def test_heartbeats_come_with_no_writes_and_with_writes_of_other_types_onl
         assert [(c.order.id, c.operation, c.sequence) for c in resumed.changes] == [
             (second, CREATED, orders.changes[0].sequence + 1)
         ]
+
+
+BULK_USERS = 200_000
+BULK_STATEMENT = 1000  # rows per INSERT: one changes row each
+BULK_TRANSACTION = 10  # statements per transaction
+SLOW_READER_RSS_LIMIT = 100 * MB
+
+
+async def test_a_watcher_that_stops_reading_keeps_server_memory_bounded_and_loses_nothing(
+    database_url: str, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """A watcher reads its first response and then nothing while 200,000 users are written in
+    bulk (the change log holds them all, about 100 MB as the server's Python objects): the
+    server holds back (flow control, a server-side cursor, a bounded poll) instead of buffering
+    them, so its RSS grows by less than 100 MB. Then the watcher reads everything, once, in
+    order."""
+    with service_process(database_url, tmp_path / "serve.log") as (address, process):
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = cf_grpc.ChangeFeedServiceStub(channel)
+            request = cf.WatchChangesRequest(resource_types=[USER], max_batch_size=1000)
+            call = stub.WatchChanges(request)
+            first = await asyncio.wait_for(call.read(), ONE_BOUND)
+            assert first.event == CAUGHT_UP
+            before = peak = rss(process.pid)
+            run = "slow-" + hex(process.pid)
+            for start in range(0, BULK_USERS, BULK_STATEMENT * BULK_TRANSACTION):
+                async with engine.begin() as conn:
+                    for offset in range(
+                        start, start + BULK_STATEMENT * BULK_TRANSACTION, BULK_STATEMENT
+                    ):
+                        await conn.execute(
+                            text(
+                                "INSERT INTO users (email, first_name, last_name) "
+                                "SELECT :run || '-' || g || '@x.io', 'S', 'S' "
+                                "FROM generate_series(CAST(:a AS bigint), CAST(:b AS bigint)) g"
+                            ),
+                            {"run": run, "a": offset, "b": offset + BULK_STATEMENT - 1},
+                        )
+                peak = max(peak, rss(process.pid))
+            for _ in range(20):  # and while the server's polls take the rest in (bounded: 4 s)
+                await asyncio.sleep(0.2)
+                peak = max(peak, rss(process.pid))
+            print(
+                f"serve RSS {before / MB:.1f} MB before, peak {peak / MB:.1f} MB while "
+                f"{BULK_USERS:,} changes were logged and the watcher read none"
+            )
+            assert peak - before < SLOW_READER_RSS_LIMIT, (before, peak)
+
+            got: list[cf.Change] = []
+
+            async def read_all() -> None:
+                while len(got) < BULK_USERS:
+                    response = await call.read()
+                    assert response is not grpc.aio.EOF, "the stream ended"
+                    got.extend(response.changes)
+
+            await asyncio.wait_for(read_all(), ALL_BOUND)
+            call.cancel()
+    assert [c.sequence for c in got] == list(range(1, BULK_USERS + 1))
+    emails_got = {c.user.email for c in got}
+    assert len(emails_got) == BULK_USERS and all(e.startswith(run) for e in emails_got)
