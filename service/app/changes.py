@@ -24,6 +24,7 @@ cluster's) and after a failover; a read whose own snapshot does not yet cover th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
@@ -63,6 +64,10 @@ KEPT_CHANGES = 20_000
 NOTHING = 2**63 - 1
 # Polls kept for streams a step behind.
 STEPS_KEPT = 32
+# A commit through this process wakes the poll before its interval is up, but polls start at
+# least this far apart: under a steady write load, polls at most 100/s rather than one per
+# commit, and a commit made through another process still waits for the interval.
+NUDGED_GAP = 0.01
 
 
 class ResourceType(IntEnum):
@@ -333,6 +338,7 @@ class _Head:
         self.latest_lsn = 0  # the primary's WAL position when `latest` was taken
         self.steps: deque[_Step] = deque(maxlen=STEPS_KEPT)
         self._moved = asyncio.Event()
+        self._nudged = asyncio.Event()  # a commit through this process since the last poll
         self._streams = 0  # polls run while this process serves any stream
         self._task: asyncio.Task[None] | None = None
 
@@ -346,6 +352,11 @@ class _Head:
 
     def leave(self) -> None:
         self._streams -= 1
+
+    def nudge(self) -> None:
+        """This process committed a write: poll soon (Database.on_commit calls it)."""
+        if self._streams:
+            self._nudged.set()
 
     def step_from(self, since: Snapshot) -> _Step | None:
         for step in self.steps:
@@ -369,13 +380,24 @@ class _Head:
                 return False
 
     async def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
         with deadline_bound(None):
             while self._streams:
+                # Cleared before the poll: a commit while it runs (which its snapshot may not
+                # see) brings the next one forward.
+                self._nudged.clear()
+                began = loop.time()
                 try:
                     await self._poll_once()
                 except Exception as exc:  # the streams read the log themselves meanwhile
                     log.info("change feed poll failed (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(self._interval)
+                left = self._interval - (loop.time() - began)
+                if left > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._nudged.wait(), left)
+                gap = NUDGED_GAP - (loop.time() - began)
+                if gap > 0:
+                    await asyncio.sleep(gap)
 
     async def _poll_once(self) -> None:
         since = self.latest
@@ -429,6 +451,7 @@ class ChangeFeed:
         self._poll_interval = poll_interval
         self._heartbeat = heartbeat
         self._head = _Head(db, poll_interval)
+        db.on_commit(self._head.nudge)
         self._readers = asyncio.Semaphore(readers)
         self._streams: set[_Behind] = set()
 

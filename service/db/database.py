@@ -106,6 +106,17 @@ class Database:
         self._replicas = replicas
         self.streams = StreamSlots(stream_connections)
         self._coalescers: list[Coalescer[Any, Any]] = []
+        self._commit_listeners: list[Callable[[], None]] = []
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (at once, synchronously: it must only take note) after every commit
+        through the write doors and batchers: the change feed polls sooner when this process
+        has just written."""
+        self._commit_listeners.append(listener)
+
+    def _committed(self) -> None:
+        for listener in self._commit_listeners:
+            listener()
 
     async def start_replicas(self) -> None:
         """Check every replica once, so reads use them from the first call; then keep checking."""
@@ -163,12 +174,17 @@ class Database:
                 raise
 
     async def write(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        return await transactional(self._sessions, work)
+        result = await transactional(self._sessions, work)
+        self._committed()
+        return result
 
-    def transaction(self) -> AbstractAsyncContextManager[AsyncSession]:
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One transaction, committed at the end and not retried: for work that cannot run
         twice (ImportUsers reads its client stream once)."""
-        return self.streams.hold(transaction(self._sessions))
+        async with self.streams.hold(transaction(self._sessions)) as session:
+            yield session
+        self._committed()
 
     @asynccontextmanager
     async def _statement(self) -> AsyncIterator[AsyncConnection]:
@@ -218,7 +234,7 @@ class Database:
         """Concurrent writes applied together: apply(conn, items) runs in one transaction per
         batch, committed when it returns, and the whole batch runs again on a serialization
         failure or deadlock (service/db/retry.py)."""
-        writer = BatchedWriter(self._engine, apply, max_batch=max_batch)
+        writer = BatchedWriter(self._engine, apply, max_batch=max_batch, committed=self._committed)
         self._coalescers.append(writer.coalescer)
         return writer
 
@@ -262,9 +278,11 @@ class BatchedWriter(Generic[In, Out]):
         apply: Callable[[AsyncConnection, Sequence[In]], Awaitable[Sequence[Outcome[Out]]]],
         *,
         max_batch: int,
+        committed: Callable[[], None] = lambda: None,
     ) -> None:
         self._engine = engine
         self._apply = apply
+        self._committed = committed
         self.coalescer: Coalescer[_Queued[In], Out] = Coalescer(
             self._run, max_batch=max_batch, concurrency=WRITE_BATCHES, overlap_from=OVERLAP_FROM
         )
@@ -291,6 +309,8 @@ class BatchedWriter(Generic[In, Out]):
                 async with self._engine.begin() as conn:
                     return await self._apply(conn, items)
 
-        for i, outcome in zip(live, await retried(attempt), strict=True):
+        applied = await retried(attempt)
+        self._committed()
+        for i, outcome in zip(live, applied, strict=True):
             outcomes[i] = outcome
         return outcomes

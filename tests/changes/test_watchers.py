@@ -20,6 +20,8 @@ from typing import Any
 import grpc
 from shop.v1 import change_feed_service_pb2 as cf
 from shop.v1 import change_feed_service_pb2_grpc as cf_grpc
+from shop.v1 import user_service_pb2 as users_pb
+from shop.v1 import user_service_pb2_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -451,3 +453,32 @@ async def test_a_watcher_that_stops_reading_keeps_server_memory_bounded_and_lose
     assert [c.sequence for c in got] == list(range(1, BULK_USERS + 1))
     emails_got = {c.user.email for c in got}
     assert len(emails_got) == BULK_USERS and all(e.startswith(run) for e in emails_got)
+
+
+async def test_a_write_through_the_server_wakes_its_poll_before_the_interval(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The poll interval is 120 s here; CreateUsers through the same server still reach its
+    watcher (each within ONE_BOUND, 30 s): the commit wakes the shared poll. Two of them: the
+    first could ride on the poll a new stream starts, the second only on a wake-up."""
+    env = {"SHOP_CHANGES_POLL_INTERVAL": "120", "SHOP_CHANGES_HEARTBEAT": "300"}
+    with service_process(database_url, tmp_path / "serve.log", **env) as (address, _):
+        async with grpc.aio.insecure_channel(address) as channel:
+            watcher = watch(channel, resource_types=[USER])
+            try:
+                await _started(watcher)
+                users = user_service_pb2_grpc.UserServiceStub(channel)
+                created = []
+                for n in (1, 2):
+                    request = users_pb.CreateUserRequest(
+                        email=f"nudge{n}@x.io", first_name="N", last_name="N"
+                    )
+                    created.append((await users.CreateUser(request)).id)
+                    await watcher.until(
+                        lambda w, n=n: len(w.changes) >= n, f"change {n}", ONE_BOUND
+                    )
+                assert [(c.user.id, c.operation) for c in watcher.changes] == [
+                    (user_id, CREATED) for user_id in created
+                ]
+            finally:
+                await watcher.close()
