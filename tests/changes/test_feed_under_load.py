@@ -611,3 +611,83 @@ async def test_a_snapshot_started_mid_load_then_its_changes_mirror_the_database(
 
 def key(change: cf.Change) -> tuple[int, int, int]:
     return (change.resource_type, change_id(change), change.version)
+
+
+MID_SNAPSHOT_CUTS = 3  # at least this many cuts before SNAPSHOT_DONE
+MAX_SNAPSHOT_CUTS = 12  # a bound: the snapshot holds every resource of the test database
+
+
+async def test_a_snapshot_cut_and_resumed_mid_snapshot_under_load_mirrors_the_database(
+    stubs: Stubs, feed_stub: cf_grpc.ChangeFeedServiceStub, engine: AsyncEngine
+) -> None:
+    """As the test above, with the snapshot itself cut every few responses and resumed from
+    the last token while the writers run: each resumed part of the snapshot is read in a newer
+    transaction than the part before, and still every resource is in the snapshot once and
+    every change after its snapshot row arrives once, so the mirror equals the database."""
+    rng = random.Random(SEED + 2)
+    load = await seeded_load(stubs, engine, rng)
+    writers = asyncio.create_task(load.run(LOAD_SECONDS))
+    responses: list[cf.WatchChangesResponse] = []
+    watcher: Watcher | None = None
+    cuts = 0
+    try:
+        await asyncio.sleep(LOAD_SECONDS / 4)  # the writers are at it
+        request = cf.WatchChangesRequest(
+            start_position=cf.START_POSITION_SNAPSHOT, max_batch_size=7
+        )
+        done = False
+        while not done:
+            call = feed_stub.WatchChanges(request)
+            try:
+                # A few responses, then a cut; after MAX_SNAPSHOT_CUTS, the rest in one call.
+                reads = rng.randint(1, 3) if cuts < MAX_SNAPSHOT_CUTS else 1 << 30
+                for _ in range(reads):
+                    response = await asyncio.wait_for(call.read(), WAIT)
+                    assert response is not grpc.aio.EOF, "the stream ended"
+                    responses.append(response)
+                    if response.event == cf.CHANGE_FEED_EVENT_SNAPSHOT_DONE:
+                        done = True
+                        break
+            finally:
+                call.cancel()
+            cuts += not done
+            request = cf.WatchChangesRequest(
+                resume_token=responses[-1].resume_token, max_batch_size=7
+            )
+            await asyncio.sleep(rng.uniform(0.05, 0.3))  # the writers change what is left
+        watcher = Watcher(feed_stub, request)
+        await writers
+        assert_load_reached_every_path(load)
+        after = await read_state(engine)
+        await watcher.until(
+            lambda w: has_last_versions(
+                [*(c for r in responses for c in r.changes), *w.changes], after
+            ),
+            "every resource's last version",
+            QUIESCENCE_WAIT,
+        )
+    finally:
+        writers.cancel()
+        await asyncio.gather(writers, return_exceptions=True)
+        if watcher is not None:
+            await watcher.close()
+
+    assert cuts >= MID_SNAPSHOT_CUTS, f"only {cuts} cuts before SNAPSHOT_DONE: a snapshot too small"
+    snapshot_rows = sum(len(r.changes) for r in responses)
+    changes = [c for r in responses for c in r.changes] + watcher.changes
+    operations = [c.operation for c in changes]
+    assert set(operations[:snapshot_rows]) == {cf.OPERATION_SNAPSHOT}, "changes in the snapshot"
+    assert cf.OPERATION_SNAPSHOT not in operations[snapshot_rows:], "snapshot rows after it"
+    snapshot_keys = Counter((c.resource_type, change_id(c)) for c in changes[:snapshot_rows])
+    assert max(snapshot_keys.values()) == 1, "a resource twice in the snapshot"
+    received = Counter(key(c) for c in changes)
+    twice = {k: n for k, n in received.items() if n > 1}
+    assert not twice, f"received more than once: {twice} (seed {SEED})"
+    arrived = assert_versions_consecutive(changes)
+    created_after = {k: v for k, v in arrived.items() if k not in snapshot_keys}
+    wrong_start = {k: v[:3] for k, v in created_after.items() if v[0] != 1}
+    assert not wrong_start, f"resources new after the snapshot, not from version 1: {wrong_start}"
+    assert_sequences_increase(changes)
+    assert_nothing_rolled_back(changes)
+    assert_mirror_equals(mirror({}, changes), after)
+    print(f"\nsnapshot of {snapshot_rows} rows cut {cuts} times; {len(changes)} changes in all")
