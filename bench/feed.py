@@ -486,6 +486,18 @@ async def token_now(target: str) -> str:
         return str(response.resume_token)
 
 
+async def vacuum(
+    dsn: str, tables: str = "users, orders, order_items, accounts, transfers, changes"
+) -> None:
+    """VACUUM (ANALYZE) now, in the foreground: what the earlier benchmarks wrote would
+    otherwise be vacuumed by autovacuum in the middle of the next point, on the same cores."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"VACUUM (ANALYZE) {tables}")
+    finally:
+        await conn.close()
+
+
 async def insert_users(dsn: str, count: int, statement_rows: int) -> float:
     """`count` users by INSERT ... SELECT generate_series, `statement_rows` per statement and
     transaction (the triggers log them, 1000 per changes row); then VACUUM (ANALYZE) of
