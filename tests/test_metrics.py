@@ -66,6 +66,7 @@ async def test_the_change_feed_shows_its_watchers_and_lag(database_url: str) -> 
         token = (await first.read()).resume_token  # type: ignore[union-attr]
         assert await wait_for_sample(server, ("shop_changes_watchers", frozenset()), 1)
         assert await wait_for_sample(server, ("shop_changes_lag_seconds", frozenset()), 0)
+        assert await wait_for_sample(server, ("shop_changes_lag_changes", frozenset()), 0)
         first.cancel()
         # 3,000 changes behind, and a reader that takes one and stops: the stream is held
         # back by flow control with most of them still to send, so it is not caught up.
@@ -84,6 +85,7 @@ async def test_the_change_feed_shows_its_watchers_and_lag(database_url: str) -> 
                 break
             await asyncio.sleep(0.05)
         assert seen[("shop_changes_lag_seconds", frozenset())] > 0.5
+        assert seen[("shop_changes_lag_changes", frozenset())] >= 3000
         assert seen[("shop_changes_watchers", frozenset())] == 1
         slow.cancel()
         assert await wait_for_sample(server, ("shop_changes_watchers", frozenset()), 0)

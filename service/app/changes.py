@@ -316,9 +316,11 @@ async def _decode(log_: ChangeLog, rows: Sequence[Any]) -> list[_Logged]:
 @dataclass(slots=True, eq=False)  # identity: each stream its own entry in a set
 class _Behind:
     """A stream's lag: since when (time.monotonic()) it has not been caught up; None while it
-    is (waiting for the next commit)."""
+    is (waiting for the next commit). `mark`: the head's count of committed changes when it
+    last was (or when it started)."""
 
     since: float | None
+    mark: int
 
 
 def _held(steps: Iterable[_Step]) -> int:
@@ -336,6 +338,9 @@ class _Head:
         self._interval = interval
         self.latest: Snapshot | None = None
         self.latest_lsn = 0  # the primary's WAL position when `latest` was taken
+        # Changes the polls have seen committed (all types), since the process started: a
+        # truncated poll (past POLL_CAP rows) counts only the rows it fetched.
+        self.committed = 0
         self.steps: deque[_Step] = deque(maxlen=STEPS_KEPT)
         self._moved = asyncio.Event()
         self._nudged = asyncio.Event()  # a commit through this process since the last poll
@@ -424,6 +429,7 @@ class _Head:
         if upto == since:
             return
         if since is not None:
+            self.committed += sum(row.entries for row in rows)
             self.steps.append(_Step(since, upto, changes))
             while len(self.steps) > 1 and _held(self.steps) > KEPT_CHANGES:
                 self.steps.popleft()
@@ -479,7 +485,7 @@ class ChangeFeed:
                 "it is served once the schema is migrated and the server restarted",
                 reason="SCHEMA_BEHIND",
             )
-        behind = _Behind(time.monotonic())
+        behind = _Behind(time.monotonic(), self._head.committed)
         self._streams.add(behind)
         self._head.join()
         try:
@@ -489,14 +495,21 @@ class ChangeFeed:
             self._head.leave()
             self._streams.discard(behind)
 
-    def lag(self) -> tuple[int, float]:
+    def lag(self) -> tuple[int, float, int]:
         """(streams being served, the seconds the furthest behind of them has spent since it
-        was last caught up: 0 when all are): the feed's lag. Safe from another thread (the
-        metrics endpoint's): tuple() copies the set in one step under the GIL."""
+        was last caught up, and the most changes committed since a stream not caught up now
+        was last caught up; 0 and 0 when all are): the feed's lag. The changes are the shared
+        poll's count, of every type: a stream resumed from an old token counts from its start.
+        Safe from another thread (the metrics endpoint's): tuple() copies the set in one step
+        under the GIL."""
         streams = tuple(self._streams)
-        now = time.monotonic()
-        behind = [now - since for b in streams if (since := b.since) is not None]
-        return len(streams), max(behind, default=0.0)
+        now, committed = time.monotonic(), self._head.committed
+        behind = [
+            (now - since, committed - b.mark) for b in streams if (since := b.since) is not None
+        ]
+        seconds = max((s for s, _ in behind), default=0.0)
+        changes = max((c for _, c in behind), default=0)
+        return len(streams), seconds, changes
 
     async def _follow(
         self,
@@ -536,6 +549,7 @@ class ChangeFeed:
                 batches = self._read(position, kinds, max_batch, self._head.latest)
             else:
                 behind.since = None  # caught up: waiting for the next commit
+                behind.mark = self._head.committed
                 quiet = self._heartbeat - (loop.time() - sent_at)
                 if quiet <= 0 or not await self._head.wait(position.since, quiet):
                     yield FeedBatch([], position, Event.HEARTBEAT)

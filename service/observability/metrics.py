@@ -82,7 +82,7 @@ class PoolCollector(Collector):
 class FeedLag(Protocol):
     """What the change feed (service/app/changes.py ChangeFeed) shows of its streams."""
 
-    def lag(self) -> tuple[int, float]: ...
+    def lag(self) -> tuple[int, float, int]: ...
 
 
 class FeedCollector(Collector):
@@ -92,7 +92,7 @@ class FeedCollector(Collector):
         self.feed = feed
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        streams, seconds = self.feed.lag()
+        streams, seconds, changes = self.feed.lag()
         yield GaugeMetricFamily(
             "shop_changes_watchers", "WatchChanges streams served by this process.", value=streams
         )
@@ -101,6 +101,13 @@ class FeedCollector(Collector):
             "Seconds the furthest-behind WatchChanges stream of this process has spent since it "
             "was last caught up with the newest commit (0 when every stream is).",
             value=seconds,
+        )
+        yield GaugeMetricFamily(
+            "shop_changes_lag_changes",
+            "Changes committed (of every type, as the shared poll counted them) since the "
+            "furthest-behind WatchChanges stream of this process was last caught up, or since "
+            "it started (0 when every stream is caught up).",
+            value=changes,
         )
 
 
