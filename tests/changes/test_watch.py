@@ -246,3 +246,36 @@ async def test_a_token_for_other_resource_types_is_refused(
     )
     assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "resume_token" in failure.violations
+
+
+async def test_a_long_bulk_transaction_holds_back_only_its_own_changes_and_loses_none(
+    watch: Any, engine: AsyncEngine
+) -> None:
+    """A backfill-sized transaction (5,000 users in 5 statements) stays open while small
+    transactions commit beside it: the watcher gets each of those as it commits (the open one
+    is in every snapshot's in-progress list, so nothing waits for it), then, once it commits,
+    all 5,000 of its changes, once each."""
+    watcher = await watch(resource_types=[USER], max_batch_size=1000)
+    await _started(watcher)
+    async with engine.connect() as bulk:
+        await bulk.begin()
+        for first in range(0, 5000, 1000):
+            await bulk.execute(
+                text(
+                    "INSERT INTO users (email, first_name, last_name) "
+                    "SELECT 'bulk' || g || '@x.io', 'B', 'B' "
+                    "FROM generate_series(CAST(:a AS int), CAST(:a AS int) + 999) g"
+                ),
+                {"a": first},
+            )
+        small = []
+        for n in range(3):
+            async with engine.connect() as conn, conn.begin():
+                small.append(await _insert_user(conn, f"small{n}@x.io"))
+            await watcher.until(lambda w, n=n: len(w.changes) >= n + 1, f"small change {n}")
+        assert [change_id(c) for c in watcher.changes] == small  # none of the open one's yet
+        await bulk.commit()
+    changes = await watcher.changes_at_least(3 + 5000)
+    bulk_emails = [c.user.email for c in changes[3:]]
+    assert sorted(bulk_emails) == sorted(f"bulk{g}@x.io" for g in range(5000))
+    assert [c.sequence for c in changes] == list(range(1, len(changes) + 1))
