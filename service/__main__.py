@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings)
     if args.command == "serve":
         refuse_insecure_exposure(settings)
+        refuse_relay_without_nats(settings)
     with database_url(settings) as url:
         if args.command == "migrate":
             upgrade(url)
@@ -93,6 +94,24 @@ def refuse_insecure_exposure(settings: Settings) -> None:
     except InsecureBindError as exc:
         log.error("%s", exc)
         raise SystemExit(2) from None
+
+
+def refuse_relay_without_nats(settings: Settings) -> None:
+    """Exit with status 2 and one line, before any database starts, when the relay is asked
+    for (SHOP_CHANGES_NATS_URL) but nats-py is missing (the Docker image leaves extras out)."""
+    if settings.nats_url() is None:
+        return
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return
+    log.error(
+        "SHOP_CHANGES_NATS_URL is set but nats-py is not installed: "
+        "pip install 'shop-service[nats]' (or unset SHOP_CHANGES_NATS_URL)"
+    )
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

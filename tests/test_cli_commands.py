@@ -140,3 +140,28 @@ def test_text_log_format_writes_readable_lines_with_the_request_id(
     access = [line for line in lines if " service.access [text-log-1]: " in line]
     assert len(access) == 1, lines
     assert "/shop.v1.UserService/GetUser NOT_FOUND" in access[0]
+
+
+def test_serve_with_the_relay_asked_for_but_nats_missing_exits_2_with_one_line() -> None:
+    """SHOP_CHANGES_NATS_URL set where nats-py is not installed (the Docker image leaves the
+    extra out): status 2 and one line naming the variable, before any database is touched
+    (the URL here names no server at all)."""
+    hide_nats = (
+        "import sys; sys.modules['nats'] = None; from service.__main__ import main; main(['serve'])"
+    )
+    env = service_env("postgresql+asyncpg://nobody@127.0.0.1:1/none", 0) | {
+        "SHOP_CHANGES_NATS_URL": "nats://127.0.0.1:4222"
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", hide_nats],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "SHOP_CHANGES_NATS_URL" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
