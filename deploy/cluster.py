@@ -15,8 +15,8 @@ Tests start the same cluster with `running_cluster()` (tests/cluster/conftest.py
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,10 +121,15 @@ def replica_env(
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the launcher dies (even by SIGKILL), so nothing is left."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _dying_with_parent(argv: list[str]) -> list[str]:
+    """On Linux, `argv` under util-linux's `setpriv --pdeathsig TERM`: the child gets SIGTERM
+    when the launcher dies (even by SIGKILL), so nothing is left. Not a preexec_fn calling
+    prctl: that runs Python (ctypes, dlopen) between fork and exec, in a parent where gRPC's
+    threads run (the tests), and a replica died of SIGABRT before its first line (CI)."""
+    setpriv = shutil.which("setpriv")
+    if sys.platform != "linux" or setpriv is None:
+        return argv
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv]
 
 
 def spawn(
@@ -133,13 +138,12 @@ def spawn(
     """A child in its own process group: a terminal's Ctrl-C reaches only the launcher, which
     stops the children in order."""
     return subprocess.Popen(
-        argv,
+        _dying_with_parent(argv),
         cwd=ROOT,
         env=dict(env),
         stdout=out,
         stderr=subprocess.STDOUT if out is not None else None,
         process_group=0,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
 
 
