@@ -419,13 +419,11 @@ async def imported(run: Run) -> list[Section]:
     return [section]
 
 
-async def _feed_latency(run: Run, accounts: list[int]) -> Section:
+def _latency_spec(run: Run, target: str, accounts: list[int]) -> feed.LatencySpec:
+    """The feed's latency point (and the relay's, the same writes) against `target`."""
     s = run.sizes
-    title = f"WatchChanges end-to-end latency at {s.feed_rate:,.0f} changes/s of mixed writes"
-    section = Section("changes-latency", title, issue=21)
-    run.progress("changes", f"watcher + writer at {s.feed_rate:,.0f} changes/s")
-    spec = feed.LatencySpec(
-        target=run.service.target,
+    return feed.LatencySpec(
+        target=target,
         rate=s.feed_rate,
         seconds=s.feed_seconds if s.feed_seconds else s.point_seconds,
         warmup=s.warmup_seconds,
@@ -433,7 +431,14 @@ async def _feed_latency(run: Run, accounts: list[int]) -> Section:
         order_user_ids=run.max_user_id,
         processes=s.client_processes,
     )
-    result = await feed.measure_latency(spec)
+
+
+async def _feed_latency(run: Run, accounts: list[int]) -> Section:
+    s = run.sizes
+    title = f"WatchChanges end-to-end latency at {s.feed_rate:,.0f} changes/s of mixed writes"
+    section = Section("changes-latency", title, issue=21)
+    run.progress("changes", f"watcher + writer at {s.feed_rate:,.0f} changes/s")
+    result = await feed.measure_latency(_latency_spec(run, run.service.target, accounts))
     m = result.feed
     run.progress(
         "changes",
@@ -628,17 +633,8 @@ async def _feed_relay(run: Run, accounts: list[int]) -> Section:
     with ServerProcess.service(url, env) as server:
         await server.wait_ready()
         await feed.wait_for_stream(NATS_URL, stream, 60.0)
-        spec = feed.LatencySpec(
-            target=server.target,
-            rate=s.feed_rate,
-            seconds=s.feed_seconds if s.feed_seconds else s.point_seconds,
-            warmup=s.warmup_seconds,
-            accounts=accounts,
-            order_user_ids=run.max_user_id,
-            processes=s.client_processes,
-        )
         result = await feed.measure_latency(
-            spec,
+            _latency_spec(run, server.target, accounts),
             feed.relay_receiver(NATS_URL, stream),
             name="Relay: commit acknowledged -> JetStream consumer received",
         )

@@ -491,6 +491,36 @@ def has_last_versions(changes: list[cf.Change], db: State, base: State | None = 
     return all(latest.get(k, 0) >= v for k, v in db.versions.items())
 
 
+def assert_snapshot_then_its_changes(
+    changes: list[cf.Change], snapshot_rows: int, after: State
+) -> dict[Key, list[int]]:
+    """A SNAPSHOT stream's changes: its first `snapshot_rows` are the snapshot (each resource
+    once), none after; versions consecutive from a resource's snapshot row, or from 1 for one
+    new after it; sequences increasing; nothing rolled back; the mirror equals `after`. Each
+    resource's versions as they arrived."""
+    operations = [c.operation for c in changes]
+    assert set(operations[:snapshot_rows]) == {cf.OPERATION_SNAPSHOT}, "changes in the snapshot"
+    assert cf.OPERATION_SNAPSHOT not in operations[snapshot_rows:], "snapshot rows after it"
+    snapshot_keys = Counter((c.resource_type, change_id(c)) for c in changes[:snapshot_rows])
+    assert max(snapshot_keys.values()) == 1, "a resource twice in the snapshot"
+    arrived = assert_versions_consecutive(changes)  # after a snapshot row: its version + 1, ...
+    created_after = {k: v for k, v in arrived.items() if k not in snapshot_keys}
+    wrong_start = {k: v[:3] for k, v in created_after.items() if v[0] != 1}
+    assert not wrong_start, f"resources new after the snapshot, not from version 1: {wrong_start}"
+    assert_sequences_increase(changes)
+    assert_nothing_rolled_back(changes)
+    assert_mirror_equals(mirror({}, changes), after)
+    return arrived
+
+
+async def stop(writers: asyncio.Task[None], watcher: Watcher | None) -> None:
+    """The writers cancelled and the watcher closed, whatever state the test left them in."""
+    writers.cancel()
+    await asyncio.gather(writers, return_exceptions=True)
+    if watcher is not None:
+        await watcher.close()
+
+
 def assert_load_reached_every_path(load: Load) -> None:
     missing = [name for name in load.PATHS if not load.done[name]]
     assert not missing, f"write paths that never succeeded: {missing} ({load.failed})"
@@ -576,10 +606,7 @@ async def test_a_snapshot_started_mid_load_then_its_changes_mirror_the_database(
             QUIESCENCE_WAIT,
         )
     finally:
-        writers.cancel()
-        await asyncio.gather(writers, return_exceptions=True)
-        if watcher is not None:
-            await watcher.close()
+        await stop(writers, watcher)
 
     changes = watcher.changes
     done = [
@@ -587,16 +614,8 @@ async def test_a_snapshot_started_mid_load_then_its_changes_mirror_the_database(
     ]
     assert len(done) == 1, "one SNAPSHOT_DONE"
     snapshot_rows = sum(len(r.changes) for r in watcher.responses[: done[0] + 1])
-    operations = [c.operation for c in changes]
-    assert set(operations[:snapshot_rows]) == {cf.OPERATION_SNAPSHOT}, "changes in the snapshot"
-    assert cf.OPERATION_SNAPSHOT not in operations[snapshot_rows:], "snapshot rows after it"
-    snapshot_keys = Counter((c.resource_type, change_id(c)) for c in changes[:snapshot_rows])
-    assert max(snapshot_keys.values()) == 1, "a resource twice in the snapshot"
     assert snapshot_rows and len(changes) > snapshot_rows, "the load ran on both sides of it"
-    arrived = assert_versions_consecutive(changes)  # after a snapshot row: its version + 1, ...
-    created_after = {k: v for k, v in arrived.items() if k not in snapshot_keys}
-    wrong_start = {k: v[:3] for k, v in created_after.items() if v[0] != 1}
-    assert not wrong_start, f"resources new after the snapshot, not from version 1: {wrong_start}"
+    arrived = assert_snapshot_then_its_changes(changes, snapshot_rows, after)
     last = {k: v[-1] for k, v in arrived.items()}
     wrong_last = {
         (TABLES[k[0]], k[1]): (last.get(k), after.versions.get(k))
@@ -604,9 +623,6 @@ async def test_a_snapshot_started_mid_load_then_its_changes_mirror_the_database(
         if last.get(k) != after.versions.get(k)
     }
     assert not wrong_last, f"last version received != database's: {wrong_last} (seed {SEED})"
-    assert_sequences_increase(changes)
-    assert_nothing_rolled_back(changes)
-    assert_mirror_equals(mirror({}, changes), after)
 
 
 def key(change: cf.Change) -> tuple[int, int, int]:
@@ -667,27 +683,13 @@ async def test_a_snapshot_cut_and_resumed_mid_snapshot_under_load_mirrors_the_da
             QUIESCENCE_WAIT,
         )
     finally:
-        writers.cancel()
-        await asyncio.gather(writers, return_exceptions=True)
-        if watcher is not None:
-            await watcher.close()
+        await stop(writers, watcher)
 
     assert cuts >= MID_SNAPSHOT_CUTS, f"only {cuts} cuts before SNAPSHOT_DONE: a snapshot too small"
     snapshot_rows = sum(len(r.changes) for r in responses)
     changes = [c for r in responses for c in r.changes] + watcher.changes
-    operations = [c.operation for c in changes]
-    assert set(operations[:snapshot_rows]) == {cf.OPERATION_SNAPSHOT}, "changes in the snapshot"
-    assert cf.OPERATION_SNAPSHOT not in operations[snapshot_rows:], "snapshot rows after it"
-    snapshot_keys = Counter((c.resource_type, change_id(c)) for c in changes[:snapshot_rows])
-    assert max(snapshot_keys.values()) == 1, "a resource twice in the snapshot"
     received = Counter(key(c) for c in changes)
     twice = {k: n for k, n in received.items() if n > 1}
     assert not twice, f"received more than once: {twice} (seed {SEED})"
-    arrived = assert_versions_consecutive(changes)
-    created_after = {k: v for k, v in arrived.items() if k not in snapshot_keys}
-    wrong_start = {k: v[:3] for k, v in created_after.items() if v[0] != 1}
-    assert not wrong_start, f"resources new after the snapshot, not from version 1: {wrong_start}"
-    assert_sequences_increase(changes)
-    assert_nothing_rolled_back(changes)
-    assert_mirror_equals(mirror({}, changes), after)
+    assert_snapshot_then_its_changes(changes, snapshot_rows, after)
     print(f"\nsnapshot of {snapshot_rows} rows cut {cuts} times; {len(changes)} changes in all")
