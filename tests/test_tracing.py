@@ -1,4 +1,5 @@
-"""OpenTelemetry, when the `otel` extra is installed: a call makes a gRPC span and SQL spans."""
+"""OpenTelemetry, when the `otel` extra is installed: a call makes a gRPC span and SQL spans,
+under the call's span or, for a batched call, under its batch's span, which links to the call."""
 
 from __future__ import annotations
 
@@ -29,6 +30,19 @@ async def test_a_call_is_traced_with_its_sql(database_url: str) -> None:
             api.CreateUserRequest(email="t@example.com", first_name="T", last_name="R")
         )
         assert made.id > 0
-    names = [span.name for span in exporter.get_finished_spans()]
-    assert "/shop.v1.UserService/CreateUser" in names
-    assert any(name.startswith(("INSERT", "BEGIN", "SELECT")) for name in names), names
+        await server.users.GetUser(api.GetUserRequest(id=made.id))
+    spans = exporter.get_finished_spans()
+    by_name = {span.name: span for span in spans}
+
+    # CreateUser's SQL runs in the call's own task: its spans are the call's children.
+    create = by_name["/shop.v1.UserService/CreateUser"]
+    insert = by_name["INSERT"]
+    assert insert.parent is not None and insert.parent.span_id == create.context.span_id
+
+    # GetUser's runs in the point-read batch: a span of its own, linking to the call.
+    get = by_name["/shop.v1.UserService/GetUser"]
+    batch = by_name["user read batch"]
+    assert [link.context.span_id for link in batch.links] == [get.context.span_id]
+    assert batch.parent is None
+    select = [s for s in spans if s.parent and s.parent.span_id == batch.context.span_id]
+    assert any(s.name == "SELECT" for s in select), [s.name for s in spans]

@@ -28,7 +28,7 @@ class Accounts(Generic[A]):
         self.db = db
         self._money = MoneyWriter(db, answers)
         # GetAccount: concurrent calls share one statement (WHERE id = ANY(:ids)) per batch.
-        self._rows_by_id = db.point_reads(_rows_by_id)
+        self._rows_by_id = db.point_reads(_rows_by_id, name="account read batch")
 
     async def open(
         self,

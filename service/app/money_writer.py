@@ -67,7 +67,7 @@ class MoneyWriter(Generic[A]):
 
     def __init__(self, db: Database, answers: Answers[A]) -> None:
         self._answers = answers
-        self._writer = db.batched(self._apply, max_batch=MAX_BATCH)
+        self._writer = db.batched(self._apply, name="money batch", max_batch=MAX_BATCH)
 
     async def post(self, method: str, request: IdempotentRequest, posting: Posting) -> A:
         return await self._writer.submit(_asked(method, request, posting))

@@ -25,7 +25,7 @@ class Users:
     def __init__(self, db: Database) -> None:
         self.db = db
         # GetUser: concurrent calls share one statement (WHERE id = ANY(:ids)) per batch.
-        self._rows_by_id = db.point_reads(_rows_by_id)
+        self._rows_by_id = db.point_reads(_rows_by_id, name="user read batch")
 
     async def create(self, email: str, first_name: str, last_name: str) -> User:
         """EMAIL_TAKEN if the email exists (deleted users included)."""

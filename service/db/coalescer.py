@@ -11,9 +11,11 @@ one, so the batch size follows the load by itself. Used by the group commit for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeAlias, TypeVar
+from contextlib import AbstractContextManager
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,19 @@ Outcome: TypeAlias = Out | BaseException
 Batch: TypeAlias = Callable[[Sequence[In]], Awaitable[Sequence[Outcome[Out]]]]
 
 
+class BatchTracing(Protocol):
+    """What tracing makes of a batch (service/observability/tracing.py, with OpenTelemetry). A
+    batch runs in a task of its own, for many calls at once: it gets a span of its own, current
+    while it runs (its SQL spans are its children), which links to the span of each call it
+    serves, taken when that call queued."""
+
+    def caller(self) -> object | None:
+        """The calling span, when a request queues (None: nothing to link to)."""
+
+    def batch(self, name: str, size: int, callers: Sequence[object]) -> AbstractContextManager[Any]:
+        """The batch's span, linking to `callers`, current inside the `with`."""
+
+
 class Coalescer(Generic[In, Out]):
     """Runs `batch` over queued requests, at most `max_batch` at a time and `concurrency`
     batches at once (each on its own connection). A batch starts beside a running one only
@@ -35,7 +50,10 @@ class Coalescer(Generic[In, Out]):
     With `cancel_abandoned` (reads, which have nothing to finish for anyone), a request whose
     caller went away leaves the queue, and a running batch whose callers have all gone away is
     cancelled: its statement stops server-side instead of running on for no one (a lone
-    GetUser cut off by its deadline, say). Writes leave it off: their batch always finishes."""
+    GetUser cut off by its deadline, say). Writes leave it off: their batch always finishes.
+
+    With `tracing`, each batch runs in a span called `name` that links to its callers' spans;
+    without it, nothing of tracing is touched."""
 
     def __init__(
         self,
@@ -45,13 +63,18 @@ class Coalescer(Generic[In, Out]):
         concurrency: int = 1,
         overlap_from: int = 1,
         cancel_abandoned: bool = False,
+        name: str = "batch",
+        tracing: BatchTracing | None = None,
     ) -> None:
         self._batch = batch
+        self._name = name
+        self._tracing = tracing
         self._max_batch = max_batch
         self._slots = concurrency
         self._overlap_from = overlap_from
         self._cancel_abandoned = cancel_abandoned
-        self._queue: list[tuple[In, asyncio.Future[Out]]] = []
+        # Each request, its caller's future and its caller's span (when tracing).
+        self._queue: list[tuple[In, asyncio.Future[Out], object | None]] = []
         # A batch's task that is created and has not taken its requests yet.
         self._starting: asyncio.Task[None] | None = None
         # Each running batch with its callers' futures.
@@ -69,7 +92,7 @@ class Coalescer(Generic[In, Out]):
         found under its request_id)."""
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieved)
-        self._queue.append((request, future))
+        self._queue.append((request, future, self._caller()))
         self._start_batches()
         try:
             return await asyncio.shield(future)
@@ -83,7 +106,8 @@ class Coalescer(Generic[In, Out]):
         futures: list[asyncio.Future[Out]] = [loop.create_future() for _ in requests]
         for future in futures:
             future.add_done_callback(_retrieved)
-        self._queue.extend(zip(requests, futures, strict=True))
+        caller = self._caller()
+        self._queue.extend((r, f, caller) for r, f in zip(requests, futures, strict=True))
         self._start_batches()
         try:
             await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
@@ -99,7 +123,7 @@ class Coalescer(Generic[In, Out]):
             return
         for future in futures:
             future.cancel()
-        self._queue = [(r, f) for r, f in self._queue if not f.cancelled()]
+        self._queue = [queued for queued in self._queue if not queued[1].cancelled()]
         for task, waiting in self._running.items():
             # A batch that has not taken its requests yet (waiting is empty) takes only live
             # ones when it runs: cancelling it would leave nothing to start the next batch.
@@ -135,21 +159,22 @@ class Coalescer(Generic[In, Out]):
         taken, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
         task = asyncio.current_task()
         assert task is not None
-        self._running[task] = [f for _, f in taken]
+        self._running[task] = [f for _, f, _ in taken]
         self._start_batches()  # more than a batch queued: the next slot takes the rest
         if not taken:
             return
         try:
-            outcomes: Sequence[Outcome[Out]] = await self._batch([r for r, _ in taken])
+            with self._span(taken):
+                outcomes: Sequence[Outcome[Out]] = await self._batch([r for r, _, _ in taken])
             if len(outcomes) != len(taken):
                 raise AssertionError(f"{len(outcomes)} outcomes for {len(taken)} requests")
         except asyncio.CancelledError:
-            for _, future in taken:
+            for _, future, _ in taken:
                 future.cancel()
             raise
         except Exception as exc:  # every caller gets the batch's failure
             outcomes = [exc] * len(taken)
-        for (_, future), outcome in zip(taken, outcomes, strict=True):
+        for (_, future, _), outcome in zip(taken, outcomes, strict=True):
             if future.done():
                 continue
             if isinstance(outcome, BaseException):
@@ -157,11 +182,25 @@ class Coalescer(Generic[In, Out]):
             else:
                 future.set_result(outcome)
 
+    def _caller(self) -> object | None:
+        return None if self._tracing is None else self._tracing.caller()
+
+    def _span(
+        self, taken: Sequence[tuple[In, asyncio.Future[Out], object | None]]
+    ) -> AbstractContextManager[Any]:
+        """The batch's span: none without tracing. The batch's task was started from one
+        caller's context (or a previous batch's), so the span is what makes its SQL the
+        batch's own rather than that one caller's."""
+        if self._tracing is None:
+            return contextlib.nullcontext()
+        callers = [caller for _, _, caller in taken if caller is not None]
+        return self._tracing.batch(self._name, len(taken), callers)
+
     async def drain(self, seconds: float) -> None:
         """Let the batches running now finish, for up to `seconds`; then cancel the
         rest (a batch waiting on a lock that is not let go): its transaction rolls back, and
         nothing of it is applied. Requests still queued are refused."""
-        for _, future in self._queue:
+        for _, future, _ in self._queue:
             future.cancel()
         self._queue = []
         running = list(self._running)

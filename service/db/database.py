@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from service.db.coalescer import Coalescer, Outcome
+from service.db.coalescer import BatchTracing, Coalescer, Outcome
 from service.db.deadlines import DeadlinePassed, current_deadline, deadline_bound
 from service.db.errors import is_unavailable
 from service.db.replicas import Replica, Replicas
@@ -100,8 +100,10 @@ class Database:
         sessions: async_sessionmaker[AsyncSession],
         replicas: Replicas | None = None,
         stream_connections: int | None = None,
+        tracing: BatchTracing | None = None,
     ) -> None:
         self._engine = engine
+        self._tracing = tracing  # the batchers' spans (db/coalescer.py); None: tracing is off
         self._sessions = sessions
         self._replicas = replicas
         self.streams = StreamSlots(stream_connections)
@@ -200,11 +202,13 @@ class Database:
         self,
         read: Callable[[AsyncConnection, Sequence[In]], Awaitable[Sequence[Outcome[Out]]]],
         *,
+        name: str = "point read batch",
         max_batch: int = 256,
     ) -> Coalescer[In, Out]:
         """Concurrent point reads answered together: read(conn, keys) runs one statement for
         the batch and returns each key's outcome. A batch whose callers have all gone away
-        (cancelled, deadline passed) is cancelled, its statement with it."""
+        (cancelled, deadline passed) is cancelled, its statement with it. `name` names its
+        batches' spans when tracing is on."""
 
         async def run(keys: Sequence[In]) -> Sequence[Outcome[Out]]:
             # The batch's task was started from one caller's context: its deadline is not the
@@ -220,7 +224,12 @@ class Database:
         # into batches half the size, each paying SQLAlchemy's per-statement cost: GetUser's
         # server CPU per call was 1.27-1.60 ms at 16 and 64 in flight, against 0.89-1.18 ms.
         reads: Coalescer[In, Out] = Coalescer(
-            run, max_batch=max_batch, concurrency=1, cancel_abandoned=True
+            run,
+            max_batch=max_batch,
+            concurrency=1,
+            cancel_abandoned=True,
+            name=name,
+            tracing=self._tracing,
         )
         self._coalescers.append(reads)
         return reads
@@ -229,12 +238,21 @@ class Database:
         self,
         apply: Callable[[AsyncConnection, Sequence[In]], Awaitable[Sequence[Outcome[Out]]]],
         *,
+        name: str = "write batch",
         max_batch: int = 256,
     ) -> BatchedWriter[In, Out]:
         """Concurrent writes applied together: apply(conn, items) runs in one transaction per
         batch, committed when it returns, and the whole batch runs again on a serialization
-        failure or deadlock (service/db/retry.py)."""
-        writer = BatchedWriter(self._engine, apply, max_batch=max_batch, committed=self._committed)
+        failure or deadlock (service/db/retry.py). `name` names its batches' spans (one span
+        for all the attempts) when tracing is on."""
+        writer = BatchedWriter(
+            self._engine,
+            apply,
+            max_batch=max_batch,
+            committed=self._committed,
+            name=name,
+            tracing=self._tracing,
+        )
         self._coalescers.append(writer.coalescer)
         return writer
 
@@ -279,12 +297,19 @@ class BatchedWriter(Generic[In, Out]):
         *,
         max_batch: int,
         committed: Callable[[], None] = lambda: None,
+        name: str = "write batch",
+        tracing: BatchTracing | None = None,
     ) -> None:
         self._engine = engine
         self._apply = apply
         self._committed = committed
         self.coalescer: Coalescer[_Queued[In], Out] = Coalescer(
-            self._run, max_batch=max_batch, concurrency=WRITE_BATCHES, overlap_from=OVERLAP_FROM
+            self._run,
+            max_batch=max_batch,
+            concurrency=WRITE_BATCHES,
+            overlap_from=OVERLAP_FROM,
+            name=name,
+            tracing=tracing,
         )
 
     async def submit(self, item: In) -> Out:

@@ -55,7 +55,7 @@ from service.observability.metrics import (
     serve_metrics,
     server_metrics,
 )
-from service.observability.tracing import tracing_interceptors
+from service.observability.tracing import Tracing, start_tracing
 from service.serving.health import HealthProbe, HealthService
 from service.serving.limits import compression, limit_options
 from service.serving.reflection import enable_reflection
@@ -96,6 +96,7 @@ class RunningServer:
     probe: HealthProbe | None = None
     streams: ActiveStreams | None = None
     relay: ChangeRelay | None = None
+    tracing: Tracing | None = None
 
     async def drain(self, delay: float, cut_short: asyncio.Event | None = None) -> None:
         """Health NOT_SERVING at once, while every RPC is still served for `delay` seconds (or
@@ -138,6 +139,8 @@ class RunningServer:
         await dispose_within(self.engine, POOL_CLOSE_SECONDS)
         if self.db is not None:
             await self.db.close_replicas(POOL_CLOSE_SECONDS)
+        if self.tracing is not None:
+            await self.tracing.flush()  # the last calls' spans, their SQL's too, before the exit
         if self.metrics is not None:
             self.metrics.close()
 
@@ -246,11 +249,12 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     metrics = server_metrics(settings, engine)
     # Innermost of all, so its "server shutting down" passes through the others like any abort.
     streams = ActiveStreams(exempt=[health.SERVICE_NAME])
+    tracing = start_tracing(settings, engine)
     server = grpc.aio.server(
         interceptors=[
             # Outermost: a cancelled stream closes its whole chain in the call's own task.
             StreamWriter(settings.stream_stall_timeout),
-            *tracing_interceptors(settings, engine),
+            *tracing.interceptors,
             *interceptors(settings, metrics),
             streams,
         ],
@@ -263,6 +267,7 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
         create_sessionmaker(engine, info),
         open_replicas(settings, info),
         stream_connections=settings.stream_budget(),
+        tracing=tracing.batches,
     )
     feed = add_shop_services(server, db, settings, features)
     if metrics is not None:
@@ -309,6 +314,7 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
         probe=probe,
         streams=streams,
         relay=relay,
+        tracing=tracing,
     )
 
 

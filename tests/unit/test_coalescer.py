@@ -4,7 +4,9 @@ records what it was given: no database, the shape alone."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
@@ -129,3 +131,59 @@ async def test_drain_cancels_a_batch_that_outlives_its_window() -> None:
     with pytest.raises(asyncio.CancelledError):
         await stuck
     assert coalescer.waiting == 0
+
+
+CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)
+
+
+class FakeTracing:
+    """A BatchTracing whose 'span' is a name in a context variable: each call sets its own."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, int, list[object]]] = []
+
+    def caller(self) -> object | None:
+        return CALLER.get()
+
+    @contextlib.contextmanager
+    def batch(self, name: str, size: int, callers: Sequence[object]) -> Iterator[None]:
+        self.batches.append((name, size, list(callers)))
+        token = CALLER.set(name)
+        try:
+            yield
+        finally:
+            CALLER.reset(token)
+
+
+async def test_a_traced_batch_runs_in_its_own_span_linking_each_caller() -> None:
+    """Each batch gets the callers it serves, taken when they queued, whichever caller's context
+    its task was started from; inside it, the batch's span is current, not a caller's."""
+    tracing = FakeTracing()
+    recorder = Recorder()
+    recorder.release.clear()
+    seen: list[str | None] = []
+
+    async def batch(requests: Sequence[int]) -> Sequence[Outcome[int]]:
+        seen.append(CALLER.get())
+        return await recorder(requests)
+
+    coalescer: Coalescer[int, int] = Coalescer(batch, max_batch=100, name="reads", tracing=tracing)
+
+    async def call(caller: str | None, *requests: int) -> object:
+        CALLER.set(caller)
+        if len(requests) == 1:
+            return await coalescer.submit(requests[0])
+        return await coalescer.submit_many(requests)
+
+    first = asyncio.ensure_future(call("a", 1))
+    await until(lambda: bool(recorder.batches))
+    rest = [
+        asyncio.ensure_future(call("b", 2)),
+        asyncio.ensure_future(call(None, 3)),  # no span: nothing to link
+        asyncio.ensure_future(call("c", 4, 5)),  # one link for both items
+    ]
+    await until(lambda: coalescer.waiting == 5)
+    recorder.release.set()
+    await asyncio.wait_for(asyncio.gather(first, *rest), BOUND)
+    assert tracing.batches == [("reads", 1, ["a"]), ("reads", 4, ["b", "c", "c"])]
+    assert seen == ["reads", "reads"]
