@@ -63,6 +63,9 @@ class ServerProcess:
             # Logging every call would measure the log handler, not the service.
             "SHOP_LOG_LEVEL": "WARNING",
             "SHOP_SHUTDOWN_DRAIN_DELAY": "0",  # no balancer to tell: stop at once
+            # One process unless a suite asks for more: its figures are per process, and the
+            # workers suite sets SHOP_WORKERS itself.
+            "SHOP_WORKERS": "1",
             **(extra_env or {}),
         }
         profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []

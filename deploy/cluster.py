@@ -110,6 +110,8 @@ def replica_env(
     base: Mapping[str, str], database_url: str, port: int, metrics_port: int
 ) -> dict[str, str]:
     env = dict(base)
+    # The replicas share this host's cores already: one process each unless told otherwise.
+    env.setdefault("SHOP_WORKERS", "1")
     env.update(
         SHOP_DATABASE_URL=database_url,
         SHOP_GRPC_HOST=HOST,

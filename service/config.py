@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -28,6 +29,11 @@ POSTGRES_DURATION = r"^[0-9]+(us|ms|s|min|h|d)?$"
 # The page-token key a checkout runs with: it is public, so anyone can sign tokens with it.
 # `serve` refuses it on a non-loopback address and warns on loopback (serving/security.py).
 DEV_PAGE_TOKEN_SECRET = "dev-only-page-token-secret-change-me"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, which a container's cpuset sets)."""
+    return len(os.sched_getaffinity(0))
 
 
 class Settings(BaseSettings):
@@ -86,8 +92,9 @@ class Settings(BaseSettings):
     # for a check in flight and the update reaching its workers. A second signal skips the rest.
     shutdown_drain_delay: float = Field(default=5.0, ge=0)
 
-    # Serving processes sharing the port (service/serving/workers.py); each has its own pool.
-    workers: int = Field(default=1, ge=1)
+    # Serving processes sharing the port (service/serving/workers.py); each has its own pool,
+    # group-commit writer and point-read coalescer. Default: one per core this process may use.
+    workers: int = Field(default_factory=usable_cores, ge=1)
     # Run the event loop on uvloop (serving/workers.py): measured ~15-30% less CPU per GetUser.
     uvloop: bool = True
 

@@ -53,6 +53,9 @@ def service_env(database_url: str, port: int) -> dict[str, str]:
         SHOP_SHUTDOWN_GRACE="2",
         # No balancer watches a test's server: stop at once (test_shutdown.py sets a delay).
         SHOP_SHUTDOWN_DRAIN_DELAY="0",
+        # One process unless a test asks for workers (SHOP_WORKERS defaults to every core):
+        # tests read one process's pool, log and shutdown; tests/test_workers.py the workers.
+        SHOP_WORKERS="1",
         PYTHONUNBUFFERED="1",
     )
     return env

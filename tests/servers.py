@@ -59,7 +59,12 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 async def scrape(server: OwnServer) -> Samples:
     endpoint = server.running.metrics
     assert endpoint is not None
-    url = f"http://127.0.0.1:{endpoint.port}/metrics"
+    return await scrape_port(endpoint.port)
+
+
+async def scrape_port(port: int) -> Samples:
+    """The samples /metrics on 127.0.0.1:`port` answers, by (name, labels)."""
+    url = f"http://127.0.0.1:{port}/metrics"
 
     def fetch() -> str:
         with urllib.request.urlopen(url, timeout=10) as reply:

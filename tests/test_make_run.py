@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from shop.v1 import user_service_pb2 as users_api
 from shop.v1.user_service_pb2_grpc import UserServiceStub
@@ -91,7 +92,7 @@ def stop(process: subprocess.Popen[bytes], log: Path) -> None:
     assert code == 0, f"serve exited with {code} after SIGTERM:\n{log.read_text()}"
 
 
-def test_migrate_and_serve_on_the_embedded_postgres(tmp_path: Path) -> None:
+def test_migrate_and_serve_from_every_core_on_the_embedded_postgres(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     pgdata = data_dir / "pg"
     port = free_port()
@@ -115,6 +116,13 @@ def test_migrate_and_serve_on_the_embedded_postgres(tmp_path: Path) -> None:
     with serving(env, log, pgdata) as process:
         pid = postmaster_pid(pgdata)
         assert pid is not None and alive(pid)
+        # SHOP_WORKERS unset: a worker process per core this process may use.
+        workers = [
+            child
+            for child in psutil.Process(process.pid).children()
+            if "spawn_main" in " ".join(child.cmdline())
+        ]
+        assert len(workers) == len(os.sched_getaffinity(0)), log.read_text()
         with grpc.insecure_channel(address) as channel:
             users = UserServiceStub(channel)
             created = users.CreateUser(

@@ -1,16 +1,36 @@
 """Prometheus metrics: one CollectorRegistry per server (so several servers can share a process),
 RPC counters and histograms fed by the observability interceptor, pool gauges read on scrape, and
-the HTTP endpoint on SHOP_METRICS_HOST:SHOP_METRICS_PORT."""
+the HTTP endpoint on SHOP_METRICS_HOST:SHOP_METRICS_PORT.
+
+With SHOP_WORKERS > 1 the workers share one endpoint, served by their parent: prometheus-client's
+multiprocess mode. The parent names a directory in PROMETHEUS_MULTIPROC_DIR before it starts the
+workers, so every worker's series are kept in memory-mapped files there, and the parent's
+/metrics adds them up (MultiProcessCollector). What a worker's collectors read at scrape time
+(the pool, the change feed, the relay) cannot be read from the parent: a worker copies it into
+gauges of the shared directory every SAMPLE_SECONDS instead (SampledCollectors).
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Literal, Protocol
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -21,6 +41,27 @@ from service.config import Settings
 _RPC_LABELS = ("grpc_service", "grpc_method")
 # Unary calls take milliseconds; streams and pool waits can take the pool timeout (30 s).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# Where the workers of one `serve` keep their series (prometheus-client reads it when it is first
+# imported, so it is set before a worker starts).
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# How often a worker copies its scrape-time gauges into the shared directory.
+SAMPLE_SECONDS = 1.0
+
+GaugeMode = Literal["livesum", "livemax"]
+# How the parent adds up each sampled gauge over the live workers (default livesum): a lag or a
+# position is the furthest one, a count is the sum.
+_SAMPLED_MODES: dict[str, GaugeMode] = {
+    "shop_changes_lag_seconds": "livemax",
+    "shop_changes_lag_changes": "livemax",
+    "shop_changes_relay_sequence": "livemax",
+    "shop_changes_relay_lag_seconds": "livemax",
+}
+
+
+def in_shared_mode() -> bool:
+    """True in a worker of several: its series go to the directory its parent serves."""
+    return MULTIPROCESS_DIR in os.environ
 
 
 class RpcMetrics:
@@ -42,7 +83,11 @@ class RpcMetrics:
             registry=registry,
         )
         self.in_flight = Gauge(
-            "grpc_server_in_flight", "RPCs being served now.", _RPC_LABELS, registry=registry
+            "grpc_server_in_flight",
+            "RPCs being served now.",
+            _RPC_LABELS,
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.messages_sent = Counter(
             "grpc_server_msg_sent", "Response messages sent.", _RPC_LABELS, registry=registry
@@ -53,6 +98,35 @@ class RpcMetrics:
             _RPC_LABELS,
             registry=registry,
         )
+        self.sampled = SampledCollectors() if in_shared_mode() else None
+
+    def add_collector(self, collector: Collector) -> None:
+        """Read `collector` at scrape time; in a worker of several, every SAMPLE_SECONDS."""
+        if self.sampled is None:
+            self.registry.register(collector)
+        else:
+            self.sampled.collectors.append(collector)
+
+
+class SampledCollectors:
+    """A worker's scrape-time collectors, copied into multiprocess gauges on a timer."""
+
+    def __init__(self) -> None:
+        self.collectors: list[Collector] = []
+        self.gauges: dict[str, Gauge] = {}
+
+    def sample(self) -> None:
+        for collector in self.collectors:
+            for family in collector.collect():
+                gauge = self.gauges.get(family.name)
+                if gauge is None:
+                    gauge = self.gauges[family.name] = Gauge(
+                        family.name,
+                        family.documentation,
+                        registry=None,
+                        multiprocess_mode=_SAMPLED_MODES.get(family.name, "livesum"),
+                    )
+                gauge.set(family.samples[0].value)
 
 
 class PoolCollector(Collector):
@@ -162,20 +236,90 @@ class MetricsEndpoint:
         self.thread.join(timeout=5)
 
 
+class Sampler:
+    """A worker's thread that copies its scrape-time gauges into the shared directory, once at
+    start (so a scrape right after start sees the pool) and then every SAMPLE_SECONDS."""
+
+    def __init__(self, sampled: SampledCollectors) -> None:
+        self.sampled = sampled
+        self.stopping = threading.Event()
+        sampled.sample()
+        self.thread = threading.Thread(target=self._run, name="metrics-sampler", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(SAMPLE_SECONDS):
+            self.sampled.sample()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+
 def server_metrics(settings: Settings, engine: AsyncEngine) -> RpcMetrics | None:
     """A fresh registry with the RPC series and the pool collector; None when metrics are off."""
     if not settings.metrics_port:
         return None
-    registry = CollectorRegistry()
-    registry.register(PoolCollector(engine))
-    return RpcMetrics(registry)
+    metrics = RpcMetrics(CollectorRegistry())
+    metrics.add_collector(PoolCollector(engine))
+    return metrics
 
 
 def serve_metrics(settings: Settings, metrics: RpcMetrics | None) -> MetricsEndpoint | None:
-    """Start the /metrics endpoint when metrics are on."""
-    if metrics is None:
+    """Start the /metrics endpoint when metrics are on (not in a worker of several: its parent
+    serves them all)."""
+    if metrics is None or metrics.sampled is not None:
         return None
+    return _endpoint(settings, metrics.registry)
+
+
+def sample_metrics(metrics: RpcMetrics | None) -> Sampler | None:
+    """In a worker of several, start copying its scrape-time gauges for the parent."""
+    if metrics is None or metrics.sampled is None:
+        return None
+    return Sampler(metrics.sampled)
+
+
+def _endpoint(settings: Settings, registry: CollectorRegistry) -> MetricsEndpoint:
     server, thread = start_http_server(
-        settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
+        settings.metrics_port, addr=settings.metrics_host, registry=registry
     )
     return MetricsEndpoint(server, thread)
+
+
+@contextmanager
+def workers_metrics(settings: Settings) -> Iterator[str | None]:
+    """In the parent of several workers: the shared directory (yielded, and exported in
+    MULTIPROCESS_DIR for the workers it starts) and one /metrics that adds up every worker's
+    series. A directory the operator named in PROMETHEUS_MULTIPROC_DIR is emptied first, since
+    a previous run's files would be added in; else a fresh one is made and removed at the end.
+    Yields None with metrics off."""
+    if not settings.metrics_port:
+        yield None
+        return
+    named = os.environ.get(MULTIPROCESS_DIR)
+    directory = named or tempfile.mkdtemp(prefix="shop-metrics-")
+    _empty(directory)
+    os.environ[MULTIPROCESS_DIR] = directory
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    endpoint = _endpoint(settings, registry)
+    try:
+        yield directory
+    finally:
+        endpoint.close()
+        if named is None:
+            os.environ.pop(MULTIPROCESS_DIR, None)
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def worker_exited(directory: str | None, pid: int) -> None:
+    """A worker is gone: its live gauges (calls in flight, its pool) leave the sums; its
+    counters stay, so the totals never go down."""
+    if directory is not None:
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+def _empty(directory: str) -> None:
+    for stale in Path(directory).glob("*.db"):
+        stale.unlink()

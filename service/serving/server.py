@@ -52,6 +52,8 @@ from service.observability.metrics import (
     MetricsEndpoint,
     RelayCollector,
     RpcMetrics,
+    Sampler,
+    sample_metrics,
     serve_metrics,
     server_metrics,
 )
@@ -97,6 +99,7 @@ class RunningServer:
     streams: ActiveStreams | None = None
     relay: ChangeRelay | None = None
     tracing: Tracing | None = None
+    sampler: Sampler | None = None
 
     async def drain(self, delay: float, cut_short: asyncio.Event | None = None) -> None:
         """Health NOT_SERVING at once, while every RPC is still served for `delay` seconds (or
@@ -143,6 +146,8 @@ class RunningServer:
             await self.tracing.flush()  # the last calls' spans, their SQL's too, before the exit
         if self.metrics is not None:
             self.metrics.close()
+        if self.sampler is not None:
+            self.sampler.close()
 
     async def _hold_connections(self, deadline: float, cut_short: asyncio.Event | None) -> None:
         """Keep the connections open until `deadline` (or `cut_short`), GOAWAY not yet sent.
@@ -271,10 +276,10 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     )
     feed = add_shop_services(server, db, settings, features)
     if metrics is not None:
-        metrics.registry.register(FeedCollector(feed))
+        metrics.add_collector(FeedCollector(feed))
     relay = relay_from_settings(settings, database_url, db, features)
     if metrics is not None and relay is not None:
-        metrics.registry.register(RelayCollector(relay))
+        metrics.add_collector(RelayCollector(relay))
     health_service = HealthService(("", *SHOP_SERVICES))
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     enable_reflection((*SHOP_SERVICES, health.SERVICE_NAME), server)
@@ -315,6 +320,7 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
         streams=streams,
         relay=relay,
         tracing=tracing,
+        sampler=sample_metrics(metrics),
     )
 
 

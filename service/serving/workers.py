@@ -2,8 +2,9 @@
 
 The workers are started with multiprocessing's "spawn": fresh interpreters, so no gRPC object,
 thread or event loop of the parent is inherited (gRPC does not survive a fork once it runs).
-Each builds its own server, engine and pool. The parent only supervises: it forwards SIGTERM
-and SIGINT, and exits 0 when every worker stopped cleanly.
+Each builds its own server, engine and pool. The parent supervises: it forwards SIGTERM and
+SIGINT, exits 0 when every worker stopped cleanly, and (with metrics on) serves the one /metrics
+that adds up every worker's series (service/observability/metrics.py, multiprocess mode).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from service.config import Settings
 from service.observability.logs import configure_logging
+from service.observability.metrics import MULTIPROCESS_DIR, worker_exited, workers_metrics
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,13 @@ def serve_processes(settings: Settings, database_url: str) -> int:
     from service.serving.server import serve  # imported here: the parent of N workers needs no gRPC
 
     if settings.workers == 1:
+        os.environ.pop(MULTIPROCESS_DIR, None)  # one process serves its own /metrics
         run_event_loop(serve(settings, database_url), settings)
         return 0
-    with _shared_port(settings) as port:
-        return _supervise(settings.model_copy(update={"grpc_port": port}), database_url)
+    with _shared_port(settings) as port, workers_metrics(settings) as metrics_dir:
+        return _supervise(
+            settings.model_copy(update={"grpc_port": port}), database_url, metrics_dir
+        )
 
 
 @contextmanager
@@ -75,7 +80,7 @@ def _worker(settings: Settings, database_url: str) -> None:
     run_event_loop(serve(settings, database_url), settings)
 
 
-def _supervise(settings: Settings, database_url: str) -> int:
+def _supervise(settings: Settings, database_url: str, metrics_dir: str | None) -> int:
     spawn = multiprocessing.get_context("spawn")
     workers: list[BaseProcess] = [
         spawn.Process(target=_worker, args=(settings, database_url), name=f"shop-worker-{n}")
@@ -101,6 +106,8 @@ def _supervise(settings: Settings, database_url: str) -> int:
             for worker in [w for w in running if w.sentinel in ended]:
                 worker.join()
                 running.remove(worker)
+                if worker.pid is not None:
+                    worker_exited(metrics_dir, worker.pid)
                 if worker.exitcode != 0 and not stopping:
                     # One worker down means fewer than N: stop all, let the supervisor restart.
                     log.error("worker %d exited with %s", worker.pid, worker.exitcode)
