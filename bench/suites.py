@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import asyncpg
 
-from bench import baselines, batched, bulk, feed, seed, streaming
+from bench import baselines, batched, bulk, feed, seed, streaming, write_cost
 from bench.load import LoadSpec, run_load
 from bench.postgres import Postgres
 from bench.processes import ServerProcess, run_migrations
@@ -292,7 +292,12 @@ async def transfer(run: Run) -> list[Section]:
         f"Transfer, {s.hot_accounts} hot accounts",
         accounts=accounts[: s.hot_accounts],
     )
-    batch = await _batch_transfer(run, accounts)
+    run.progress("transfer", "BatchTransfer with the write counters read around it")
+    async with write_cost.measured(run.dsn) as costs:
+        batch = await _batch_transfer(run, accounts)
+    [written] = costs
+    for line in written.lines():
+        run.progress("transfer", f"written: {line}")
     run.progress("transfer", "the writer's batch statements on one connection")
     statements = await _batch_statements(run, accounts)
     section.comparisons = [
@@ -309,6 +314,9 @@ async def transfer(run: Run) -> list[Section]:
     raw = statements.get(("asyncpg", s.batch_transfers))
     if raw is not None:
         section.comparisons.append(Comparison(batch, raw))
+    section.checks += [
+        (f"What the BatchTransfer point wrote (issue 22), {line}", None) for line in written.lines()
+    ]
     section.checks.append(
         (
             f"Transfer p50 at 1 in flight: {one.p50_ms or 0:.2f} ms after (p99 "

@@ -216,6 +216,10 @@ OTEL = Tool(
         "opentelemetry.sdk.trace",
         "opentelemetry.sdk.trace.export",
         "opentelemetry.sdk.trace.export.in_memory_span_exporter",
+        # tests/test_tracing_otlp.py: the exporter the service installs, and the collector's
+        # TraceService the test serves (opentelemetry-proto, which the exporter pulls in).
+        "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+        "opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc",
     ),
 )
 
