@@ -116,7 +116,6 @@ def _post(
         if isinstance(holder, Locked):
             holder.balance += delta
             writes.balances[holder.id] = holder.balance
-            writes.audit.append((holder.id, holder.balance))
     named = target if posting.kind is Kind.DEPOSIT else source
     assert isinstance(named, Locked)
     assert claims.now is not None, "a claimed posting has its transaction's timestamp"

@@ -1,5 +1,6 @@
 """Audit hook: every ORM flush of an audited model (``__audited__ = True``) writes audit_log rows
-in the same transaction. Bulk Core statements (upserts, COPY) bypass the ORM and are not audited."""
+in the same transaction. Bulk Core statements (upserts, COPY, the money writer's batches) bypass
+the ORM and write none here: the change log (alembic 0007) records what every path writes."""
 
 from __future__ import annotations
 

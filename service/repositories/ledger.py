@@ -4,10 +4,13 @@ a debit and a credit that sum to zero, and the cached balances move with them.
 Postings are written a batch at a time (app/money_writer.py): per batch, whatever its size, the
 idempotency claims (one INSERT ... ON CONFLICT DO NOTHING, which also draws the transfer ids),
 the customer accounts locked (one SELECT ... FOR UPDATE in id order), and one statement that
-writes everything (balances, journal, both legs of every transfer, audit rows, stored responses,
-released claims). SQLAlchemy's per-statement cost (~0.5 ms of CPU) is paid three times per
-batch instead of eight times per transfer. The external account of a currency caches no
-balance and is never locked, so deposits in one currency do not queue behind each other.
+writes everything (balances, journal, both legs of every transfer, stored responses, released
+claims). SQLAlchemy's per-statement cost (~0.5 ms of CPU) is paid three times per batch
+instead of eight times per transfer. The external account of a currency caches no balance and
+is never locked, so deposits in one currency do not queue behind each other.
+
+No audit rows: the change log (alembic 0007) records every balance and transfer a batch
+writes, one changes row per statement, in the same transaction (docs/money.md).
 """
 
 from __future__ import annotations
@@ -73,7 +76,6 @@ class Writes:
 
     transfers: list[tuple[int, int, int, Decimal, str]] = field(default_factory=list)
     entries: list[tuple[int, int, Decimal]] = field(default_factory=list)
-    audit: list[tuple[int, Decimal]] = field(default_factory=list)
     balances: dict[int, Decimal] = field(default_factory=dict)
 
 
@@ -123,13 +125,6 @@ WITH moved AS (
     INSERT INTO ledger_entries (transfer_id, account_id, amount)
     SELECT * FROM unnest(CAST(:entry_transfer_ids AS bigint[]),
         CAST(:entry_account_ids AS bigint[]), CAST(:entry_amounts AS numeric(18, 2)[]))
-), audit AS (
-    INSERT INTO audit_log (table_name, row_id, action, changes)
-    SELECT 'accounts', audited.id, 'update',
-           jsonb_build_object('balance', audited.balance::text, 'updated_at', now()::text)
-    FROM unnest(CAST(:audit_ids AS bigint[]), CAST(:audit_balances AS numeric(18, 2)[]))
-        WITH ORDINALITY AS audited (id, balance, n)
-    ORDER BY audited.n
 ), stored AS (
     UPDATE idempotency_keys SET response = answered.response
     FROM unnest(CAST(:answered_ids AS varchar[]), CAST(:responses AS bytea[]))
@@ -196,8 +191,8 @@ class Ledger:
     async def apply(
         self, writes: Writes, answered: dict[str, bytes], released: Sequence[str]
     ) -> None:
-        """Write the batch: balances, journal, legs and audit rows, the responses of the
-        postings applied, and the claims of those refused let go (a retry may then succeed)."""
+        """Write the batch: balances, journal and legs, the responses of the postings applied,
+        and the claims of those refused let go (a retry may then succeed)."""
         await self.conn.execute(
             APPLY,
             {
@@ -211,8 +206,6 @@ class Ledger:
                 "entry_transfer_ids": [e[0] for e in writes.entries],
                 "entry_account_ids": [e[1] for e in writes.entries],
                 "entry_amounts": [e[2] for e in writes.entries],
-                "audit_ids": [a[0] for a in writes.audit],
-                "audit_balances": [a[1] for a in writes.audit],
                 "answered_ids": list(answered),
                 "responses": list(answered.values()),
                 "released_ids": list(released),
