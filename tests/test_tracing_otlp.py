@@ -169,6 +169,8 @@ class Calls:
 
 
 async def drive(channel: grpc.aio.Channel, user_id: int, source: int, target: int) -> Calls:
+    """A GetUser, TRANSFERS concurrent Transfers, then a StreamUsers, each from a span of its
+    own."""
     users = user_service_pb2_grpc.UserServiceStub(channel)
     accounts = account_service_pb2_grpc.AccountServiceStub(channel)
     calls = Calls(Caller.new(), [Caller.new() for _ in range(TRANSFERS)], Caller.new())
