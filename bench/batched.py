@@ -1,7 +1,7 @@
 """A baseline for the money writer: its batch's statements, sent back to back from one
 connection with no gRPC and no protobuf. Per batch, in one transaction: the idempotency claims
 (which draw the transfer ids), the accounts locked in id order, and one statement that writes
-balances, journal, both legs and stored responses.
+balances, journal and stored responses.
 
 The statements are the writer's own (service/repositories/ledger.py), so the baseline always
 measures what the service sends. They run on raw asyncpg (the driver alone) or on one
@@ -114,24 +114,20 @@ async def one_batch(runner: Runner, accounts: list[int], size: int, rng: random.
         ids_locked = sorted({a for pair in pairs for a in pair})
         locked = await runner.rows(STATEMENTS["lock"], {"ids": ids_locked})
         balances = {row[0]: row[3] for row in locked}  # LOCK: id, user_id, currency, balance
-        transfers, entries = [], []
+        transfers = []
         for rid, (source, target) in zip(rids, pairs, strict=True):
-            tid = ids[rid]
-            transfers.append((tid, source, target, AMOUNT, rid))
-            entries += [(tid, source, -AMOUNT), (tid, target, AMOUNT)]
+            transfers.append((ids[rid], source, target, AMOUNT, rid))
             balances[source] -= AMOUNT
             balances[target] += AMOUNT
-        await runner.rows(STATEMENTS["apply"], _apply_params(transfers, entries, balances))
+        await runner.rows(STATEMENTS["apply"], _apply_params(transfers, balances))
     return len(transfers)
 
 
 def _apply_params(
     transfers: list[tuple[Any, ...]],
-    entries: list[tuple[Any, ...]],
     balances: dict[int, Decimal],
 ) -> dict[str, Any]:
     columns = list(zip(*transfers, strict=True))
-    legs = list(zip(*entries, strict=True))
     return {
         "account_ids": list(balances),
         "balances": list(balances.values()),
@@ -140,9 +136,6 @@ def _apply_params(
         "to_ids": list(columns[2]),
         "amounts": list(columns[3]),
         "transfer_request_ids": list(columns[4]),
-        "entry_transfer_ids": list(legs[0]),
-        "entry_account_ids": list(legs[1]),
-        "entry_amounts": list(legs[2]),
         "answered_ids": list(columns[4]),
         "responses": [RESPONSE] * len(transfers),
         "released_ids": [],

@@ -333,7 +333,7 @@ async def transfer(run: Run) -> list[Section]:
         "at the same number in flight: the database nearly free.",
         "The batch-statement rows send the writer's statements for a batch (BEGIN, the "
         "idempotency claims drawing the transfer ids, SELECT … FOR UPDATE in id order, one "
-        "statement writing balances, journal, both legs and stored responses, "
+        "statement writing balances, journal and stored responses, "
         "COMMIT) from one connection in this process, batches back to back, no gRPC and no "
         "protobuf: on one SQLAlchemy AsyncConnection (`execute(text(...))`, as the writer) and "
         "on raw asyncpg. They place the service between the database's cost per transfer at a "

@@ -84,7 +84,8 @@ class Factory:
         self, user: User | None = None, *, currency: str = "EUR", balance: str = "0.00"
     ) -> Account:
         """An account whose opening balance, if any, is a deposit posted through the ledger
-        (a transfer from the external account), so balance = sum(entries) holds from the start."""
+        (a transfer from the external account), so balance = its transfers in - out holds from the
+        start."""
         owner = user or await self.user()
         account = Account(user_id=owner.id, currency=currency, balance=Decimal("0.00"))
         async with self.sessions() as session, session.begin():
@@ -102,7 +103,7 @@ class Factory:
         return account
 
     async def transfer(self, source: Account, target: Account, amount: str) -> Transfer:
-        """A bare journal row for statement tests: no entries, balances untouched."""
+        """A bare journal row for statement tests: balances untouched."""
         transfer = Transfer(
             from_account_id=source.id,
             to_account_id=target.id,

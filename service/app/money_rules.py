@@ -110,8 +110,6 @@ def _post(
         raise over_limit(target, amount)
     transfer_id = claims.transfer_ids[posting.request_id]
     writes.transfers.append((transfer_id, source.id, target.id, amount, posting.request_id))
-    writes.entries.append((transfer_id, source.id, -amount))
-    writes.entries.append((transfer_id, target.id, amount))
     for holder, delta in ((source, -amount), (target, amount)):
         if isinstance(holder, Locked):
             holder.balance += delta

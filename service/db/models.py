@@ -209,8 +209,8 @@ class OrderItem(Base):
 class AccountKind(StrEnum):
     """A customer's account, or the one external account per currency that stands for the
     world outside the ledger: deposits are transfers from it, withdrawals transfers to it.
-    An external account caches no balance (it stays 0; its real balance is the sum of its
-    entries): updating one row per currency on every deposit would make all deposits wait on
+    An external account caches no balance (it stays 0; its real balance is its transfers in
+    minus out): updating one row per currency on every deposit would make all deposits wait on
     each other, and minus all the money in a currency may not fit NUMERIC(18, 2)."""
 
     CUSTOMER = "customer"
@@ -273,9 +273,11 @@ class Transfer(Base):
 
 
 class LedgerEntry(Base):
-    """One leg of a transfer: a signed change to one account's balance. Each transfer has a
-    debit and a credit that sum to zero, and an account's balance is the sum of its entries.
-    A trigger refuses UPDATE and DELETE (migration 0002)."""
+    """One leg of a transfer, as builds before issue 22 wrote them (a debit and a credit per
+    transfer). No longer written nor read: the legs are the transfer row's from/to/amount. The
+    table stays, mapped so `alembic check` agrees, until a later contract migration drops it
+    once no running build writes it (docs/migrations.md). A trigger refuses UPDATE and DELETE
+    (migration 0002)."""
 
     __tablename__ = "ledger_entries"
     __table_args__ = (

@@ -1,13 +1,16 @@
-"""The double-entry ledger: every balance change is a transfer (the journal) with two entries,
-a debit and a credit that sum to zero, and the cached balances move with them.
+"""The double-entry ledger: every balance change is a transfer (the journal), a debit of its
+source and a credit of its target by the same amount, and the cached balances move with them.
+The legs are the transfer row itself (from_account_id, to_account_id, amount): an account's
+balance is what its transfers brought in minus what they took out. Since issue 22 no
+ledger_entries rows are written (nothing read them; see docs/money.md).
 
 Postings are written a batch at a time (app/money_writer.py): per batch, whatever its size, the
 idempotency claims (one INSERT ... ON CONFLICT DO NOTHING, which also draws the transfer ids),
 the customer accounts locked (one SELECT ... FOR UPDATE in id order), and one statement that
-writes everything (balances, journal, both legs of every transfer, stored responses, released
-claims). SQLAlchemy's per-statement cost (~0.5 ms of CPU) is paid three times per batch
-instead of eight times per transfer. The external account of a currency caches no balance and
-is never locked, so deposits in one currency do not queue behind each other.
+writes everything (balances, journal, stored responses, released claims). SQLAlchemy's
+per-statement cost (~0.5 ms of CPU) is paid three times per batch instead of eight times per
+transfer. The external account of a currency caches no balance and is never locked, so
+deposits in one currency do not queue behind each other.
 
 No audit rows: the change log (alembic 0007) records every balance and transfer a batch
 writes, one changes row per statement, in the same transaction (docs/money.md).
@@ -75,7 +78,6 @@ class Writes:
     """Everything a batch writes, as columns (each becomes one array parameter)."""
 
     transfers: list[tuple[int, int, int, Decimal, str]] = field(default_factory=list)
-    entries: list[tuple[int, int, Decimal]] = field(default_factory=list)
     balances: dict[int, Decimal] = field(default_factory=dict)
 
 
@@ -121,10 +123,6 @@ WITH moved AS (
     SELECT * FROM unnest(CAST(:transfer_ids AS bigint[]), CAST(:from_ids AS bigint[]),
         CAST(:to_ids AS bigint[]), CAST(:amounts AS numeric(18, 2)[]),
         CAST(:transfer_request_ids AS varchar[]))
-), entries AS (
-    INSERT INTO ledger_entries (transfer_id, account_id, amount)
-    SELECT * FROM unnest(CAST(:entry_transfer_ids AS bigint[]),
-        CAST(:entry_account_ids AS bigint[]), CAST(:entry_amounts AS numeric(18, 2)[]))
 ), stored AS (
     UPDATE idempotency_keys SET response = answered.response
     FROM unnest(CAST(:answered_ids AS varchar[]), CAST(:responses AS bytea[]))
@@ -139,7 +137,7 @@ SELECT 1
 
 
 class Ledger:
-    """The journal, its entries and the cached balances: postings a batch at a time, and an
+    """The journal and the cached balances: postings a batch at a time, and an
     account's statement. Runs on the caller's transaction, a session's or a Core connection's
     (both execute Core statements alike)."""
 
@@ -191,8 +189,8 @@ class Ledger:
     async def apply(
         self, writes: Writes, answered: dict[str, bytes], released: Sequence[str]
     ) -> None:
-        """Write the batch: balances, journal and legs, the responses of the postings applied,
-        and the claims of those refused let go (a retry may then succeed)."""
+        """Write the batch: balances and journal, the responses of the postings applied, and
+        the claims of those refused let go (a retry may then succeed)."""
         await self.conn.execute(
             APPLY,
             {
@@ -203,9 +201,6 @@ class Ledger:
                 "to_ids": [t[2] for t in writes.transfers],
                 "amounts": [t[3] for t in writes.transfers],
                 "transfer_request_ids": [t[4] for t in writes.transfers],
-                "entry_transfer_ids": [e[0] for e in writes.entries],
-                "entry_account_ids": [e[1] for e in writes.entries],
-                "entry_amounts": [e[2] for e in writes.entries],
                 "answered_ids": list(answered),
                 "responses": list(answered.values()),
                 "released_ids": list(released),
