@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from shop.v1 import user_service_pb2 as api
 from tests import tools
 from tests.factories import Factory
 from tests.ids import rid
-from tests.process import STOP_TIMEOUT, service_process
+from tests.process import START_TIMEOUT, STOP_TIMEOUT, service_process
 
 pytestmark = pytest.mark.requires(tools.OTEL)
 
@@ -128,6 +129,18 @@ class Caller:
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("traceparent", f"00-{self.trace_id:032x}-{self.span_id:016x}-01"),)
+
+
+def wait_until_all_serve(log: Path, workers: int) -> None:
+    """Health answered for one worker; the others may still be starting, and a connection
+    reaches only the sockets already listening. Each worker logs this line once it serves."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while log.read_text().count("serving shop.v1 on") < workers:
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"not {workers} workers serving after {START_TIMEOUT:.0f}s:\n{log.read_text()}"
+            )
+        time.sleep(0.1)
 
 
 def inbound(pid: int, port: int) -> set[int]:
@@ -284,6 +297,7 @@ async def test_two_workers_export_their_spans_to_a_collector(
                 if "spawn_main" in " ".join(child.cmdline())
             }
             assert len(workers) == 2
+            wait_until_all_serve(log, len(workers))
             channels: list[grpc.aio.Channel] = []
             try:
                 per_worker = await channel_per_worker(address, workers, channels)
