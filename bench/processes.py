@@ -10,11 +10,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.processes import ROOT as ROOT  # re-exported for bench's other modules
 from deploy.processes import free_port, serve_argv, without_shop_settings
@@ -38,6 +40,8 @@ class ServerProcess:
 
     def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None) -> None:
         self.port = port
+        metrics = (env or {}).get("SHOP_METRICS_PORT")
+        self.metrics_port = int(metrics) if metrics else None
         self.target = f"127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile(prefix="shop-bench-server-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -66,6 +70,9 @@ class ServerProcess:
             # One process unless a suite asks for more: its figures are per process, and the
             # workers suite sets SHOP_WORKERS itself.
             "SHOP_WORKERS": "1",
+            # Metrics on, as a deployment runs: their cost is in the figures, and the batch
+            # counters tell how many calls a batch served (batch_counts).
+            "SHOP_METRICS_PORT": str(free_port()),
             **(extra_env or {}),
         }
         profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
@@ -113,6 +120,21 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         """User and system CPU time of the server and its children so far."""
         return self._total(lambda proc: proc.cpu_times().user + proc.cpu_times().system)
+
+    def batch_counts(self, batcher: str) -> tuple[float, float]:
+        """(batches, requests) `batcher` has run so far, from the service's /metrics (with
+        several workers, as each last sampled them, once a second); (0, 0) without metrics."""
+        if self.metrics_port is None:
+            return 0.0, 0.0
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        counts = {"shop_batches_total": 0.0, "shop_batch_requests_total": 0.0}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in counts and sample.labels.get("batcher") == batcher:
+                    counts[sample.name] += sample.value
+        return counts["shop_batches_total"], counts["shop_batch_requests_total"]
 
     def log_tail(self, lines: int = 30) -> str:
         text = Path(self.log.name).read_text(errors="replace")

@@ -40,6 +40,10 @@ BEFORE_TRANSFER = (
 )
 
 
+# The coalescer that batches each point-read workload's statements (its batcher label).
+READ_BATCHERS = {"GetUser": "user read batch", "GetAccount": "account read batch"}
+
+
 @dataclass
 class Run:
     """What every suite needs: sizes, the database, the running service, shared baselines."""
@@ -69,12 +73,26 @@ class Run:
             processes=self.sizes.client_processes,
             params=params,
         )
+        batcher = READ_BATCHERS.get(workload)
         cpu_before = server.cpu_seconds()
+        batches_before = await asyncio.to_thread(server.batch_counts, batcher) if batcher else None
         m = await asyncio.to_thread(run_load, spec, name)
         # CPU over warm-up and window alike, over the calls the steady rate gives for both.
         calls = m.value * (spec.warmup + spec.duration)
         if calls > 0:
             m.server_cpu_ms = (server.cpu_seconds() - cpu_before) * 1000 / calls
+        if batcher and batches_before:
+            await asyncio.sleep(1.5)  # several workers sample their counters once a second
+            batches, requests = await asyncio.to_thread(server.batch_counts, batcher)
+            ran = batches - batches_before[0]
+            if ran > 0:
+                mean = (requests - batches_before[1]) / ran
+                m.details = ", ".join(
+                    filter(
+                        None,
+                        [m.details, f"{mean:.1f} calls per read batch at {in_flight} in flight"],
+                    )
+                )
         errors = f", {m.errors} errors ({m.details})" if m.errors else ""
         self.progress(
             "load",

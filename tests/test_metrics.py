@@ -45,6 +45,11 @@ async def test_rpcs_move_counters_histograms_and_gauges(
         assert seen["shop_db_pool_checked_out", frozenset()] == 0
         assert seen["shop_db_pool_overflow", frozenset()] == 0
 
+        # Three GetUser calls one after another: three batches of one.
+        reads = frozenset({"batcher": "user read batch"}.items())
+        assert seen["shop_batch_requests_total", reads] == 3
+        assert seen["shop_batches_total", reads] == 3
+
         # Each server has a registry of its own: the idle one saw none of this.
         assert ("grpc_server_handled_total", rpc(get, grpc_code="OK")) not in await scrape(idle)
 
@@ -89,3 +94,18 @@ async def test_the_change_feed_shows_its_watchers_and_lag(database_url: str) -> 
         assert seen[("shop_changes_watchers", frozenset())] == 1
         slow.cancel()
         assert await wait_for_sample(server, ("shop_changes_watchers", frozenset()), 0)
+
+
+async def test_batch_counters_show_concurrent_reads_sharing_batches(
+    database_url: str, factory: Factory
+) -> None:
+    user = await factory.user(email="batched@example.com")
+    calls = 64
+    async with own_server(database_url, metrics_port=free_port()) as server:
+        request = api.GetUserRequest(id=user.id)
+        await asyncio.gather(*(server.users.GetUser(request) for _ in range(calls)))
+        seen = await scrape(server)
+        reads = frozenset({"batcher": "user read batch"}.items())
+        assert seen["shop_batch_requests_total", reads] == calls
+        # Made at once, they cannot all have run alone (one batch runs at a time).
+        assert 1 <= seen["shop_batches_total", reads] < calls

@@ -134,6 +134,14 @@ async def test_two_workers_serve_one_metrics_endpoint_that_adds_them_up(
             samples = await scrape_port(metrics_port)
             assert samples.get(getuser_not_found) == calls
             assert samples.get(in_flight) == 0
+            # Each worker's batches, as each last sampled them (every second): every call once.
+            reads = frozenset({"batcher": "user read batch"}.items())
+            for _ in range(MAX_ROUNDS):
+                if samples.get(("shop_batch_requests_total", reads)) == calls:
+                    break
+                await asyncio.sleep(0.25)
+                samples = await scrape_port(metrics_port)
+            assert samples.get(("shop_batch_requests_total", reads)) == calls
             # Both pools (3 each), as each worker last sampled them (every second).
             assert samples.get(("shop_db_pool_size", frozenset())) == 6
 

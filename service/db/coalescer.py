@@ -79,6 +79,13 @@ class Coalescer(Generic[In, Out]):
         self._starting: asyncio.Task[None] | None = None
         # Each running batch with its callers' futures.
         self._running: dict[asyncio.Task[None], list[asyncio.Future[Out]]] = {}
+        # Batches run and the requests they took, since start (read by /metrics).
+        self.batches = 0
+        self.requests = 0
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     @property
     def waiting(self) -> int:
@@ -163,6 +170,8 @@ class Coalescer(Generic[In, Out]):
         self._start_batches()  # more than a batch queued: the next slot takes the rest
         if not taken:
             return
+        self.batches += 1
+        self.requests += len(taken)
         try:
             with self._span(taken):
                 outcomes: Sequence[Outcome[Out]] = await self._batch([r for r, _, _ in taken])

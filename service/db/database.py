@@ -256,6 +256,10 @@ class Database:
         self._coalescers.append(writer.coalescer)
         return writer
 
+    def batch_counts(self) -> list[tuple[str, int, int]]:
+        """Each batcher's name, the batches it ran and the requests they took, since start."""
+        return [(c.name, c.batches, c.requests) for c in self._coalescers]
+
     def waiting(self) -> int:
         """Calls waiting for a batch's answer, queued or in a running batch."""
         return sum(c.waiting for c in self._coalescers)

@@ -31,7 +31,7 @@ from prometheus_client import (
     multiprocess,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
@@ -48,7 +48,7 @@ MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 # How often a worker copies its scrape-time gauges into the shared directory.
 SAMPLE_SECONDS = 1.0
 
-GaugeMode = Literal["livesum", "livemax"]
+GaugeMode = Literal["livesum", "livemax", "sum"]
 # How the parent adds up each sampled gauge over the live workers (default livesum): a lag or a
 # position is the furthest one, a count is the sum.
 _SAMPLED_MODES: dict[str, GaugeMode] = {
@@ -56,6 +56,9 @@ _SAMPLED_MODES: dict[str, GaugeMode] = {
     "shop_changes_lag_changes": "livemax",
     "shop_changes_relay_sequence": "livemax",
     "shop_changes_relay_lag_seconds": "livemax",
+    # Counters: a worker's counts stay in the sum after it exits, so the total never goes down.
+    "shop_batches_total": "sum",
+    "shop_batch_requests_total": "sum",
 }
 
 
@@ -118,15 +121,18 @@ class SampledCollectors:
     def sample(self) -> None:
         for collector in self.collectors:
             for family in collector.collect():
-                gauge = self.gauges.get(family.name)
-                if gauge is None:
-                    gauge = self.gauges[family.name] = Gauge(
-                        family.name,
-                        family.documentation,
-                        registry=None,
-                        multiprocess_mode=_SAMPLED_MODES.get(family.name, "livesum"),
-                    )
-                gauge.set(family.samples[0].value)
+                for sample in family.samples:
+                    labels = sorted(sample.labels)
+                    gauge = self.gauges.get(sample.name)
+                    if gauge is None:
+                        gauge = self.gauges[sample.name] = Gauge(
+                            sample.name,
+                            family.documentation,
+                            labels,
+                            registry=None,
+                            multiprocess_mode=_SAMPLED_MODES.get(sample.name, "livesum"),
+                        )
+                    (gauge.labels(**sample.labels) if labels else gauge).set(sample.value)
 
 
 class PoolCollector(Collector):
@@ -151,6 +157,35 @@ class PoolCollector(Collector):
         yield GaugeMetricFamily(
             "shop_db_pool_size", "Connections the pool keeps.", value=pool.size()
         )
+
+
+class BatchCounts(Protocol):
+    """What the batchers (db/coalescer.py, through db/database.py) count."""
+
+    def batch_counts(self) -> list[tuple[str, int, int]]: ...
+
+
+class BatchCollector(Collector):
+    """Batches run and the requests they took, per batcher (group commit, coalesced reads):
+    their ratio is the average batch, what a batch's fixed cost is shared by."""
+
+    def __init__(self, source: BatchCounts) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        batches = CounterMetricFamily(
+            "shop_batches", "Batches run, by batcher.", labels=("batcher",)
+        )
+        requests = CounterMetricFamily(
+            "shop_batch_requests",
+            "Requests answered by batches (a BatchTransfer's items each count), by batcher.",
+            labels=("batcher",),
+        )
+        for name, ran, took in self.source.batch_counts():
+            batches.add_metric((name,), ran)
+            requests.add_metric((name,), took)
+        yield batches
+        yield requests
 
 
 class FeedLag(Protocol):

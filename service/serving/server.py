@@ -48,6 +48,7 @@ from service.db.engine import create_engine, create_probe_engine, create_session
 from service.db.replicas import open_replicas
 from service.db.schema_state import SchemaFeatures, serving_features, session_info
 from service.observability.metrics import (
+    BatchCollector,
     FeedCollector,
     MetricsEndpoint,
     RelayCollector,
@@ -277,6 +278,7 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     feed = add_shop_services(server, db, settings, features)
     if metrics is not None:
         metrics.add_collector(FeedCollector(feed))
+        metrics.add_collector(BatchCollector(db))
     relay = relay_from_settings(settings, database_url, db, features)
     if metrics is not None and relay is not None:
         metrics.add_collector(RelayCollector(relay))
