@@ -1,7 +1,7 @@
 """A baseline for the money writer: its batch's statements, sent back to back from one
-connection with no gRPC and no protobuf. Per batch, in one transaction: the idempotency claims
-(which draw the transfer ids), the accounts locked in id order, and one statement that writes
-balances, journal and stored responses.
+connection with no gRPC and no protobuf. Per batch, in one transaction: the accounts locked in
+id order, the idempotency keys read (which draws the transfer ids), and one statement that
+writes balances, journal and the keys with their responses.
 
 The statements are the writer's own (service/repositories/ledger.py), so the baseline always
 measures what the service sends. They run on raw asyncpg (the driver alone) or on one
@@ -107,13 +107,11 @@ async def one_batch(runner: Runner, accounts: list[int], size: int, rng: random.
     pairs = [rng.sample(accounts, 2) for _ in range(size)]
     rids = [f"raw-{uuid.uuid4().hex}" for _ in range(size)]
     async with runner.transaction():
-        claimed = await runner.rows(
-            STATEMENTS["claim"], {"request_ids": rids, "hashes": [RESPONSE[:32]] * size}
-        )
-        ids = {row[0]: row[1] for row in claimed}
         ids_locked = sorted({a for pair in pairs for a in pair})
         locked = await runner.rows(STATEMENTS["lock"], {"ids": ids_locked})
         balances = {row[0]: row[3] for row in locked}  # LOCK: id, user_id, currency, balance
+        claimed = await runner.rows(STATEMENTS["claim"], {"request_ids": sorted(rids)})
+        ids = {row[0]: row[3] for row in claimed}  # CLAIM: request_id, hash, response, id
         transfers = []
         for rid, (source, target) in zip(rids, pairs, strict=True):
             transfers.append((ids[rid], source, target, AMOUNT, rid))
@@ -137,8 +135,8 @@ def _apply_params(
         "amounts": list(columns[3]),
         "transfer_request_ids": list(columns[4]),
         "answered_ids": list(columns[4]),
+        "hashes": [RESPONSE[:32]] * len(transfers),
         "responses": [RESPONSE] * len(transfers),
-        "released_ids": [],
     }
 
 

@@ -350,8 +350,8 @@ async def transfer(run: Run) -> list[Section]:
         "of contention and has no target. The stretch row compares with the bare echo's rate "
         "at the same number in flight: the database nearly free.",
         "The batch-statement rows send the writer's statements for a batch (BEGIN, the "
-        "idempotency claims drawing the transfer ids, SELECT … FOR UPDATE in id order, one "
-        "statement writing balances, journal and stored responses, "
+        "SELECT … FOR UPDATE in id order, the idempotency keys read (drawing the transfer "
+        "ids), one statement writing balances, journal and the keys with their responses, "
         "COMMIT) from one connection in this process, batches back to back, no gRPC and no "
         "protobuf: on one SQLAlchemy AsyncConnection (`execute(text(...))`, as the writer) and "
         "on raw asyncpg. They place the service between the database's cost per transfer at a "

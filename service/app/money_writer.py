@@ -4,8 +4,10 @@ its own outcome and each idempotent by its request_id.
 
 A batch is what queued while the previous one ran (db/coalescer.py), so one call in flight is a
 batch of one and the batch grows with the load. The whole batch runs again on a serialization
-failure or deadlock. A caller that goes away after its posting entered a batch does not take it
-out: the batch commits, and the caller's retry with the same request_id gets the stored answer.
+failure or deadlock, and when a concurrent transaction claimed one of its request_ids first
+(ConcurrentClaim: the run again answers that one from the key it committed). A caller that
+goes away after its posting entered a batch does not take it out: the batch commits, and the
+caller's retry with the same request_id gets the stored answer.
 
 What a posting answers (a message, and its bytes for the idempotency key) is the caller's: the
 gRPC room hands the writer its Answers, so this module knows no protobuf.
@@ -25,9 +27,9 @@ from service.app.money_rules import Kind, Posted, Posting, plan
 from service.db.coalescer import Outcome
 from service.db.database import Database
 from service.db.deadlines import DeadlinePassed
-from service.errors import AlreadyExists, DomainError, Unavailable
-from service.repositories.idempotency import IdempotencyRepository, StoredRequest
-from service.repositories.ledger import Claims, Ledger, Writes
+from service.errors import AlreadyExists, DomainError
+from service.repositories.idempotency import StoredRequest
+from service.repositories.ledger import Answered, Claims, Ledger, Locked, Writes
 
 # A batch's size bound: a BatchTransfer of 1000 is one transaction, and unary calls never come
 # near it (the batch is at most what is in flight).
@@ -87,26 +89,27 @@ class MoneyWriter(Generic[A]):
         owners: dict[str, Asked] = {}
         for asked in batch:
             owners.setdefault(asked.posting.request_id, asked)
-        claims = await ledger.claim(sorted((rid, a.fingerprint) for rid, a in owners.items()))
-        unclaimed = [rid for rid in owners if rid not in claims.transfer_ids]
-        stored = await IdempotencyRepository(conn).stored(unclaimed) if unclaimed else {}
+        # The accounts first, then the keys: a repeat of a posting still running elsewhere waits
+        # here for that one's commit (they share accounts), then reads the key it committed.
+        postings = [a.posting for a in owners.values()]
+        accounts = await ledger.lock(
+            [p.account_id for p in postings]
+            + [p.to_account_id for p in postings if p.kind is Kind.TRANSFER]
+        )
+        claims = await ledger.claim(sorted(owners))
 
         todo = [a for rid, a in owners.items() if rid in claims.transfer_ids]
         answers: dict[str, Outcome[A]] = {}
         if todo:
-            answers = await self._post(ledger, todo, claims)
-        for rid in unclaimed:
-            answers[rid] = self._stored(owners[rid], stored.get(rid))
+            answers = await self._post(ledger, todo, claims, accounts)
+        for rid, stored in claims.stored.items():
+            answers[rid] = self._stored(owners[rid], stored)
         return [_for(asked, owners, answers) for asked in batch]
 
     async def _post(
-        self, ledger: Ledger, todo: list[Asked], claims: Claims
+        self, ledger: Ledger, todo: list[Asked], claims: Claims, accounts: dict[int, Locked]
     ) -> dict[str, Outcome[A]]:
         wanted = [a.posting for a in todo]
-        ids = [p.account_id for p in wanted] + [
-            p.to_account_id for p in wanted if p.kind is Kind.TRANSFER
-        ]
-        accounts = await ledger.lock(ids)
         currencies = {
             accounts[p.account_id].currency
             for p in wanted
@@ -116,27 +119,23 @@ class MoneyWriter(Generic[A]):
         writes = Writes()
         outcomes = plan(wanted, claims, accounts, externals, writes)
         answers: dict[str, Outcome[A]] = {}
-        responses: dict[str, bytes] = {}
-        released: list[str] = []
+        # A posting refused (a DomainError) stores no key, so the same request may come again.
+        applied: list[Answered] = []
         for asked, outcome in zip(todo, outcomes, strict=True):
             rid = asked.posting.request_id
             if isinstance(outcome, DomainError):
                 answers[rid] = outcome
-                released.append(rid)
             else:
                 message = self._answers.answer(asked.posting, outcome)
                 answers[rid] = message
-                responses[rid] = message.SerializeToString()
-        await ledger.apply(writes, responses, released)
+                applied.append(Answered(rid, asked.fingerprint, message.SerializeToString()))
+        await ledger.apply(writes, applied)
         return answers
 
-    def _stored(self, asked: Asked, stored: StoredRequest | None) -> Outcome[A]:
+    def _stored(self, asked: Asked, stored: StoredRequest) -> Outcome[A]:
         """A request_id claimed before this batch: its stored response if the request is the
         same, else REQUEST_ID_REUSED."""
         rid = asked.posting.request_id
-        if stored is None:
-            # Purged between our claim and our read (keys live 24 h): nothing was applied here.
-            return Unavailable("the request could not be settled; retry it", reason="RETRY")
         if stored.request_hash != asked.fingerprint or stored.response is None:
             return AlreadyExists.request_id_reused(rid)
         return self._answers.parse(asked.posting.kind, stored.response)

@@ -30,6 +30,19 @@ UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300", READ_ONLY_SQL
 DISCONNECT_SQLSTATES = ("08", "57P01", "57P02", READ_ONLY_SQL_TRANSACTION)
 
 
+class ConcurrentClaim(Exception):
+    """A write meant to insert a unique key (a request_id) that a concurrent transaction
+    inserted and committed first: PostgreSQL made it wait for that one, then refused it. The
+    transaction did nothing that stays; run again from the start, its reads see the other's
+    row (the money writer, repositories/ledger.py). Retried like a serialization failure."""
+
+    sqlstate = "23505"  # unique_violation, as the retry loop's log line reports it
+
+    def __init__(self, constraint: str | None) -> None:
+        super().__init__(f"a concurrent transaction inserted the same key first ({constraint})")
+        self.constraint_name = constraint
+
+
 def error_field(exc: BaseException, name: str) -> str | None:
     """A field of a database error (sqlstate, constraint_name): raised by asyncpg itself or
     wrapped by SQLAlchemy, which keeps asyncpg's error as exc.orig or as its cause."""
@@ -61,8 +74,9 @@ def violated_constraint(exc: BaseException) -> str | None:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """A serialization failure or a deadlock: the transaction did nothing, run it again."""
-    return sqlstate(exc) in RETRYABLE_SQLSTATES
+    """A serialization failure, a deadlock or a claim a concurrent transaction made first: the
+    transaction did nothing, run it again."""
+    return isinstance(exc, ConcurrentClaim) or sqlstate(exc) in RETRYABLE_SQLSTATES
 
 
 def is_recovery_conflict(exc: BaseException) -> bool:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import ARRAY, String, Table, any_, bindparam, delete, select, update
+from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -26,9 +25,6 @@ CLAIM = (
 STORED = select(KEYS.c.request_hash, KEYS.c.response).where(
     KEYS.c.request_id == bindparam("request_id")
 )
-STORED_MANY = select(KEYS.c.request_id, KEYS.c.request_hash, KEYS.c.response).where(
-    KEYS.c.request_id == any_(bindparam("request_ids", type_=ARRAY(String)))
-)
 COMPLETE = (
     update(KEYS).where(KEYS.c.request_id == bindparam("key")).values(response=bindparam("response"))
 )
@@ -41,8 +37,9 @@ class StoredRequest:
 
 
 class IdempotencyRepository:
-    """The keys, on the caller's transaction: a session's, or a Core connection's (the money
-    writer's batches, whose claims repositories/ledger.py takes with the transfer ids)."""
+    """The keys of the session-door writes (OpenAccount, CreateOrder), on the caller's
+    transaction. The money writer's batches read and insert theirs in repositories/ledger.py's
+    statements (a key inserted once, with its response)."""
 
     def __init__(self, session: AsyncSession | AsyncConnection) -> None:
         self.session = session
@@ -57,11 +54,6 @@ class IdempotencyRepository:
             return None
         row = (await self.session.execute(STORED, {"request_id": request_id})).one()
         return StoredRequest(row.request_hash, row.response)
-
-    async def stored(self, request_ids: Sequence[str]) -> dict[str, StoredRequest]:
-        """What earlier requests stored under these request_ids (those that exist)."""
-        result = await self.session.execute(STORED_MANY, {"request_ids": list(request_ids)})
-        return {row.request_id: StoredRequest(row.request_hash, row.response) for row in result}
 
     async def complete(self, request_id: str, response: bytes) -> None:
         await self.session.execute(COMPLETE, {"key": request_id, "response": response})

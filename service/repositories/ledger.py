@@ -5,12 +5,22 @@ balance is what its transfers brought in minus what they took out. Since issue 2
 ledger_entries rows are written (nothing read them; see docs/money.md).
 
 Postings are written a batch at a time (app/money_writer.py): per batch, whatever its size, the
-idempotency claims (one INSERT ... ON CONFLICT DO NOTHING, which also draws the transfer ids),
-the customer accounts locked (one SELECT ... FOR UPDATE in id order), and one statement that
-writes everything (balances, journal, stored responses, released claims). SQLAlchemy's
-per-statement cost (~0.5 ms of CPU) is paid three times per batch instead of eight times per
-transfer. The external account of a currency caches no balance and is never locked, so
-deposits in one currency do not queue behind each other.
+customer accounts locked (one SELECT ... FOR UPDATE in id order), the claims read (one SELECT of
+the idempotency keys that exist, which also draws the transfer ids of the others), and one
+statement that writes everything (balances, journal, and each applied posting's idempotency key
+with its response, inserted once). SQLAlchemy's per-statement cost (~0.5 ms of CPU) is paid
+three times per batch instead of eight times per transfer. The external account of a currency
+caches no balance and is never locked, so deposits in one currency do not queue behind each
+other.
+
+A request_id is claimed by inserting its key in the writing statement, not before: a key
+inserted at the start and updated with the response at the end was two row versions and four
+index entries per posting (issue 22). Two transactions that post the same request_id meet
+there: PostgreSQL makes the second INSERT wait for the first transaction, then refuses it if
+that one committed (ConcurrentClaim: the whole batch runs again and finds the key) or lets it
+through if that one rolled back. A repeat of the same posting meets the first sooner, at its
+accounts' locks, which is why the locks come before the claims are read: it then reads the
+committed key and is answered from it. A posting refused (INSUFFICIENT_FUNDS...) leaves no key.
 
 No audit rows: the change log (alembic 0007) records every balance and transfer a batch
 writes, one changes row per statement, in the same transaction (docs/money.md).
@@ -25,10 +35,17 @@ from decimal import Decimal
 
 from sqlalchemy import or_, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from service.db.errors import ConcurrentClaim, violated_constraint
 from service.db.models import EXTERNAL_INDEX_WHERE, Account, AccountKind, Transfer
 from service.db.streaming import Rows, epoch_microseconds, partitions
+from service.repositories.idempotency import StoredRequest
+
+# The unique keys two transactions posting one request_id meet on: its idempotency key, and
+# the journal's request_id (where the key was purged).
+CLAIM_CONSTRAINTS = frozenset({"pk_idempotency_keys", "uq_transfers_request_id"})
 
 # What StreamTransfers sends of a transfer, in the order accounts_convert.transfer_rows_to_batch
 # unpacks it: created_at as epoch microseconds (cheaper to decode and convert than a datetime).
@@ -44,12 +61,14 @@ STATEMENT_COLUMNS = (
 
 @dataclass(frozen=True, slots=True)
 class Claims:
-    """What claiming a batch's request_ids found: the ids this transaction now owns (with a
-    transfer id drawn for each), those whose request_id the journal already holds (their key
-    was purged), and the transaction's timestamp (every row it writes carries it)."""
+    """What reading a batch's request_ids found: those with no key yet (with a transfer id
+    drawn for each), of those the ones the journal already holds (their key was purged), the
+    keys that exist (a repeat is answered from its key), and the transaction's timestamp
+    (every row it writes carries it)."""
 
     transfer_ids: dict[str, int]
     journaled: frozenset[str]
+    stored: dict[str, StoredRequest]
     now: datetime | None
 
 
@@ -73,6 +92,15 @@ class External:
     balance: Decimal = Decimal(0)
 
 
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """A posting applied: its key as it is stored, with the request's hash and the answer."""
+
+    request_id: str
+    request_hash: bytes
+    response: bytes
+
+
 @dataclass
 class Writes:
     """Everything a batch writes, as columns (each becomes one array parameter)."""
@@ -81,24 +109,19 @@ class Writes:
     balances: dict[int, Decimal] = field(default_factory=dict)
 
 
+# The keys that exist; a transfer id drawn for each request_id that has none (a volatile
+# function in a CASE branch runs only when the branch is taken).
 CLAIM = text(
     """
-WITH asked AS (
-    SELECT request_id, request_hash
-    FROM unnest(CAST(:request_ids AS varchar[]), CAST(:hashes AS bytea[]))
-        AS asked (request_id, request_hash)
-), claimed AS (
-    INSERT INTO idempotency_keys (request_id, request_hash)
-    SELECT request_id, request_hash FROM asked ORDER BY request_id
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING request_id
-)
-SELECT claimed.request_id,
-       nextval(pg_get_serial_sequence('transfers', 'id')) AS transfer_id,
-       EXISTS (SELECT FROM transfers WHERE transfers.request_id = claimed.request_id)
-           AS journaled,
+SELECT asked.request_id, keys.request_hash, keys.response,
+       CASE WHEN keys.request_id IS NULL
+           THEN nextval(pg_get_serial_sequence('transfers', 'id')) END AS transfer_id,
+       keys.request_id IS NULL AND EXISTS (
+           SELECT FROM transfers WHERE transfers.request_id = asked.request_id
+       ) AS journaled,
        now() AS now
-FROM claimed
+FROM unnest(CAST(:request_ids AS varchar[])) AS asked (request_id)
+LEFT JOIN idempotency_keys AS keys ON keys.request_id = asked.request_id
 """
 )
 LOCK = text(
@@ -123,17 +146,30 @@ WITH moved AS (
     SELECT * FROM unnest(CAST(:transfer_ids AS bigint[]), CAST(:from_ids AS bigint[]),
         CAST(:to_ids AS bigint[]), CAST(:amounts AS numeric(18, 2)[]),
         CAST(:transfer_request_ids AS varchar[]))
-), stored AS (
-    UPDATE idempotency_keys SET response = answered.response
-    FROM unnest(CAST(:answered_ids AS varchar[]), CAST(:responses AS bytea[]))
-        AS answered (request_id, response)
-    WHERE idempotency_keys.request_id = answered.request_id
-), released AS (
-    DELETE FROM idempotency_keys WHERE request_id = ANY(CAST(:released_ids AS varchar[]))
+), claimed AS (
+    INSERT INTO idempotency_keys (request_id, request_hash, response)
+    SELECT * FROM unnest(CAST(:answered_ids AS varchar[]), CAST(:hashes AS bytea[]),
+        CAST(:responses AS bytea[])) AS answered (request_id, request_hash, response)
+    ORDER BY 1
 )
 SELECT 1
 """
 )
+
+
+def _apply_params(writes: Writes, answered: Sequence[Answered]) -> dict[str, object]:
+    return {
+        "account_ids": list(writes.balances),
+        "balances": list(writes.balances.values()),
+        "transfer_ids": [t[0] for t in writes.transfers],
+        "from_ids": [t[1] for t in writes.transfers],
+        "to_ids": [t[2] for t in writes.transfers],
+        "amounts": [t[3] for t in writes.transfers],
+        "transfer_request_ids": [t[4] for t in writes.transfers],
+        "answered_ids": [a.request_id for a in answered],
+        "hashes": [a.request_hash for a in answered],
+        "responses": [a.response for a in answered],
+    }
 
 
 class Ledger:
@@ -144,16 +180,19 @@ class Ledger:
     def __init__(self, conn: AsyncConnection | AsyncSession) -> None:
         self.conn = conn
 
-    async def claim(self, keys: Sequence[tuple[str, bytes]]) -> Claims:
-        """Insert the request_ids not yet known. A request_id held by a concurrent transaction
-        makes the INSERT wait until that one commits (then it is not ours) or rolls back."""
-        result = await self.conn.execute(
-            CLAIM, {"request_ids": [k for k, _ in keys], "hashes": [h for _, h in keys]}
-        )
+    async def claim(self, request_ids: Sequence[str]) -> Claims:
+        """Read the keys of `request_ids` (distinct) and draw a transfer id for each one that
+        has none. Nothing is written: apply() inserts the keys of the postings applied."""
+        result = await self.conn.execute(CLAIM, {"request_ids": list(request_ids)})
         rows = result.all()
         return Claims(
-            transfer_ids={row.request_id: row.transfer_id for row in rows},
+            transfer_ids={r.request_id: r.transfer_id for r in rows if r.transfer_id is not None},
             journaled=frozenset(row.request_id for row in rows if row.journaled),
+            stored={
+                r.request_id: StoredRequest(r.request_hash, r.response)
+                for r in rows
+                if r.transfer_id is None
+            },
             now=rows[0].now if rows else None,
         )
 
@@ -186,26 +225,17 @@ class Ledger:
         result = await self.conn.execute(EXTERNALS, {"currencies": sorted(currencies)})
         return {row.currency: External(row.id, row.currency) for row in result}
 
-    async def apply(
-        self, writes: Writes, answered: dict[str, bytes], released: Sequence[str]
-    ) -> None:
-        """Write the batch: balances and journal, the responses of the postings applied, and
-        the claims of those refused let go (a retry may then succeed)."""
-        await self.conn.execute(
-            APPLY,
-            {
-                "account_ids": list(writes.balances),
-                "balances": list(writes.balances.values()),
-                "transfer_ids": [t[0] for t in writes.transfers],
-                "from_ids": [t[1] for t in writes.transfers],
-                "to_ids": [t[2] for t in writes.transfers],
-                "amounts": [t[3] for t in writes.transfers],
-                "transfer_request_ids": [t[4] for t in writes.transfers],
-                "answered_ids": list(answered),
-                "responses": list(answered.values()),
-                "released_ids": list(released),
-            },
-        )
+    async def apply(self, writes: Writes, answered: Sequence[Answered]) -> None:
+        """Write the batch: balances, journal, and the key of each posting applied with its
+        request's hash and response. A key (or journal request_id) that a concurrent
+        transaction inserted and committed meanwhile raises ConcurrentClaim: run the batch
+        again."""
+        try:
+            await self.conn.execute(APPLY, _apply_params(writes, answered))
+        except IntegrityError as exc:
+            if violated_constraint(exc) in CLAIM_CONSTRAINTS:
+                raise ConcurrentClaim(violated_constraint(exc)) from exc
+            raise
 
     def statement(
         self, account_id: int, *, batch_size: int, after_id: int = 0

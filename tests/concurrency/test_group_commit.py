@@ -16,12 +16,14 @@ from shop.v1 import account_service_pb2 as api
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.db.database import OVERLAP_FROM
 from service.db.errors import SERIALIZATION_FAILURE
 from service.db.models import Account, Transfer
 from service.serving.server import RunningServer
 from tests.concurrency.test_retry import wait_for_a_lock_waiter
 from tests.conftest import StatementCounter
 from tests.factories import Factory
+from tests.handlers.test_batch_transfer import reason
 from tests.ids import rid
 from tests.ledger import assert_ledger_balances, customer_transfers
 from tests.rpc import failure_of
@@ -213,7 +215,7 @@ async def test_a_caller_cancelled_mid_batch_finds_its_transfer_under_its_request
         await holder.execute(select(Account.id).where(Account.id == a.id).with_for_update())
         call = account_stub.Transfer(request)
         pending = asyncio.ensure_future(call)
-        await wait_for_a_lock_waiter(engine)  # the batch holds the claim and waits for a
+        await wait_for_a_lock_waiter(engine)  # the batch waits for a's lock
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pending
@@ -285,6 +287,100 @@ async def test_a_batch_that_meets_a_serialization_failure_runs_again_whole(
     assert count == 3 + 1  # the three, and the factory's opening deposit
     assert await balances(engine, a.id, b.id) == {a.id: Decimal("7.00"), b.id: Decimal("3.00")}
     await assert_ledger_balances(sessions)
+
+
+async def test_a_request_id_claimed_meanwhile_by_a_concurrent_batch_runs_the_batch_again(
+    account_stub, factory: Factory, sessions, engine: AsyncEngine, caplog
+) -> None:
+    """Two batches post one request_id (different requests, different accounts, so no account
+    lock orders them): the first inserts its key and is held before its commit; the second
+    read no key, so it inserts one too, waits for the first, is refused (ConcurrentClaim),
+    runs again whole, and answers REQUEST_ID_REUSED from the key the first committed, while
+    its other postings are applied once."""
+    a, b = await factory.account(balance="10.00"), await factory.account()
+    c, d = await factory.account(balance="100.00"), await factory.account()
+    shared = rid()
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "CREATE FUNCTION hold_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.request_id = '{shared}' THEN PERFORM pg_advisory_xact_lock_shared(2201); "
+                "END IF; RETURN NULL; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER hold_claim AFTER INSERT ON idempotency_keys "
+                "FOR EACH ROW EXECUTE FUNCTION hold_claim()"
+            )
+        )
+    caplog.set_level(logging.INFO, logger="service.db.retry")
+    try:
+        async with engine.connect() as holder:
+            await holder.execute(text("SELECT pg_advisory_lock(2201)"))
+            first = asyncio.ensure_future(
+                account_stub.Transfer(
+                    api.TransferRequest(
+                        from_account_id=a.id, to_account_id=b.id, amount="1.00", request_id=shared
+                    )
+                )
+            )
+            await wait_for_a_lock_waiter(engine)  # the first batch holds its uncommitted key
+            # 64 postings: a batch that large starts beside the running one (OVERLAP_FROM).
+            second = asyncio.ensure_future(
+                account_stub.BatchTransfer(
+                    api.BatchTransferRequest(
+                        requests=[
+                            api.TransferRequest(
+                                from_account_id=c.id,
+                                to_account_id=d.id,
+                                amount="2.00" if n == 0 else "1.00",
+                                request_id=shared if n == 0 else rid(),
+                            )
+                            for n in range(OVERLAP_FROM)
+                        ]
+                    )
+                )
+            )
+            await wait_for_lock_waiters(engine, 2)  # the second's key waits for the first
+            await holder.execute(text("SELECT pg_advisory_unlock(2201)"))
+            done = await asyncio.wait_for(first, BOUND_SECONDS)
+            answered = await asyncio.wait_for(second, BOUND_SECONDS)
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TRIGGER hold_claim ON idempotency_keys"))
+            await conn.execute(text("DROP FUNCTION hold_claim()"))
+
+    assert done.amount == "1.00"
+    reused, *applied = answered.results
+    assert reused.WhichOneof("result") == "error"
+    assert reason(reused.error) == "REQUEST_ID_REUSED"
+    assert [r.transfer.amount for r in applied] == ["1.00"] * (OVERLAP_FROM - 1)
+    raced = [r for r in caplog.records if getattr(r, "sqlstate", None) == "23505"]
+    assert len(raced) == 1
+    assert await balances(engine, a.id, b.id, c.id, d.id) == {
+        a.id: Decimal("9.00"),
+        b.id: Decimal("1.00"),
+        c.id: Decimal(100 - OVERLAP_FROM + 1),
+        d.id: Decimal(OVERLAP_FROM - 1),
+    }
+    await assert_ledger_balances(sessions)
+
+
+async def wait_for_lock_waiters(engine: AsyncEngine, count: int) -> None:
+    async with engine.connect() as conn:
+        for _ in range(500):
+            waiting = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+            if waiting >= count:
+                return
+            await conn.rollback()
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {count} backends ever waited on a lock")
 
 
 TURNS = 80
