@@ -37,12 +37,35 @@ async def upsert_users(
     )
 
 
+def _mixed_users(count: int, start: int) -> list[user_service_pb2.UpsertUser]:
+    """Rows start.. of a half-existing import: every other row updates a seeded user (the
+    "user" prefix of seed.copy_users, each once), the others are new."""
+    users = []
+    for i in range(start, start + count):
+        if i % 2:
+            users += _users("apimix", 1, i)
+        else:
+            email, _, last = next(user_records("user", 1, i // 2))
+            users.append(
+                user_service_pb2.UpsertUser(email=email, first_name="Mixed", last_name=last)
+            )
+    return users
+
+
 async def import_users(
-    target: str, calls: int, rows_per_call: int, message_rows: int
+    target: str, calls: int, rows_per_call: int, message_rows: int, *, mixed: bool = False
 ) -> Measurement:
+    """`calls` ImportUsers calls of `rows_per_call` new users, one at a time; `mixed`: every
+    other row an existing (seeded) user instead, interleaved from the first message."""
+
     async def requests(start: int) -> AsyncIterator[user_service_pb2.ImportUsersRequest]:
         for offset in range(0, rows_per_call, message_rows):
-            users = _users("apiimp", min(message_rows, rows_per_call - offset), start + offset)
+            count = min(message_rows, rows_per_call - offset)
+            users = (
+                _mixed_users(count, start + offset)
+                if mixed
+                else _users("apiimp", count, start + offset)
+            )
             yield user_service_pb2.ImportUsersRequest(users=users)
 
     async with grpc.aio.insecure_channel(target) as channel:
@@ -52,8 +75,9 @@ async def import_users(
             await stub.ImportUsers(requests(c * rows_per_call))
         elapsed = time.perf_counter() - started
     return Measurement(
-        "ImportUsers",
+        "ImportUsers, half existing" if mixed else "ImportUsers",
         calls * rows_per_call / elapsed,
         "rows/s",
-        details=f"{calls} x {rows_per_call:,} rows, {message_rows} per message",
+        details=f"{calls} x {rows_per_call:,} rows, {message_rows} per message"
+        + (", every other row an existing user" if mixed else ""),
     )
