@@ -257,27 +257,27 @@ async def test_import_users_meeting_a_serialization_failure_answers_contention_a
     assert (await _import(user_stub, ["a@example.com", "b@example.com"])).imported == 2
 
 
-async def test_import_merges_new_users_plainly_and_falls_back_to_on_conflict(
-    user_stub, factory: Factory, statements: StatementCounter
+async def test_import_copies_new_users_straight_in_and_merges_from_a_taken_email_on(
+    user_stub, statements: StatementCounter
 ) -> None:
-    """docs/money.md (Bulk writes): the merge first tries a plain INSERT … SELECT in a savepoint,
-    which succeeds when every email is new; otherwise it rolls that back and runs the ON CONFLICT
-    merge."""
+    """docs/money.md (Bulk writes): each batch is COPYed straight into users in a savepoint;
+    a batch meeting a taken email is rolled back to its savepoint and staged, with the batches
+    after it, and the staged rows are merged by INSERT … ON CONFLICT (no plain INSERT first)."""
 
-    def merges() -> list[str]:
+    def writes() -> list[str]:
         return [
-            "ON CONFLICT" if "ON CONFLICT" in s.upper() else "plain"
+            "ON CONFLICT" if "ON CONFLICT" in s.upper() else s.split()[0].upper()
             for s in statements.statements
-            if s.lstrip().upper().startswith("INSERT INTO USERS")
+            if s.lstrip().upper().startswith(("INSERT INTO USERS", "CREATE TEMP"))
         ]
 
     assert (await _import(user_stub, ["new1@example.com", "new2@example.com"])).imported == 2
-    assert merges() == ["plain"], statements.statements
-    assert any(s.upper().startswith("SAVEPOINT") for s in statements.statements)
+    assert writes() == [], statements.statements
+    assert any(s.upper().startswith("RELEASE SAVEPOINT") for s in statements.statements)
 
     statements.statements.clear()
     assert (await _import(user_stub, ["new1@example.com", "new3@example.com"])).imported == 2
-    assert merges() == ["plain", "ON CONFLICT"], statements.statements
+    assert writes() == ["CREATE", "ON CONFLICT"], statements.statements
     assert any(s.upper().startswith("ROLLBACK TO SAVEPOINT") for s in statements.statements)
 
 

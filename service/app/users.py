@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from service.app.users_import import StagedUser, stage_all
+from service.app.users_import import Loader, StagedUser, stage_all
 from service.db.coalescer import Outcome
 from service.db.database import Database
 from service.db.models import User, utcnow
@@ -110,41 +110,34 @@ class Users:
         return await self.db.write(upsert)
 
     async def import_(self, batches: AsyncIterator[list[StagedUser]]) -> int:
-        """COPY every batch into a staging table, then merge: all or nothing.
+        """COPY every batch straight into users, in a savepoint each, until an email is taken;
+        that batch and the rest go into a staging table, merged at the end: all or nothing.
 
         The next batches are received and checked while the earlier ones are copied. The merge
-        is a plain INSERT when every email is new; otherwise, once duplicates are ruled out,
-        an upsert that refuses soft-deleted users. An import large enough to move the statistics
-        ends with ANALYZE users in the same transaction, so the next export is planned on them.
+        is a plain INSERT when no email was taken (the straight copies reached their bound);
+        otherwise an upsert that refuses soft-deleted users and an email the import repeats
+        (twice among the staged rows, or staged and copied straight in). An import large enough
+        to move the statistics ends with ANALYZE users in the same transaction, so the next
+        export is planned on them.
 
         The one write not retried: the stream is consumed once. A deadlock here is UNAVAILABLE
         with nothing applied, and the client sends the stream again."""
         async with self.db.transaction() as session:
             users = UserRepository(session)
-            staged = 0
-
-            async def stage(records: list[StagedUser]) -> None:
-                nonlocal staged
-                await users.copy_into_staging(records, first=not staged)
-                staged += len(records)
-
-            await stage_all(batches, stage)
-            if not staged:
-                return 0
-            imported = await users.insert_staged()
-            if imported is None:  # an email is taken or repeated
-                duplicates = await users.staged_duplicates()
-                if duplicates:  # at most 10: the query's LIMIT
-                    raise InvalidArgument(
-                        [
-                            FieldViolation(
-                                "users.email", f"{email} appears more than once in the import"
-                            )
-                            for email in duplicates
-                        ]
-                    )
-                imported = await users.merge_staging(staged)
-            await users.refresh_statistics(imported)
+            loader = Loader(users)
+            await stage_all(batches, loader.load)
+            imported = await loader.merge()
+            if isinstance(imported, list):  # at most 10: the query's LIMIT
+                raise InvalidArgument(
+                    [
+                        FieldViolation(
+                            "users.email", f"{email} appears more than once in the import"
+                        )
+                        for email in imported
+                    ]
+                )
+            if imported:
+                await users.refresh_statistics(imported)
         return imported
 
 

@@ -199,34 +199,67 @@ class UserRepository(Repository):
             raise FailedPrecondition("a user in the batch was deleted", reason="USER_DELETED")
         return UpsertCounts(inserted, len(inserted_flags) - inserted)
 
-    # --- ImportUsers: COPY into a staging table, then one merge ---------------------------------
+    # --- ImportUsers: COPY straight into users; a staging table and one merge for the rest ----
 
-    # One per transaction: a temp table (no WAL) without index, filled by COPY and read by one
-    # sorted scan.
+    _IMPORT_COLUMNS = ("email", "first_name", "last_name", "is_active")
+    # Created only when a batch cannot go straight into users: a temp table (no WAL) without
+    # index, filled by COPY and read by one sorted scan.
     _CREATE_STAGING = text(
         "CREATE TEMP TABLE users_import "
         "(email text, first_name text, last_name text, is_active boolean) "
         "ON COMMIT DROP"
     )
-    _STAGING_COLUMNS = ("email", "first_name", "last_name", "is_active")
+    # The subtransactions (savepoints) of the batches copied straight into users: each batch's
+    # rows carry its xid as xmin, so its first email finds it.
+    _COPIED_XIDS = text("SELECT xmin::text FROM users WHERE email = ANY(CAST(:emails AS text[]))")
     # Sorted by email, as UPSERT is: concurrent writers lock and insert rows in the same order.
     _INSERT_STAGED_SQL = (
         "INSERT INTO users (email, first_name, last_name, is_active) "
         "SELECT email, first_name, last_name, is_active FROM users_import ORDER BY email"
     )
     _INSERT_STAGED = text(_INSERT_STAGED_SQL)
+    # A row this import copied straight in (its xmin one of :copied) is not updated: the email
+    # is in the import twice, and the short row count sends merge_staging looking why.
     _MERGE_STAGED = text(
         _INSERT_STAGED_SQL + " ON CONFLICT (email) DO UPDATE SET first_name = excluded.first_name, "
         "last_name = excluded.last_name, is_active = excluded.is_active, "
-        "updated_at = now() WHERE users.deleted_at IS NULL"
+        "updated_at = now() WHERE users.deleted_at IS NULL "
+        "AND NOT users.xmin = ANY(CAST(CAST(:copied AS text[]) AS xid[]))"
     )
+    # Repeated among the staged rows, or staged and copied straight in (xmin one of :copied).
     _STAGED_DUPLICATES = text(
-        "SELECT email FROM users_import GROUP BY email HAVING count(*) > 1 ORDER BY email LIMIT 10"
+        "SELECT email FROM users_import GROUP BY email HAVING count(*) > 1 "
+        "UNION SELECT i.email FROM users_import i JOIN users u USING (email) "
+        "WHERE u.xmin = ANY(CAST(CAST(:copied AS text[]) AS xid[])) ORDER BY email LIMIT 10"
     )
     _STAGED_DELETED = text(
         "SELECT u.email FROM users_import i JOIN users u USING (email) "
         "WHERE u.deleted_at IS NOT NULL ORDER BY u.email LIMIT 10"
     )
+    # cardinality_violation: ON CONFLICT DO UPDATE met the same email twice in its rows.
+    _MERGED_TWICE = "21000"
+
+    async def _copy(self, table: str, records: Sequence[tuple[str, str, str, bool]]) -> None:
+        # COPY is the driver's own protocol: reached as the seed does, through the session's
+        # connection (same transaction), which SQLAlchemy checks out and returns itself.
+        connection = await self.session.connection()
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert driver is not None  # a connection in use is open
+        await driver.copy_records_to_table(table, records=records, columns=self._IMPORT_COLUMNS)
+
+    async def copy_into_users(self, records: Sequence[tuple[str, str, str, bool]]) -> bool:
+        """COPY (email, first_name, last_name, is_active) records straight into users, in a
+        savepoint, as a raw COPY would (the change log's statement triggers fire for COPY
+        too). False when an email is taken (by a user, by a batch copied before, or twice in
+        these records): the savepoint is rolled back, none of them written."""
+        try:
+            async with self.session.begin_nested():
+                await self._copy("users", records)
+        except Exception as exc:
+            if violated_constraint(exc) != EMAIL_UNIQUE:
+                raise
+            return False
+        return True
 
     async def copy_into_staging(
         self, records: Sequence[tuple[str, str, str, bool]], *, first: bool
@@ -235,22 +268,22 @@ class UserRepository(Repository):
         table, created with the first batch."""
         if first:
             await self.session.execute(self._CREATE_STAGING)
-        # COPY is the driver's own protocol: reached as the seed does, through the session's
-        # connection (same transaction), which SQLAlchemy checks out and returns itself.
-        connection = await self.session.connection()
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert driver is not None  # a connection in use is open
-        await driver.copy_records_to_table(
-            "users_import", records=records, columns=self._STAGING_COLUMNS
-        )
+        await self._copy("users_import", records)
+
+    async def copied_xids(self, first_emails: Sequence[str]) -> list[str]:
+        """The xids of the batches copied straight in, from each batch's first email."""
+        if not first_emails:
+            return []
+        found = await self.session.scalars(self._COPIED_XIDS, {"emails": list(first_emails)})
+        return list(found.all())
 
     async def insert_staged(self) -> int | None:
-        """The merge when every staged email is new, as in most imports: a plain INSERT, which
-        spares the speculative insertion of ON CONFLICT (some 40% of its time), inside a
-        savepoint. Its success proves there was nothing to update, no soft-deleted user and
-        no email staged twice: the import is merged, and the rows inserted are returned. When a
-        staged email is taken or repeated, the savepoint is rolled back (the rows inserted
-        before it are undone) and None returned: merge_staging() then merges and reports."""
+        """The merge when every staged email is new: a plain INSERT, which spares the
+        speculative insertion of ON CONFLICT (some 40% of its time), inside a savepoint. Its
+        success proves there was nothing to update, no soft-deleted user and no email staged
+        twice or copied straight in before: the rows inserted are returned. When a staged
+        email is taken or repeated, the savepoint is rolled back (the rows inserted before it
+        are undone) and None returned: merge_staging() then merges and reports."""
         try:
             async with self.session.begin_nested():
                 result = await self.session.execute(self._INSERT_STAGED)
@@ -260,19 +293,31 @@ class UserRepository(Repository):
             return None
         return int(result.rowcount)  # type: ignore[attr-defined]
 
-    async def staged_duplicates(self) -> list[str]:
-        result = await self.session.scalars(self._STAGED_DUPLICATES)
+    async def staged_duplicates(self, copied: Sequence[str] = ()) -> list[str]:
+        """Up to 10 emails in the import twice: staged twice, or staged and also copied
+        straight in by a batch whose xid is in `copied` (copied_xids)."""
+        result = await self.session.scalars(self._STAGED_DUPLICATES, {"copied": list(copied)})
         return list(result.all())
 
-    async def merge_staging(self, staged: int) -> int:
-        """Upsert the staged rows with the same semantics as upsert(); returns rows merged.
-        `staged` is how many rows were staged. A soft-deleted user is left alone by the merge
-        (its WHERE), so fewer rows merged than staged says one was in the import: USER_DELETED
-        naming them, and the caller's transaction rolls back (a partial import is not one we
-        give)."""
-        result = await self.session.execute(self._MERGE_STAGED)
+    async def merge_staging(self, staged: int, copied: Sequence[str] = ()) -> int | None:
+        """Upsert the staged rows with the same semantics as upsert(); returns rows merged, or
+        None when an email is in the import twice (staged_duplicates() names them). `staged` is
+        how many rows were staged, `copied` the xids of the batches copied straight in. The
+        merge runs in a savepoint: an email staged twice fails it (21000). A soft-deleted user,
+        or a row copied straight in, is left alone (its WHERE), so fewer rows merged than
+        staged says why: a repeat, else USER_DELETED naming them, and the caller's transaction
+        rolls back (a partial import is not one we give)."""
+        try:
+            async with self.session.begin_nested():
+                result = await self.session.execute(self._MERGE_STAGED, {"copied": list(copied)})
+        except DBAPIError as exc:
+            if sqlstate(exc) != self._MERGED_TWICE:
+                raise
+            return None
         merged = int(result.rowcount)  # type: ignore[attr-defined]
         if merged != staged:
+            if await self.staged_duplicates(copied):
+                return None
             _refuse(list((await self.session.scalars(self._STAGED_DELETED)).all()))
             # Deleted and undeleted again by others since the merge: still not applied whole.
             raise FailedPrecondition("a user in the import was deleted", reason="USER_DELETED")
