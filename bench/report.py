@@ -179,7 +179,8 @@ def render(
         if section.unavailable:
             out += [f"Not measured: {section.unavailable}.", ""]
             continue
-        out += [*section_table(section), ""]
+        if section.comparisons:  # a section of checks alone has no table
+            out += [*section_table(section), ""]
         marks = {True: "met", False: "**not met**", None: "for information"}
         out += [f"- {text}: {marks[met]}" for text, met in section.checks]
         out += _details(section)

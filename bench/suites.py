@@ -162,13 +162,43 @@ async def _unary_rows(run: Run, server: ServerProcess, suffix: str) -> list[Comp
     return rows
 
 
+# Issue 22: the server's CPU per call at most this many times a bare grpc.aio echo's.
+CPU_PER_CALL_TARGET = 2.0
+
+
+def cpu_checks(comparisons: list[Comparison], in_flight: int) -> list[tuple[str, bool | None]]:
+    """Issue 22's check of server CPU per call against the echo's, for the rows at
+    `in_flight` that have both figures (lower is better, so not a Comparison's ratio)."""
+    checks: list[tuple[str, bool | None]] = []
+    for c in comparisons:
+        mine, echo = c.subject.server_cpu_ms, c.baseline and c.baseline.server_cpu_ms
+        if c.subject.in_flight != in_flight or not mine or not echo:
+            continue
+        times = mine / echo
+        checks.append(
+            (
+                f"{c.subject.name} @{in_flight} server CPU {mine:.3f} ms/call = {times:.2f}x "
+                f"echo's {echo:.3f} ms (target <= {CPU_PER_CALL_TARGET:g}x)",
+                times <= CPU_PER_CALL_TARGET,
+            )
+        )
+    return checks
+
+
 async def unary(run: Run) -> list[Section]:
     section = Section("unary", "GetUser and CreateUser beside a bare grpc.aio echo", issue=11)
     section.comparisons = await _unary_rows(run, run.service, "")
     section.notes.append(
         "CreateUser has no target in issue 4; its ratio to echo is shown for information."
     )
-    return [section]
+    cost = Section("unary-cost", "GetUser's server CPU per call beside the echo's", issue=22)
+    gets = [c for c in section.comparisons if c.subject.name == "GetUser"]
+    cost.checks = cpu_checks(gets, 16)
+    cost.notes.append(
+        "CPU time of the server process (its workers included) from /proc over the whole "
+        "load, warm-up included, divided by the calls; the echo's the same way, in this run."
+    )
+    return [section, cost]
 
 
 def workers_supported() -> bool:
