@@ -6,6 +6,8 @@ entries those add, and WAL bytes, as differences of the server's counters around
   each snapshot first waits that out (SETTLE_SECONDS).
 - Index entries: every insert and every update that is not HOT adds one entry to each index of
   its table (a delete adds none); partial indexes counted as if they matched, so an upper bound.
+  BRIN indexes are left out: an insert adds no entry to one (at most it widens the summary of
+  a range VACUUM has already summarized; a new range at the table's tail is not summarized).
 - WAL: pg_stat_wal.wal_bytes, the whole cluster's (anything else writing on the server counts
   too); and, where pg_walinspect is installed, the records of this database alone (those that
   touch its relations, and the commit records of their transactions).
@@ -25,7 +27,9 @@ SETTLE_SECONDS = 11.0
 
 TABLES = """
 SELECT s.relname, s.n_tup_ins, s.n_tup_upd, s.n_tup_hot_upd, s.n_tup_del,
-       (SELECT count(*) FROM pg_index i WHERE i.indrelid = s.relid) AS indexes
+       (SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+        JOIN pg_am am ON am.oid = c.relam
+        WHERE i.indrelid = s.relid AND am.amname <> 'brin') AS indexes
 FROM pg_stat_user_tables s
 """
 WAL = "SELECT pg_current_wal_lsn()::text AS lsn, wal_bytes, wal_records, wal_fpi FROM pg_stat_wal"
