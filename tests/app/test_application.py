@@ -92,6 +92,49 @@ async def test_an_import_is_exported_in_id_order_and_a_repeat_email_is_refused(
     assert [v.field for v in refused.value.violations] == ["users.email"]
 
 
+async def test_an_import_stages_what_meets_a_taken_email_and_names_a_repeat_among_the_rest(
+    db: Database,
+) -> None:
+    users = Users(db)
+    await users.create("taken@example.com", "Old", "Name")
+
+    async def batches(*batches: list[StagedUser]) -> AsyncIterator[list[StagedUser]]:
+        for batch in batches:
+            yield batch
+
+    # The first batch meets a taken email: it is staged, and the rows after it are looked up
+    # first; "y" is no user's, but twice in its batch, so its COPY fails and it is staged too.
+    with pytest.raises(InvalidArgument) as refused:
+        await users.import_(
+            batches(
+                [("taken@example.com", "New", "Name", True), ("x@example.com", "X", "X", True)],
+                [("y@example.com", "Y", "One", True), ("y@example.com", "Y", "Two", True)],
+            )
+        )
+    assert [(v.field, v.description) for v in refused.value.violations] == [
+        ("users.email", "y@example.com appears more than once in the import")
+    ]
+    export = users.export(show_deleted=True, active_only=False, batch_size=10, after_id=0)
+    assert [(row.email, row.first_name) async for rows in export for row in rows] == [
+        ("taken@example.com", "Old")
+    ]
+    # Without the repeat, the taken email is updated and the others copied in.
+    imported = await users.import_(
+        batches(
+            [("taken@example.com", "New", "Name", True), ("x@example.com", "X", "X", True)],
+            [("y@example.com", "Y", "One", True), ("z@example.com", "Z", "Z", True)],
+        )
+    )
+    assert imported == 4
+    export = users.export(show_deleted=True, active_only=False, batch_size=10, after_id=0)
+    assert [(row.email, row.first_name) async for rows in export for row in rows] == [
+        ("taken@example.com", "New"),
+        ("x@example.com", "X"),
+        ("y@example.com", "Y"),
+        ("z@example.com", "Z"),
+    ]
+
+
 async def test_money_is_posted_once_per_request_id_with_the_callers_answers(
     db: Database,
 ) -> None:
