@@ -270,12 +270,6 @@ class UserRepository(Repository):
             await self.session.execute(self._CREATE_STAGING)
         await self._copy("users_import", records)
 
-    _TAKEN = text("SELECT email FROM users WHERE email = ANY(CAST(:emails AS text[]))")
-
-    async def taken_emails(self, emails: Sequence[str]) -> set[str]:
-        """Which of the emails a user has (one this transaction wrote included)."""
-        return set((await self.session.scalars(self._TAKEN, {"emails": list(emails)})).all())
-
     async def copied_xids(self, first_emails: Sequence[str]) -> list[str]:
         """The xids of the batches copied straight in, from each batch's first email."""
         if not first_emails:

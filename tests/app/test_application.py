@@ -102,8 +102,8 @@ async def test_an_import_stages_what_meets_a_taken_email_and_names_a_repeat_amon
         for batch in batches:
             yield batch
 
-    # The first batch meets a taken email: it is staged, and the rows after it are looked up
-    # first; "y" is no user's, but twice in its batch, so its COPY fails and it is staged too.
+    # The first batch meets a taken email: it is staged, and the batches after it; "y" is no
+    # user's, but twice in the import, which the merge finds.
     with pytest.raises(InvalidArgument) as refused:
         await users.import_(
             batches(

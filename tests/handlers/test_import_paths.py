@@ -1,8 +1,7 @@
 """ImportUsers' two paths over a real channel on a real PostgreSQL: batches COPYed straight into
-users (each in a savepoint) until one meets a taken email; from then on each batch's taken
-emails are staged and merged at the end, its other rows still copied straight in. The client
-sends each batch once the server is done with the one before, so each is its own COPY and the
-test knows which path it took."""
+users (each in a savepoint) until one meets a taken email; that batch and the ones after it
+are staged and merged at the end. The client sends each batch once the server is done with the
+one before, so each is its own COPY and the test knows which path it took."""
 
 from __future__ import annotations
 
@@ -81,9 +80,8 @@ async def test_new_batches_go_straight_in_and_a_later_existing_email_is_merged(
         )
     )
     assert reply.imported == 100 + 100 + 2 + 51
-    # Two batches, then the new rows of the two after them (their taken emails staged), then
-    # the merge's own savepoint.
-    assert _copied(statements) == 2 + 2 + 1
+    # Two batches, then the merge's own savepoint: from the taken email on, all is staged.
+    assert _copied(statements) == 2 + 1
     assert _merges(statements) == ["ON CONFLICT"], statements.statements
     rows = await db_users(engine)
     assert len(rows) == 2 + 100 + 100 + 1 + 50
