@@ -219,8 +219,20 @@ async def workers(run: Run) -> list[Section]:
         # The port answers as soon as one worker listens; give the other time to join.
         await asyncio.sleep(2.0)
         section.comparisons = await _unary_rows(run, server, " (2 workers)")
-    section.notes.append("The echo baseline is the same single-process echo server.")
-    return [section]
+    section.notes.append(
+        "The echo baseline is the same single-process echo server. SHOP_WORKERS defaults to "
+        "the usable cores: 2 workers is the default on a 2-core machine."
+    )
+    cost = Section(
+        "workers-cost", "GetUser's server CPU per call with 2 workers beside the echo's", issue=22
+    )
+    gets = [c for c in section.comparisons if c.subject.name == "GetUser (2 workers)"]
+    cost.checks = cpu_checks(gets, 16)
+    cost.notes.append(
+        "CPU time of the server and both workers from /proc over the whole load, divided by "
+        "the calls; each worker batches its own calls (the calls per read batch above)."
+    )
+    return [section, cost]
 
 
 async def _pgbench(run: Run) -> Measurement:
