@@ -88,6 +88,11 @@ class Coalescer(Generic[In, Out]):
         return self._name
 
     @property
+    def queued(self) -> int:
+        """Requests queued for a batch that has not taken them yet."""
+        return len(self._queue)
+
+    @property
     def waiting(self) -> int:
         """Requests queued or in a running batch, not yet answered."""
         running = sum(1 for futures in self._running.values() for f in futures if not f.done())

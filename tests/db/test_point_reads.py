@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -15,13 +16,14 @@ import pytest
 import pytest_asyncio
 from shop.v1 import user_service_pb2 as api
 from shop.v1 import user_service_pb2_grpc
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.config import Settings
 from service.db.coalescer import Outcome
-from service.db.database import Database
+from service.db.database import KEPT_BATCHES, Database
 from service.db.engine import create_engine, create_sessionmaker
+from service.db.transaction import AUTOCOMMIT_READS
 from service.errors import NotFound
 from service.serving.server import RunningServer
 from tests.factories import Factory
@@ -192,3 +194,53 @@ async def test_a_cancelled_get_user_leaves_nothing_behind(
         await holder.rollback()
     again = await user_stub.GetUser(api.GetUserRequest(id=user.id), timeout=BOUND)
     assert again.id == user.id
+
+
+def count_checkouts(engine: AsyncEngine) -> list[int]:
+    """A one-element list that counts the pool's checkouts from now on."""
+    counted = [0]
+
+    def checkout(*_: object) -> None:
+        counted[0] += 1
+
+    event.listen(engine.sync_engine.pool, "checkout", checkout)
+    return counted
+
+
+async def test_batches_back_to_back_keep_one_connection_and_an_idle_batcher_holds_none(
+    one: Database, one_pool: AsyncEngine
+) -> None:
+    """Reads queued faster than batches run (one read per batch here): in autocommit each run
+    of KEPT_BATCHES batches takes one connection from the pool instead of one per batch; behind
+    PgBouncer every read is a transaction of its own, so each batch takes its own. Either way,
+    once nothing is queued the connection is back in the pool."""
+    reads = one.point_reads(echo, max_batch=1)
+    checkouts = count_checkouts(one_pool)
+    calls = 136  # more than two runs of KEPT_BATCHES (64)
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(reads.submit(n) for n in range(calls))), BOUND
+    )
+    assert answers == list(range(calls))
+    autocommit = one_pool.get_execution_options().get(AUTOCOMMIT_READS, True)
+    if autocommit:
+        assert checkouts[0] == math.ceil(calls / KEPT_BATCHES) < calls / 2
+    else:
+        assert checkouts[0] == calls
+    assert one_pool.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_kept_connection_goes_back_in_turn_for_a_caller_waiting_on_the_pool(
+    one: Database, one_pool: AsyncEngine
+) -> None:
+    """A pool of one, a batcher busy without a pause: another caller waiting for the pool gets
+    the connection while the batcher still has reads queued, within KEPT_BATCHES batches."""
+    reads = one.point_reads(echo, max_batch=1)
+    calls = 256  # four runs of KEPT_BATCHES (64)
+    busy = asyncio.ensure_future(asyncio.gather(*(reads.submit(n) for n in range(calls))))
+    # The batcher has the pool's one connection and keeps it (batches are running).
+    await eventually(lambda: reads.batches > 1, "no batch ran")
+    assert one_pool.pool.checkedout() == 1  # type: ignore[attr-defined]
+    async with asyncio.timeout(BOUND), one_pool.connect() as other:
+        assert await other.scalar(text("SELECT 1")) == 1
+        assert not busy.done(), "the other caller waited for every queued read"
+    assert await asyncio.wait_for(busy, BOUND) == list(range(calls))
