@@ -399,7 +399,13 @@ async def transfer(run: Run) -> list[Section]:
         "on raw asyncpg. They place the service between the database's cost per transfer at a "
         "given batch size and pgbench; their CPU column is this process's CPU per transfer.",
     ]
-    return [section]
+    cost = Section("transfer-cost", "Transfer's server CPU per call beside the echo's", issue=22)
+    cost.checks = cpu_checks([Comparison(spread, echo[s.transfer_clients])], s.transfer_clients)
+    cost.notes.append(
+        "CPU time of the server process from /proc over the whole load, warm-up included, "
+        "divided by the transfers (one per call); the echo's the same way, in this run."
+    )
+    return [section, cost]
 
 
 async def bulk_writes(run: Run) -> list[Section]:
