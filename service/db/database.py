@@ -51,7 +51,7 @@ Out = TypeVar("Out")
 WRITE_BATCHES = 2
 OVERLAP_FROM = 64
 # Point-read batches in a row on one kept connection before it goes back to the pool once
-# (_KeptConnection): the pool's other waiters get their turn, the checkout is still paid once
+# (_KeptConnections): the pool's other waiters get their turn, the checkout is still paid once
 # in 64 batches.
 KEPT_BATCHES = 64
 
@@ -112,7 +112,7 @@ class Database:
         self._replicas = replicas
         self.streams = StreamSlots(stream_connections)
         self._coalescers: list[Coalescer[Any, Any]] = []
-        self._kept: list[_KeptConnection] = []
+        self._kept: list[_KeptConnections] = []
         self._commit_listeners: list[Callable[[], None]] = []
 
     def on_commit(self, listener: Callable[[], None]) -> None:
@@ -228,7 +228,7 @@ class Database:
             autocommit = self._engine.get_execution_options().get(AUTOCOMMIT_READS, True)
             return bool(autocommit and reads.queued)
 
-        connection = _KeptConnection(self._statement, more_queued)
+        connection = _KeptConnections(self._statement, more_queued)
         self._kept.append(connection)
 
         # One batch at a time: a point read is one short statement with no locks to wait for,
@@ -266,6 +266,7 @@ class Database:
             tracing=self._tracing,
         )
         self._coalescers.append(writer.coalescer)
+        self._kept.append(writer.connections)
         return writer
 
     def batch_counts(self) -> list[tuple[str, int, int]]:
@@ -285,51 +286,57 @@ class Database:
             await connection.release()
 
 
-class _KeptConnection:
-    """The point reads' connection, kept from one batch to the next while calls queue.
+class _KeptConnections:
+    """A batcher's connections, kept from one batch to the next while calls queue.
 
-    Taking a connection from the pool and giving it back costs more CPU than the read's
+    Taking a connection from the pool and giving it back costs more CPU than a point read's
     statement itself: a batch of two ids took 370 us with a checkout per batch and 150 us on a
-    connection kept (in isolation, uvloop). Under load a read batch starts as soon as the
-    previous one ends, so a batch that ends with calls queued keeps its connection for the next
-    one; one that ends with none queued gives it back at once, so an idle server holds none. A
-    batch that fails or is cancelled gives its connection back (SQLAlchemy closes it, or
-    discards it after a disconnect) and the next one takes a fresh one. One batch runs at a time
-    (the point reads' coalescer runs one), so one connection is enough; it goes back after
-    KEPT_BATCHES batches in a row all the same, so a call waiting for the pool (a small pool,
-    another batcher) gets it within that many short batches. GetUser at 16 in flight,
-    alternating runs with and without it: 500-640 against 680-965 us of server CPU per call."""
+    connection kept (in isolation, uvloop). Under load a batch starts as soon as the previous
+    one ends, so a batch that ends with calls queued keeps its connection for the next one; one
+    that ends with none queued gives it back at once, so an idle server holds none. A batch that
+    fails or is cancelled gives its connection back (SQLAlchemy closes it, or discards it after
+    a disconnect) and the next one takes a fresh one. At most `most` are kept (the batches the
+    batcher runs at once), and each goes back after KEPT_BATCHES batches in a row all the same,
+    so a call waiting for the pool (a small pool, another batcher) gets it within that many
+    short batches. GetUser at 16 in flight, alternating runs with and without it: 500-640
+    against 680-965 us of server CPU per call."""
 
     def __init__(
         self,
         opener: Callable[[], AbstractAsyncContextManager[AsyncConnection]],
         keep: Callable[[], bool],
+        most: int = 1,
     ) -> None:
         self._opener = opener
         self._keep = keep
-        self._held: tuple[AsyncExitStack, AsyncConnection] | None = None
-        self._batches = 0
+        self._most = most
+        # Each kept connection with what closes it and the batches it has run in a row.
+        self._idle: list[tuple[AsyncExitStack, AsyncConnection, int]] = []
 
     async def run(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        if self._held is None:
+        if self._idle:
+            stack, conn, batches = self._idle.pop()
+        else:
             stack = AsyncExitStack()
             conn = await stack.enter_async_context(self._opener())
-            self._held = (stack, conn)
-            self._batches = 0
+            batches = 0
         try:
-            result = await work(self._held[1])
+            result = await work(conn)
         except BaseException:
-            await self.release()
+            await stack.aclose()
             raise
-        self._batches += 1
-        if self._batches >= KEPT_BATCHES or not self._keep():
-            await self.release()
+        batches += 1
+        if batches < KEPT_BATCHES and len(self._idle) < self._most and self._keep():
+            self._idle.append((stack, conn, batches))
+        else:
+            await stack.aclose()
         return result
 
     async def release(self) -> None:
-        held, self._held = self._held, None
-        if held is not None:
-            await held[0].aclose()
+        """Every kept connection back to the pool (at shutdown)."""
+        idle, self._idle = self._idle, []
+        for stack, _conn, _batches in idle:
+            await stack.aclose()
 
 
 Opener = Callable[[async_sessionmaker[AsyncSession]], AbstractAsyncContextManager[AsyncSession]]
@@ -376,6 +383,10 @@ class BatchedWriter(Generic[In, Out]):
             name=name,
             tracing=tracing,
         )
+        # One kept per batch running at once: a checkout per batch is not paid under load.
+        self.connections = _KeptConnections(
+            engine.connect, lambda: bool(self.coalescer.queued), most=WRITE_BATCHES
+        )
 
     async def submit(self, item: In) -> Out:
         return await self.coalescer.submit(_Queued(item, current_deadline()))
@@ -394,10 +405,13 @@ class BatchedWriter(Generic[In, Out]):
         latest = None if None in deadlines else max(d for d in deadlines if d is not None)
         items = [queued[i].item for i in live]
 
+        async def in_transaction(conn: AsyncConnection) -> Sequence[Outcome[Out]]:
+            async with conn.begin():
+                return await self._apply(conn, items)
+
         async def attempt() -> Sequence[Outcome[Out]]:
             with deadline_bound(latest):
-                async with self._engine.begin() as conn:
-                    return await self._apply(conn, items)
+                return await self.connections.run(in_transaction)
 
         applied = await retried(attempt)
         self._committed()

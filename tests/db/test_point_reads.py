@@ -1,7 +1,8 @@
 """Coalesced point reads (Database.point_reads, GetUser's and GetAccount's path) under
 cancellation: a read whose callers have all gone away stops server-side, and its connection goes
-back to the pool, never inside a transaction. Ported from the driver path's tests
-(tests/db/test_driver.py) when GetUser moved onto SQLAlchemy."""
+back to the pool, never inside a transaction. The batchers' connections kept while calls queue
+(the money writer's too) and given back once idle or after KEPT_BATCHES in a row. Ported from
+the driver path's tests (tests/db/test_driver.py) when GetUser moved onto SQLAlchemy."""
 
 from __future__ import annotations
 
@@ -244,3 +245,24 @@ async def test_a_kept_connection_goes_back_in_turn_for_a_caller_waiting_on_the_p
         assert await other.scalar(text("SELECT 1")) == 1
         assert not busy.done(), "the other caller waited for every queued read"
     assert await asyncio.wait_for(busy, BOUND) == list(range(calls))
+
+
+async def test_the_money_writers_batches_keep_their_connections_while_items_queue(
+    database_url: str,
+) -> None:
+    """The group-commit writer's batches (two at once under a long queue) keep their
+    connections the same way: far fewer checkouts than batches, and none held once idle."""
+    engine = create_engine(Settings(pool_size=4, max_overflow=0), database_url)
+    try:
+        writer = Database(engine, create_sessionmaker(engine)).batched(echo, max_batch=1)
+        checkouts = count_checkouts(engine)
+        calls = 136
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(writer.submit(n) for n in range(calls))), BOUND
+        )
+        assert answers == list(range(calls))
+        assert writer.coalescer.batches == calls
+        assert checkouts[0] < calls / 8
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
