@@ -185,18 +185,29 @@ def cpu_checks(comparisons: list[Comparison], in_flight: int) -> list[tuple[str,
     return checks
 
 
+def cpu_section(
+    key: str, title: str, comparisons: list[Comparison], in_flight: int, how: str
+) -> Section:
+    """Issue 22's section of CPU-per-call checks for `comparisons` at `in_flight`."""
+    section = Section(key, title, issue=22)
+    section.checks = cpu_checks(comparisons, in_flight)
+    section.notes.append(how)
+    return section
+
+
 async def unary(run: Run) -> list[Section]:
     section = Section("unary", "GetUser and CreateUser beside a bare grpc.aio echo", issue=11)
     section.comparisons = await _unary_rows(run, run.service, "")
     section.notes.append(
         "CreateUser has no target in issue 4; its ratio to echo is shown for information."
     )
-    cost = Section("unary-cost", "GetUser's server CPU per call beside the echo's", issue=22)
-    gets = [c for c in section.comparisons if c.subject.name == "GetUser"]
-    cost.checks = cpu_checks(gets, 16)
-    cost.notes.append(
+    cost = cpu_section(
+        "unary-cost",
+        "GetUser's server CPU per call beside the echo's",
+        [c for c in section.comparisons if c.subject.name == "GetUser"],
+        16,
         "CPU time of the server process (its workers included) from /proc over the whole "
-        "load, warm-up included, divided by the calls; the echo's the same way, in this run."
+        "load, warm-up included, divided by the calls; the echo's the same way, in this run.",
     )
     return [section, cost]
 
@@ -223,14 +234,13 @@ async def workers(run: Run) -> list[Section]:
         "The echo baseline is the same single-process echo server. SHOP_WORKERS defaults to "
         "the usable cores: 2 workers is the default on a 2-core machine."
     )
-    cost = Section(
-        "workers-cost", "GetUser's server CPU per call with 2 workers beside the echo's", issue=22
-    )
-    gets = [c for c in section.comparisons if c.subject.name == "GetUser (2 workers)"]
-    cost.checks = cpu_checks(gets, 16)
-    cost.notes.append(
+    cost = cpu_section(
+        "workers-cost",
+        "GetUser's server CPU per call with 2 workers beside the echo's",
+        [c for c in section.comparisons if c.subject.name == "GetUser (2 workers)"],
+        16,
         "CPU time of the server and both workers from /proc over the whole load, divided by "
-        "the calls; each worker batches its own calls (the calls per read batch above)."
+        "the calls; each worker batches its own calls (the calls per read batch above).",
     )
     return [section, cost]
 
@@ -399,11 +409,13 @@ async def transfer(run: Run) -> list[Section]:
         "on raw asyncpg. They place the service between the database's cost per transfer at a "
         "given batch size and pgbench; their CPU column is this process's CPU per transfer.",
     ]
-    cost = Section("transfer-cost", "Transfer's server CPU per call beside the echo's", issue=22)
-    cost.checks = cpu_checks([Comparison(spread, echo[s.transfer_clients])], s.transfer_clients)
-    cost.notes.append(
+    cost = cpu_section(
+        "transfer-cost",
+        "Transfer's server CPU per call beside the echo's",
+        [Comparison(spread, echo[s.transfer_clients])],
+        s.transfer_clients,
         "CPU time of the server process from /proc over the whole load, warm-up included, "
-        "divided by the transfers (one per call); the echo's the same way, in this run."
+        "divided by the transfers (one per call); the echo's the same way, in this run.",
     )
     return [section, cost]
 

@@ -20,7 +20,7 @@ from service.db.database import OVERLAP_FROM
 from service.db.errors import SERIALIZATION_FAILURE
 from service.db.models import Account, Transfer
 from service.serving.server import RunningServer
-from tests.concurrency.test_retry import wait_for_a_lock_waiter
+from tests.concurrency.test_retry import wait_for_lock_waiters
 from tests.conftest import StatementCounter
 from tests.factories import Factory
 from tests.handlers.test_batch_transfer import reason
@@ -108,7 +108,7 @@ async def test_a_refused_transfer_does_not_fail_its_neighbours_in_the_same_batch
                 )
             )
         )
-        await wait_for_a_lock_waiter(engine)
+        await wait_for_lock_waiters(engine)
         calls = [
             api.TransferRequest(from_account_id=a.id, to_account_id=b.id, amount="6.00"),
             api.TransferRequest(from_account_id=a.id, to_account_id=b.id, amount="6.00"),
@@ -215,7 +215,7 @@ async def test_a_caller_cancelled_mid_batch_finds_its_transfer_under_its_request
         await holder.execute(select(Account.id).where(Account.id == a.id).with_for_update())
         call = account_stub.Transfer(request)
         pending = asyncio.ensure_future(call)
-        await wait_for_a_lock_waiter(engine)  # the batch waits for a's lock
+        await wait_for_lock_waiters(engine)  # the batch waits for a's lock
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pending
@@ -325,7 +325,7 @@ async def test_a_request_id_claimed_meanwhile_by_a_concurrent_batch_runs_the_bat
                     )
                 )
             )
-            await wait_for_a_lock_waiter(engine)  # the first batch holds its uncommitted key
+            await wait_for_lock_waiters(engine)  # the first batch holds its uncommitted key
             # 64 postings: a batch that large starts beside the running one (OVERLAP_FROM).
             second = asyncio.ensure_future(
                 account_stub.BatchTransfer(
@@ -365,22 +365,6 @@ async def test_a_request_id_claimed_meanwhile_by_a_concurrent_batch_runs_the_bat
         d.id: Decimal(OVERLAP_FROM - 1),
     }
     await assert_ledger_balances(sessions)
-
-
-async def wait_for_lock_waiters(engine: AsyncEngine, count: int) -> None:
-    async with engine.connect() as conn:
-        for _ in range(500):
-            waiting = await conn.scalar(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            )
-            if waiting >= count:
-                return
-            await conn.rollback()
-            await asyncio.sleep(0.02)
-    raise AssertionError(f"fewer than {count} backends ever waited on a lock")
 
 
 TURNS = 80
@@ -486,7 +470,7 @@ async def test_shutdown_lets_a_running_batch_commit_for_a_caller_cut_off_by_the_
     async with own_server(database_url) as server, engine.connect() as holder:
         await holder.execute(select(Account.id).where(Account.id == a.id).with_for_update())
         call = asyncio.ensure_future(server.accounts.Transfer(request))
-        await wait_for_a_lock_waiter(engine)
+        await wait_for_lock_waiters(engine)
         stopping = asyncio.ensure_future(server.running.stop(grace=0.1))
         with pytest.raises(grpc.aio.AioRpcError):
             await asyncio.wait_for(call, BOUND_SECONDS)  # cut off by the grace
@@ -509,7 +493,7 @@ async def test_shutdown_rolls_back_a_batch_that_outlives_the_drain_window(
     async with own_server(database_url) as server, engine.connect() as holder:
         await holder.execute(select(Account.id).where(Account.id == a.id).with_for_update())
         call = asyncio.ensure_future(server.accounts.Transfer(request))
-        await wait_for_a_lock_waiter(engine)
+        await wait_for_lock_waiters(engine)
         caplog.clear()
         caplog.set_level(logging.WARNING)
         await asyncio.wait_for(server.running.stop(grace=0.1), BOUND_SECONDS)
@@ -546,7 +530,7 @@ async def test_a_call_whose_deadline_passed_while_queued_is_not_applied(
                 )
             )
         )
-        await wait_for_a_lock_waiter(engine)
+        await wait_for_lock_waiters(engine)
         call = asyncio.ensure_future(account_stub.Transfer(late, timeout=0.5))
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await asyncio.wait_for(call, BOUND_SECONDS)

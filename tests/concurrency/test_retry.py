@@ -26,8 +26,8 @@ BOUND_SECONDS = 20
 FAST = RetryPolicy(attempts=5, base_delay=0.001, max_delay=0.01)
 
 
-async def wait_for_a_lock_waiter(engine: AsyncEngine) -> None:
-    """Until some backend of this database waits on a lock (synchronisation, not a timing
+async def wait_for_lock_waiters(engine: AsyncEngine, count: int = 1) -> None:
+    """Until `count` backends of this database wait on a lock (synchronisation, not a timing
     assertion: the bound only turns a hang into a failure)."""
     async with engine.connect() as conn:
         for _ in range(500):
@@ -37,11 +37,11 @@ async def wait_for_a_lock_waiter(engine: AsyncEngine) -> None:
                     "WHERE datname = current_database() AND wait_event_type = 'Lock'"
                 )
             )
-            if waiting:
+            if waiting >= count:
                 return
             await conn.rollback()  # a fresh snapshot of pg_stat_activity next time
             await asyncio.sleep(0.02)
-    raise AssertionError("no backend ever waited on a lock")
+    raise AssertionError(f"fewer than {count} backends ever waited on a lock")
 
 
 async def test_transfer_that_deadlocks_is_retried_and_applied_once(
@@ -59,7 +59,7 @@ async def test_transfer_that_deadlocks_is_retried_and_applied_once(
         await rival.execute(text("SET LOCAL deadlock_timeout = '30s'"))
         await rival.execute(select(Account.id).where(Account.id == b.id).with_for_update())
         call = asyncio.ensure_future(account_stub.Transfer(request))
-        await wait_for_a_lock_waiter(engine)  # the server holds a and waits for b
+        await wait_for_lock_waiters(engine)  # the server holds a and waits for b
         # Now we wait for a: a cycle. PostgreSQL aborts the server's transaction (40P01).
         await asyncio.wait_for(
             rival.execute(select(Account.id).where(Account.id == a.id).with_for_update()),

@@ -231,20 +231,27 @@ async def test_batches_back_to_back_keep_one_connection_and_an_idle_batcher_hold
 
 
 async def test_a_kept_connection_goes_back_in_turn_for_a_caller_waiting_on_the_pool(
-    one: Database, one_pool: AsyncEngine
+    database_url: str,
 ) -> None:
-    """A pool of one, a batcher busy without a pause: another caller waiting for the pool gets
-    the connection while the batcher still has reads queued, within KEPT_BATCHES batches."""
-    reads = one.point_reads(echo, max_batch=1)
+    """A pool of one in autocommit (the reads that keep their connection), a batcher busy
+    without a pause: another caller waiting for the pool gets the connection while the batcher
+    still has reads queued, within KEPT_BATCHES batches."""
+    engine = create_engine(Settings(pool_size=1, max_overflow=0), database_url)
+    reads = Database(engine, create_sessionmaker(engine)).point_reads(echo, max_batch=1)
     calls = 256  # four runs of KEPT_BATCHES (64)
     busy = asyncio.ensure_future(asyncio.gather(*(reads.submit(n) for n in range(calls))))
-    # The batcher has the pool's one connection and keeps it (batches are running).
-    await eventually(lambda: reads.batches > 1, "no batch ran")
-    assert one_pool.pool.checkedout() == 1  # type: ignore[attr-defined]
-    async with asyncio.timeout(BOUND), one_pool.connect() as other:
-        assert await other.scalar(text("SELECT 1")) == 1
-        assert not busy.done(), "the other caller waited for every queued read"
-    assert await asyncio.wait_for(busy, BOUND) == list(range(calls))
+    try:
+        # The batcher has the pool's one connection and keeps it (batches are running).
+        await eventually(lambda: reads.batches > 1, "no batch ran")
+        assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+        async with asyncio.timeout(BOUND), engine.connect() as other:
+            assert await other.scalar(text("SELECT 1")) == 1
+            assert not busy.done(), "the other caller waited for every queued read"
+        assert await asyncio.wait_for(busy, BOUND) == list(range(calls))
+    finally:
+        busy.cancel()
+        await asyncio.gather(busy, return_exceptions=True)
+        await engine.dispose()
 
 
 async def test_the_money_writers_batches_keep_their_connections_while_items_queue(
