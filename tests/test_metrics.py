@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 from shop.v1 import change_feed_service_pb2 as cf
 from shop.v1 import change_feed_service_pb2_grpc as cf_grpc
@@ -82,17 +83,25 @@ async def test_the_change_feed_shows_its_watchers_and_lag(database_url: str) -> 
                     "SELECT 'lag' || n || '@example.com', 'L', 'L' FROM generate_series(1, 3000) n"
                 )
             )
-        slow = feed.WatchChanges(cf.WatchChangesRequest(resume_token=token, max_batch_size=1))
-        assert (await slow.read()).changes  # type: ignore[union-attr]
-        for _ in range(200):
-            seen = await scrape(server)
-            if seen[("shop_changes_lag_seconds", frozenset())] > 0.5:
-                break
-            await asyncio.sleep(0.05)
-        assert seen[("shop_changes_lag_seconds", frozenset())] > 0.5
-        assert seen[("shop_changes_lag_changes", frozenset())] >= 3000
-        assert seen[("shop_changes_watchers", frozenset())] == 1
-        slow.cancel()
+        # A channel of its own with a fixed receive window (no BDP probe, which may grow the
+        # window until all 3,000 fit in the client's buffer, and the stream is caught up).
+        address = f"127.0.0.1:{server.running.port}"
+        fixed = [("grpc.http2.bdp_probe", 0)]
+        async with grpc.aio.insecure_channel(address, options=fixed) as channel:
+            slow_feed = cf_grpc.ChangeFeedServiceStub(channel)
+            slow = slow_feed.WatchChanges(
+                cf.WatchChangesRequest(resume_token=token, max_batch_size=1)
+            )
+            assert (await slow.read()).changes  # type: ignore[union-attr]
+            for _ in range(200):
+                seen = await scrape(server)
+                if seen[("shop_changes_lag_seconds", frozenset())] > 0.5:
+                    break
+                await asyncio.sleep(0.05)
+            assert seen[("shop_changes_lag_seconds", frozenset())] > 0.5
+            assert seen[("shop_changes_lag_changes", frozenset())] >= 3000
+            assert seen[("shop_changes_watchers", frozenset())] == 1
+            slow.cancel()
         assert await wait_for_sample(server, ("shop_changes_watchers", frozenset()), 0)
 
 
