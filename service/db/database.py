@@ -54,6 +54,10 @@ OVERLAP_FROM = 64
 # (_KeptConnections): the pool's other waiters get their turn, the checkout is still paid once
 # in 64 batches.
 KEPT_BATCHES = 64
+# How long a point-read batch waits for company while the batcher is under load (Coalescer's
+# linger; never for a lone caller). 1 ms is what a call costs the machine at 16 in flight:
+# GetUser's batches went from 1.4 to ~3 calls, its server CPU per call from 400 to 253 us.
+POINT_READ_LINGER = 0.001
 
 
 class StreamSlotsFull(Exception):
@@ -240,6 +244,7 @@ class Database:
             max_batch=max_batch,
             concurrency=1,
             cancel_abandoned=True,
+            linger=POINT_READ_LINGER,
             name=name,
             tracing=self._tracing,
         )

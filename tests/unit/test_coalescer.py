@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
+from service.db import coalescer as coalescer_module
 from service.db.coalescer import Coalescer, Outcome
 
 BOUND = 5.0
@@ -187,3 +188,67 @@ async def test_a_traced_batch_runs_in_its_own_span_linking_each_caller() -> None
     await asyncio.wait_for(asyncio.gather(first, *rest), BOUND)
     assert tracing.batches == [("reads", 1, ["a"]), ("reads", 4, ["b", "c", "c"])]
     assert seen == ["reads", "reads"]
+
+
+# --- The linger under load ------------------------------------------------------------------
+
+LONG = 60.0  # a linger no test waits out: a call that returns within BOUND did not linger
+
+
+async def _under_load(coalescer: Coalescer[int, int]) -> None:
+    """One batch of 8 calls made together: 7 beside the first, so the batcher is under load."""
+    await asyncio.wait_for(asyncio.gather(*(coalescer.submit(n) for n in range(8))), BOUND)
+
+
+async def test_a_lone_caller_never_lingers() -> None:
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(recorder, max_batch=100, linger=LONG)
+    for n in range(20):
+        assert await asyncio.wait_for(coalescer.submit(n), BOUND) == n * 10
+    assert recorder.batches == [[n] for n in range(20)]
+
+
+async def test_under_load_a_batch_lingers_for_calls_on_their_way() -> None:
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(recorder, max_batch=100, linger=0.3)
+    await _under_load(coalescer)
+    first = asyncio.ensure_future(coalescer.submit(100))
+    await asyncio.sleep(0.05)  # another turn, and another: without a linger, a batch of one
+    second = asyncio.ensure_future(coalescer.submit(101))
+    assert await asyncio.wait_for(asyncio.gather(first, second), BOUND) == [1000, 1010]
+    assert recorder.batches == [list(range(8)), [100, 101]]
+
+
+async def test_the_linger_ends_once_the_company_expected_has_arrived() -> None:
+    """Under load (7 beside the first, weighed 1/16: company of 3 expected), a batch that
+    would linger a minute starts as soon as three calls are queued."""
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(recorder, max_batch=100, linger=LONG)
+    await _under_load(coalescer)
+    first = asyncio.ensure_future(coalescer.submit(100))
+    await asyncio.sleep(0.01)
+    rest = [asyncio.ensure_future(coalescer.submit(n)) for n in (101, 102)]
+    assert await asyncio.wait_for(asyncio.gather(first, *rest), BOUND) == [1000, 1010, 1020]
+    assert recorder.batches == [list(range(8)), [100, 101, 102]]
+
+
+async def test_the_load_is_forgotten_after_a_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(coalescer_module, "IDLE_RESET", 0.05)
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(recorder, max_batch=100, linger=LONG)
+    await _under_load(coalescer)
+    await asyncio.sleep(0.1)
+    assert await asyncio.wait_for(coalescer.submit(100), BOUND) == 1000
+
+
+async def test_a_drain_ends_the_linger_and_refuses_the_queued_callers() -> None:
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(recorder, max_batch=100, linger=LONG)
+    await _under_load(coalescer)
+    waiting = asyncio.ensure_future(coalescer.submit(100))
+    await asyncio.sleep(0.01)
+    # The drain ends the linger: the batch finds nothing to take, and is not waited for.
+    await asyncio.wait_for(coalescer.drain(LONG), BOUND)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, BOUND)
+    assert recorder.batches == [list(range(8))]
