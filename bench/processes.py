@@ -38,7 +38,9 @@ def run_migrations(database_url: str) -> None:
 class ServerProcess:
     """A server subprocess listening on 127.0.0.1:port; its output goes to a temp log."""
 
-    def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: list[str], port: int, env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> None:
         self.port = port
         metrics = (env or {}).get("SHOP_METRICS_PORT")
         self.metrics_port = int(metrics) if metrics else None
@@ -46,7 +48,7 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile(prefix="shop-bench-server-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=cwd,
             env={**without_shop_settings(), **(env or {})},
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -58,6 +60,7 @@ class ServerProcess:
         database_url: str,
         extra_env: dict[str, str] | None = None,
         profile: Path | None = None,
+        cwd: Path = ROOT,
     ) -> ServerProcess:
         """`python -m service serve`; under cProfile (written on a clean stop) with `profile`."""
         port = free_port()
@@ -76,7 +79,7 @@ class ServerProcess:
             **(extra_env or {}),
         }
         profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
-        return cls(serve_argv(*profiler), port, env)
+        return cls(serve_argv(*profiler), port, env, cwd)
 
     @classmethod
     def echo(cls) -> ServerProcess:
