@@ -32,7 +32,7 @@ from service.api.interceptors.errors import ErrorInterceptor
 from service.api.interceptors.observability import ObservabilityInterceptor
 from service.api.interceptors.shutdown import ActiveStreams
 from service.api.interceptors.streams import StreamWriter
-from service.api.interceptors.wrapping import Interceptor
+from service.api.interceptors.wrapping import Interceptor, fused
 from service.api.orders import OrderServicer
 from service.api.paging import PageTokens
 from service.api.users import UserServicer
@@ -257,13 +257,16 @@ async def start_server(settings: Settings, database_url: str) -> RunningServer:
     streams = ActiveStreams(exempt=[health.SERVICE_NAME])
     tracing = start_tracing(settings, engine)
     server = grpc.aio.server(
-        interceptors=[
-            # Outermost: a cancelled stream closes its whole chain in the call's own task.
-            StreamWriter(settings.stream_stall_timeout),
-            *tracing.interceptors,
-            *interceptors(settings, metrics),
-            streams,
-        ],
+        # One interceptor per run of wrapping ones (grpc.aio awaits each one per call).
+        interceptors=fused(
+            [
+                # Outermost: a cancelled stream closes its whole chain in the call's own task.
+                StreamWriter(settings.stream_stall_timeout),
+                *tracing.interceptors,
+                *interceptors(settings, metrics),
+                streams,
+            ]
+        ),
         options=server_options(settings),
         compression=compression(settings),
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,48 @@ class WrappingInterceptor(Interceptor):
         wrapped = self.wrap(method, handler)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+
+class Fused(WrappingInterceptor):
+    """Several wrapping interceptors served as one, `layers` outermost first.
+
+    grpc.aio awaits every interceptor's intercept_service on every call, each a coroutine that
+    awaits the next: seven layers were seven of them per call before the handler ran. Their
+    wrappers are built once per method anyway, so the fused chain builds the same nesting once
+    (the first layer's wrapper outermost, as in grpc.aio's list) and a call pays one
+    intercept_service. Only plain WrappingInterceptors fuse (see `fused`): one whose
+    intercept_service does work of its own per call stays an interceptor of its own."""
+
+    def __init__(self, layers: Sequence[WrappingInterceptor]) -> None:
+        super().__init__()
+        self.layers = tuple(layers)
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        for layer in reversed(self.layers):
+            handler = layer.wrap(method, handler)
+        return handler
+
+
+def fused(interceptors: Sequence[Interceptor]) -> list[Interceptor]:
+    """`interceptors` in the same order, each run of plain WrappingInterceptors (not
+    overriding intercept_service) fused into one."""
+    out: list[Interceptor] = []
+    run: list[WrappingInterceptor] = []
+
+    def flush() -> None:
+        if run:
+            out.append(run[0] if len(run) == 1 else Fused(run))
+            run.clear()
+
+    for interceptor in interceptors:
+        plain = type(interceptor).intercept_service is WrappingInterceptor.intercept_service
+        if isinstance(interceptor, WrappingInterceptor) and plain:
+            run.append(interceptor)
+        else:
+            flush()
+            out.append(interceptor)
+    flush()
+    return out
 
 
 Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
