@@ -323,13 +323,20 @@ async def test_an_export_cut_off_by_its_replica_ends_unavailable_and_resumes(
     users = user_service_pb2_grpc.UserServiceStub(served.channel)
     stream = users.StreamUsers(users_api.StreamUsersRequest(batch_size=5), timeout=DEADLINE)
     first = await stream.read()
+    # The export's cursor is open on the standby, in its transaction, while the client holds:
+    # once the server has read ahead as far as flow control lets it (until then the backend
+    # may be 'active' on its next FETCH), it is idle in its transaction.
     replica = await databases.replica()
     try:
-        held = await backends(replica)
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            held = [b["state"] for b in await backends(replica) if "FROM users" in b["query"]]
+            if held != ["active"] or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
     finally:
         await replica.close()
-    # The export's cursor is open on the standby, in its transaction, while the client holds.
-    assert [b["state"] for b in held if "FROM users" in b["query"]] == ["idle in transaction"]
+    assert held == ["idle in transaction"]
     pair.standby.stop("immediate")
     try:
         seen = [u.id for u in first.users]
