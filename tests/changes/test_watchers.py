@@ -70,9 +70,16 @@ def rss(pid: int) -> int:
 
 
 def _poll_or_probe(state: str, query: str) -> bool:
-    shared_poll = "pg_current_snapshot() AS snap" in query and "LIMIT" in query
+    """The one shared poll (running, or between its statement and the end of its transaction
+    while this process reads the rows: 'idle in transaction' for that moment) or the health
+    probe: the sessions a server with watchers holds whatever their number. The poll is told
+    from a stream's own read of the log (repositories/changes.py's _NEWER_ALL) by the WAL
+    position it takes: both statements have a LIMIT in their subqueries."""
+    shared_poll = "pg_current_snapshot() AS snap" in query and "pg_current_wal_lsn()" in query
     probe = query.strip() == "SELECT 1"
-    return state == "active" and (shared_poll or probe)
+    return (shared_poll and state in ("active", "idle in transaction")) or (
+        probe and state == "active"
+    )
 
 
 async def busy_sessions(engine: AsyncEngine, pid: int) -> tuple[int, list[tuple[str, str]]]:
