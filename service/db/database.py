@@ -111,6 +111,9 @@ class Database:
         tracing: BatchTracing | None = None,
     ) -> None:
         self._engine = engine
+        # Off behind PgBouncer (db/engine.py): an engine's execution options are fixed for its
+        # life, so this is read once, not per statement.
+        self._autocommit_reads = bool(engine.get_execution_options().get(AUTOCOMMIT_READS, True))
         self._tracing = tracing  # the batchers' spans (db/coalescer.py); None: tracing is off
         self._sessions = sessions
         self._replicas = replicas
@@ -203,7 +206,7 @@ class Database:
         behind PgBouncer in transaction mode, where a statement's prepare and execute must
         share a transaction to reach the same server connection."""
         async with self._engine.connect() as conn:
-            if self._engine.get_execution_options().get(AUTOCOMMIT_READS, True):
+            if self._autocommit_reads:
                 await conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
 
@@ -229,8 +232,7 @@ class Database:
 
         def more_queued() -> bool:
             # Autocommit only: behind PgBouncer each read is a transaction of its own.
-            autocommit = self._engine.get_execution_options().get(AUTOCOMMIT_READS, True)
-            return bool(autocommit and reads.queued)
+            return self._autocommit_reads and bool(reads.queued)
 
         connection = _KeptConnections(self._statement, more_queued)
         self._kept.append(connection)
