@@ -30,6 +30,7 @@ from bench import seed
 from bench.load import LoadSpec, run_load
 from bench.postgres import postgres_server
 from bench.processes import ROOT, ServerProcess, run_migrations
+from bench.workloads import Params
 
 USERS = 10_000
 ACCOUNTS = 100
@@ -69,16 +70,22 @@ def server(rev: str, path: Path, url: str) -> ServerProcess:
     return ServerProcess.service(url, cwd=path)
 
 
-async def measure(rev: str, path: Path, url: str, args: argparse.Namespace, params: dict) -> float:
+async def measure(
+    rev: str, path: Path, url: str, args: argparse.Namespace, params: Params
+) -> float:
     workload = "echo" if rev == "echo" else args.workload
+
+    def load(seconds: float) -> LoadSpec:
+        return LoadSpec(
+            proc.target, workload, args.in_flight, seconds, 0.0, CLIENT_PROCESSES, params
+        )
+
     with server(rev, path, url) as proc:
         await proc.wait_ready()
-        for seconds in (WARMUP, args.seconds):
-            before = proc.cpu_seconds()
-            spec = LoadSpec(
-                proc.target, workload, args.in_flight, seconds, 0.0, CLIENT_PROCESSES, params
-            )
-            m = await asyncio.to_thread(run_load, spec)
+        # A load of its own first (connections, statements, caches warm), outside the CPU read.
+        await asyncio.to_thread(run_load, load(WARMUP))
+        before = proc.cpu_seconds()
+        m = await asyncio.to_thread(run_load, load(args.seconds))
         calls = m.value * args.seconds
         cpu_us = (proc.cpu_seconds() - before) / calls * 1e6 if calls else float("nan")
     print(
